@@ -1,0 +1,48 @@
+"""hessian-eigenthings: matrix-free curvature of neural networks in PyTorch.
+
+Top-k eigenpairs, trace and spectral density of the Hessian, Generalized Gauss-Newton
+and Fisher of a model on a dataset, without ever forming the matrix.
+"""
+
+# Operators: the matrices, known through matrix-vector products
+# Vector backends
+from hessian_eigenthings.backends import LinAlgBackend, SingleDeviceBackend
+from hessian_eigenthings.operators import (
+    CurvatureOperator,
+    DataCurvatureOperator,
+    HessianOperator,
+    LambdaOperator,
+)
+
+# Parameter selection and flat-vector helpers
+from hessian_eigenthings.param_utils import (
+    ParamFilter,
+    ParamLayout,
+    flatten,
+    match_names,
+    match_regex,
+    select_params,
+    unflatten,
+)
+
+__version__ = "2.0.0.dev0"
+
+__all__ = [
+    # operators
+    "CurvatureOperator",
+    "DataCurvatureOperator",
+    "HessianOperator",
+    "LambdaOperator",
+    # backends
+    "LinAlgBackend",
+    "SingleDeviceBackend",
+    # parameters
+    "ParamFilter",
+    "ParamLayout",
+    "flatten",
+    "match_names",
+    "match_regex",
+    "select_params",
+    "unflatten",
+    "__version__",
+]

@@ -1,0 +1,13 @@
+"""Curvature operators: the matrices, known only through matrix-vector products."""
+
+from hessian_eigenthings.operators.base import CurvatureOperator
+from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
+from hessian_eigenthings.operators.hessian import HessianOperator
+from hessian_eigenthings.operators.lambda_operator import LambdaOperator
+
+__all__ = [
+    "CurvatureOperator",
+    "DataCurvatureOperator",
+    "HessianOperator",
+    "LambdaOperator",
+]

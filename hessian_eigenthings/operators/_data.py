@@ -1,0 +1,208 @@
+"""The data side of every data-averaged operator: batches, weights, microbatches.
+
+A data operator is the curvature of the mean loss over all samples (or tokens) it
+uses. Batches are weighted by how many samples they hold (:func:`leading_dim`) or by a
+loss-specific count (``loss_fn.batch_weight``, e.g. non-ignored tokens), so ragged
+batches and microbatches give exactly the un-split result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "BatchSource",
+    "WeightFn",
+    "leading_dim",
+    "move_to_device",
+    "split_batch",
+]
+
+WeightFn = Callable[[Any], "int | torch.Tensor"]
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        items: Iterable[Any] = batch.values()
+    elif isinstance(batch, (tuple, list)):
+        items = batch
+    else:
+        return None
+    for item in items:
+        t = _first_tensor(item)
+        if t is not None:
+            return t
+    return None
+
+
+def leading_dim(batch: Any) -> int:
+    """Number of samples in ``batch``: the leading dimension of its first tensor.
+
+    Raises:
+        ValueError: The batch holds no tensor with a leading dimension.
+    """
+    t = _first_tensor(batch)
+    if t is None or t.dim() == 0:
+        raise ValueError(
+            f"Cannot infer the batch size of a {type(batch).__name__}: it holds no tensor with "
+            "a leading (batch) dimension. Pass weight_fn=lambda batch: <number of samples>."
+        )
+    return int(t.shape[0])
+
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        mapped = {k: _map_tensors(v, fn) for k, v in batch.items()}
+        try:
+            return type(batch)(mapped)  # dict, OrderedDict, HF BatchEncoding
+        except TypeError:
+            return mapped
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_map_tensors(v, fn) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_tensors(v, fn) for v in batch)
+    return batch
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of ``batch`` to ``device`` (non-blocking; dtypes unchanged)."""
+    return _map_tensors(
+        batch, lambda t: t if t.device == device else t.to(device, non_blocking=True)
+    )
+
+
+def split_batch(batch: Any, size: int) -> list[Any]:
+    """Split ``batch`` along its leading dimension into pieces of at most ``size`` samples.
+
+    Tensors whose leading dimension equals the batch size are sliced; everything else
+    (scalars, non-tensors, tensors of another leading size) is shared by all pieces.
+    Slices are views: no data is copied.
+    """
+    n = leading_dim(batch)
+    if n <= size:
+        return [batch]
+
+    def piece(start: int) -> Any:
+        stop = min(start + size, n)
+        return _map_tensors(
+            batch, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == n else t
+        )
+
+    return [piece(s) for s in range(0, n, size)]
+
+
+class BatchSource:
+    """Serves batches to a data operator, one full pass or one batch per matvec.
+
+    Args:
+        dataloader: A re-iterable of batches (list, ``DataLoader``, any object whose
+            ``__iter__`` returns a fresh iterator) or a zero-argument callable returning
+            such an iterable (a generator factory).
+        full_dataset: ``True``: every matvec uses all batches (or the first
+            ``num_batches``). ``False``: every matvec draws the next batch, cycling
+            through the loader (the stochastic operator power iteration consumes).
+        num_batches: Use only the first ``num_batches`` batches.
+        microbatch_size: Split each batch into pieces of at most this many samples.
+        device: Device to move batches to.
+
+    Raises:
+        TypeError: ``dataloader`` is a one-shot iterator (it would be exhausted after
+            the first matvec).
+        ValueError: Bad ``num_batches`` / ``microbatch_size``, or an empty dataloader.
+    """
+
+    def __init__(
+        self,
+        dataloader: Iterable[Any] | Callable[[], Iterable[Any]],
+        *,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        microbatch_size: int | None = None,
+        device: torch.device,
+    ) -> None:
+        if isinstance(dataloader, Iterator):
+            raise TypeError(
+                f"dataloader is a one-shot iterator ({type(dataloader).__name__}); it would "
+                "be exhausted after the first matvec. Pass a list, a DataLoader, or a "
+                "zero-argument function that returns a fresh iterable (lambda: my_generator())."
+            )
+        if not (callable(dataloader) or isinstance(dataloader, Iterable)):
+            raise TypeError(
+                "dataloader must be an iterable of batches or a function returning one, "
+                f"got {type(dataloader).__name__}."
+            )
+        for name, value in (("num_batches", num_batches), ("microbatch_size", microbatch_size)):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
+        self._loader = dataloader
+        self.full_dataset = full_dataset
+        self.num_batches = num_batches
+        self.microbatch_size = microbatch_size
+        self.device = device
+        self._stream: Iterator[Any] | None = None
+        self._stream_pos = 0
+        self.batch_index = -1  # index (in loader order) of the batch being processed
+        first = next(iter(self._iterable()), _EMPTY)
+        if first is _EMPTY:
+            raise ValueError(
+                "dataloader is empty: it yielded no batch. A data operator needs at least one."
+            )
+
+    def _iterable(self) -> Iterable[Any]:
+        if isinstance(self._loader, Iterable):
+            return self._loader
+        made = self._loader()
+        if not isinstance(made, Iterable):
+            raise TypeError(
+                f"dataloader factory must return an iterable, got {type(made).__name__}."
+            )
+        return made
+
+    def first_batch(self) -> Any:
+        """The first batch of the loader, on the device (for probes)."""
+        return move_to_device(next(iter(self._iterable())), self.device)
+
+    def _full_pass(self) -> Iterator[Any]:
+        for i, batch in enumerate(self._iterable()):
+            if self.num_batches is not None and i >= self.num_batches:
+                return
+            self.batch_index = i
+            yield batch
+
+    def _next_stochastic(self) -> Any:
+        for _ in range(2):
+            if self._stream is None:
+                self._stream = iter(self._iterable())
+                self._stream_pos = 0
+            if self.num_batches is None or self._stream_pos < self.num_batches:
+                batch = next(self._stream, _EMPTY)
+                if batch is not _EMPTY:
+                    self.batch_index = self._stream_pos
+                    self._stream_pos += 1
+                    return batch
+            self._stream = None  # exhausted (or reached num_batches): start a new epoch
+        raise ValueError("dataloader yielded no batch when restarted for a new epoch.")
+
+    def batches(self) -> Iterator[Any]:
+        """Batches (on the device) that one matvec averages over."""
+        raw = self._full_pass() if self.full_dataset else iter([self._next_stochastic()])
+        for batch in raw:
+            yield move_to_device(batch, self.device)
+
+    def microbatches(self, batch: Any) -> list[Any]:
+        """``batch`` split by ``microbatch_size`` (or ``[batch]``)."""
+        if self.microbatch_size is None:
+            return [batch]
+        return split_batch(batch, self.microbatch_size)
+
+
+_EMPTY = object()

@@ -1,0 +1,60 @@
+"""A guard that leaves the user's model exactly as it found it.
+
+Restored on exit, also when the body raises: parameter values (bit for bit, when asked
+to snapshot them), ``requires_grad`` flags, ``.grad`` tensors, every module's training
+flag, and every buffer (BatchNorm running statistics change in train-mode forwards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["preserve_model_state"]
+
+
+@contextmanager
+def preserve_model_state(
+    model: nn.Module,
+    *,
+    snapshot_params: Sequence[nn.Parameter] = (),
+    only_grad_for: Sequence[nn.Parameter] | None = None,
+) -> Iterator[None]:
+    """Context manager restoring ``model``'s observable state on exit.
+
+    Args:
+        model: The user's module.
+        snapshot_params: Parameters whose *values* the body may change (finite
+            differences); they are copied and written back exactly.
+        only_grad_for: If given, every other parameter has ``requires_grad`` switched off
+            inside the block, so autograd builds no graph for it.
+    """
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    values = [(p, p.detach().clone()) for p in snapshot_params]
+    try:
+        if only_grad_for is not None:
+            keep = {id(p) for p in only_grad_for}
+            for p in params:
+                if p.requires_grad and id(p) not in keep:
+                    p.requires_grad_(False)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, saved in values:
+                p.copy_(saved)
+            for b, saved_b in buffers:
+                if b.shape == saved_b.shape:
+                    b.copy_(saved_b)
+        for p, req, g in zip(params, requires, grads):
+            if p.requires_grad != req:
+                p.requires_grad_(req)
+            p.grad = g
+        for m, training in modes:
+            m.training = training

@@ -1,0 +1,255 @@
+"""The shared data-averaging loop behind every model-and-data curvature operator.
+
+For batches (or microbatches) ``b`` with weights ``w_b`` (samples, or non-ignored
+tokens) and per-batch mean-loss curvature ``C_b``, every data operator computes
+
+.. math::
+
+    C v = \\frac{1}{W} \\sum_b w_b \\, C_b v, \\qquad W = \\sum_b w_b,
+
+the curvature of the mean loss over all samples used, never a plain mean over batches.
+Subclasses supply only ``C_b v`` (:meth:`DataCurvatureOperator._batch_product`);
+distributed subclasses override :meth:`DataCurvatureOperator._reduce`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.backends.single_device import SingleDeviceBackend
+from hessian_eigenthings.operators._autodiff_safety import curvature_mode
+from hessian_eigenthings.operators._data import BatchSource, WeightFn, leading_dim
+from hessian_eigenthings.operators._guard import preserve_model_state
+from hessian_eigenthings.operators.base import CurvatureOperator
+from hessian_eigenthings.param_utils import ParamFilterLike, ParamLayout, select_params
+
+__all__ = ["DataCurvatureOperator"]
+
+logger = logging.getLogger("hessian_eigenthings")
+
+_RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _stochastic_modules(model: nn.Module) -> list[str]:
+    """Names of modules that sample randomness in their current mode (dropout-like)."""
+    found = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        p = getattr(m, "p", None)
+        if isinstance(m, _RANDOM_MODULES) and isinstance(p, float) and p > 0:
+            found.append(f"{name or type(m).__name__} ({type(m).__name__}, p={p})")
+        elif not isinstance(m, _RANDOM_MODULES):
+            for attr in ("attention_dropout", "attn_dropout", "dropout"):
+                val = getattr(m, attr, None)
+                if isinstance(val, float) and val > 0:
+                    found.append(f"{name}.{attr}={val}")
+    return found
+
+
+class DataCurvatureOperator(CurvatureOperator):
+    """Base of operators built from a model, a dataloader and a loss.
+
+    Args:
+        model: The ``nn.Module``; never modified (see :func:`preserve_model_state`).
+        dataloader: Re-iterable of batches or a zero-argument factory returning one.
+        param_filter: Which ``requires_grad`` parameters span the operator (globs, a
+            :class:`~hessian_eigenthings.param_utils.ParamFilter`, or a predicate).
+        full_dataset: ``True``: each matvec averages over all batches. ``False``: each
+            matvec uses the next batch (cycling), a stochastic operator.
+        num_batches: Use only the first ``num_batches`` batches.
+        microbatch_size: Split batches into pieces of at most this many samples; the
+            result equals the un-split one (except for train-mode BatchNorm, which
+            raises because batch statistics change with the split).
+        weight_fn: ``batch -> number of samples`` (int or 0-d tensor). Default: the
+            loss's ``batch_weight`` attribute if it has one (token counts), else the
+            leading dimension of the batch.
+        check_determinism: Evaluate the loss twice on the first batch at construction
+            and raise if it differs (dropout in train mode makes the operator random).
+        backend: Vector backend for algorithms.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any] | Callable[[], Iterable[Any]],
+        *,
+        param_filter: ParamFilterLike = None,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        microbatch_size: int | None = None,
+        weight_fn: WeightFn | None = None,
+        loss_for_weights: Any = None,
+        check_determinism: bool = True,
+        backend: LinAlgBackend | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.named_params = select_params(model, param_filter)
+        self.params = [p for _, p in self.named_params]
+        self.layout = ParamLayout.of(self.named_params)
+        dtype = self.params[0].dtype
+        for p in self.params[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        self._dtype = dtype
+        self._device = self.params[0].device
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"Selected parameters live on several devices {sorted(map(str, devices))}; "
+                "a data operator needs them on one device (or use a distributed operator)."
+            )
+        self.source = BatchSource(
+            dataloader,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            microbatch_size=microbatch_size,
+            device=self._device,
+        )
+        self._weight_fn: WeightFn = (
+            weight_fn or getattr(loss_for_weights, "batch_weight", None) or leading_dim
+        )
+        self._backend = backend or SingleDeviceBackend()
+        if check_determinism:
+            self._check_determinism()
+
+    # -- CurvatureOperator ------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def backend(self) -> LinAlgBackend:
+        return self._backend
+
+    # -- subclass hooks -----------------------------------------------------------------
+    @abstractmethod
+    def _batch_product(self, batch: Any, vs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor | None]:
+        """Curvature of the mean loss on ``batch`` times ``vs`` (one tensor per parameter).
+
+        ``None`` entries mean zero (parameters that do not reach the loss).
+        """
+
+    @abstractmethod
+    def _probe_loss(self, batch: Any) -> torch.Tensor:
+        """A scalar that depends on the model's randomness (for the determinism probe)."""
+
+    def _snapshot_params(self) -> Sequence[nn.Parameter]:
+        """Parameters whose values a matvec perturbs (finite differences)."""
+        return ()
+
+    def _reduce(
+        self, total: torch.Tensor, weight: int | torch.Tensor
+    ) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """Combine partial sums across processes (identity for one process)."""
+        return total, weight
+
+    # -- the loop ------------------------------------------------------------------------
+    def _weight(self, batch: Any) -> int | torch.Tensor:
+        w = self._weight_fn(batch)
+        if isinstance(w, torch.Tensor):
+            if w.dim() != 0:
+                raise ValueError(f"weight_fn must return a scalar, got shape {tuple(w.shape)}.")
+            return w.to(self._device)
+        if not isinstance(w, int) or w < 0:
+            raise ValueError(f"weight_fn must return a non-negative int or 0-d tensor, got {w!r}.")
+        return w
+
+    def _check_microbatch_split(self, pieces: list[Any]) -> None:
+        if len(pieces) > 1:
+            for name, m in self.model.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                    raise ValueError(
+                        f"microbatch_size splits batches but {name or 'the model'} is a "
+                        f"{type(m).__name__} in train mode, whose batch statistics depend on the "
+                        "split. Call model.eval() or drop microbatch_size."
+                    )
+
+    def _accumulate(self, vec: torch.Tensor) -> torch.Tensor:
+        """``(1/W) sum_b w_b C_b v`` over the batches of one matvec."""
+        vs = [
+            piece.to(p.dtype)
+            for piece, p in zip(torch.split(vec, [p.numel() for p in self.params]), self.params)
+        ]
+        vs = [v.view(p.shape) for v, p in zip(vs, self.params)]
+        total = torch.zeros(self.size, dtype=vec.dtype, device=vec.device)
+        weight: int | torch.Tensor = 0
+        with preserve_model_state(
+            self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
+        ), curvature_mode(self._device, self._dtype):
+            for batch in self.source.batches():
+                pieces = self.source.microbatches(batch)
+                self._check_microbatch_split(pieces)
+                for mb in pieces:
+                    w = self._weight(mb)
+                    if isinstance(w, int) and w == 0:
+                        continue
+                    prods = self._batch_product(mb, vs)
+                    flat = torch.cat(
+                        [
+                            torch.zeros(p.numel(), dtype=vec.dtype, device=vec.device)
+                            if h is None
+                            else h.reshape(-1).to(vec.dtype)
+                            for h, p in zip(prods, self.params)
+                        ]
+                    )
+                    if isinstance(w, torch.Tensor):
+                        # zero-weight pieces (all tokens ignored) may produce NaN: drop them
+                        flat = torch.where(w > 0, flat * w.to(vec.dtype), torch.zeros_like(flat))
+                        total.add_(flat)
+                    else:
+                        total.add_(flat, alpha=w)
+                    weight = weight + w
+        total, weight = self._reduce(total, weight)
+        if isinstance(weight, int):
+            if weight == 0:
+                raise ValueError(
+                    "All batches had zero weight (no samples or no non-ignored tokens)."
+                )
+            return total / weight
+        return total / weight.to(total.dtype).clamp_min(1)
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self._accumulate(v)
+
+    def _check_determinism(self) -> None:
+        batch = self.source.first_batch()
+        piece = self.source.microbatches(batch)[0]
+        with preserve_model_state(self.model), curvature_mode(self._device, self._dtype):
+            cuda = [self._device] if self._device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                a = self._probe_loss(piece)
+                b = self._probe_loss(piece)
+        if not torch.equal(a, b):
+            causes = _stochastic_modules(self.model) or [
+                "unknown (a module samples random numbers in forward)"
+            ]
+            raise ValueError(
+                f"{type(self).__name__}: the loss differs between two evaluations on the same "
+                f"batch ({a.item():.6g} vs {b.item():.6g}), so the curvature would be random. "
+                f"Likely cause: {', '.join(causes)}. Call model.eval() (or set dropout to 0) "
+                "before building the operator, or pass check_determinism=False to accept a "
+                "stochastic operator."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device}, "
+            f"params={len(self.params)}, full_dataset={self.source.full_dataset})"
+        )

@@ -1,0 +1,3 @@
+"""Operators for data (and parameters) split over ``torch.distributed`` ranks."""
+
+__all__: list[str] = []
