@@ -176,8 +176,11 @@ class ParamLayout:
         raise IndexError(f"index {index} outside a vector of size {self.size}")
 
 
-def flatten(tensors: Iterable[torch.Tensor | None], like: Sequence[torch.Tensor] | None = None,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+def flatten(
+    tensors: Iterable[torch.Tensor | None],
+    like: Sequence[torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Concatenate tensors into one flat vector (``None`` entries become zeros of ``like``).
 
     Args:
@@ -206,7 +209,9 @@ def flatten(tensors: Iterable[torch.Tensor | None], like: Sequence[torch.Tensor]
     return torch.cat(parts)
 
 
-def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor], cast: bool = True) -> list[torch.Tensor]:
+def unflatten(
+    vec: torch.Tensor, like: Sequence[torch.Tensor], cast: bool = True
+) -> list[torch.Tensor]:
     """Split a flat vector into tensors shaped like ``like`` (views when no cast is needed).
 
     Args:

@@ -103,7 +103,9 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grads": {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+        "grads": {
+            n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()
+        },
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
         "training": {n: m.training for n, m in model.named_modules()},
     }

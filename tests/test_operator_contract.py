@@ -136,7 +136,9 @@ def test_model_state_untouched(case: tuple[str, CurvatureOperator, nn.Module | N
     assert_unchanged(model, snap)
 
 
-def test_psd_quadratic_form_nonnegative(case: tuple[str, CurvatureOperator, nn.Module | None]) -> None:
+def test_psd_quadratic_form_nonnegative(
+    case: tuple[str, CurvatureOperator, nn.Module | None],
+) -> None:
     _, op, _ = case
     if not op.psd:
         pytest.skip("operator is not flagged PSD")

@@ -1,0 +1,1 @@
+"""Algorithms that consume curvature operators: eigensolvers and estimators."""

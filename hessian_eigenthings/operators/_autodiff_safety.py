@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["curvature_mode", "probe_second_order", "decomposed_ops"]
+__all__ = ["curvature_mode", "decomposed_ops", "probe_second_order"]
 
 logger = logging.getLogger("hessian_eigenthings")
 
@@ -128,19 +128,29 @@ def _probe_inputs(
     if name == "layer_norm":
         return (lambda fn, x, w, b: fn(x, (6,), w, b)), [r(3, 4, 6), r(6), r(6)]
     if name == "batch_norm":
-        rm, rv = torch.zeros(3, dtype=dtype, device=device), torch.ones(3, dtype=dtype, device=device)
-        return (lambda fn, x, w, b: fn(x, rm.clone(), rv.clone(), w, b, True)), [r(5, 3, 4), r(3), r(3)]
+        rm, rv = (
+            torch.zeros(3, dtype=dtype, device=device),
+            torch.ones(3, dtype=dtype, device=device),
+        )
+        return (lambda fn, x, w, b: fn(x, rm.clone(), rv.clone(), w, b, True)), [
+            r(5, 3, 4),
+            r(3),
+            r(3),
+        ]
     return (lambda fn, x, w, b: fn(x, 3, w, b)), [r(4, 6, 5), r(6), r(6)]
 
 
 def _hvp_of(
-    fn: Callable[..., torch.Tensor], call: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
-    weights: torch.Tensor, direction: list[torch.Tensor],
+    fn: Callable[..., torch.Tensor],
+    call: Callable[..., torch.Tensor],
+    inputs: list[torch.Tensor],
+    weights: torch.Tensor,
+    direction: list[torch.Tensor],
 ) -> torch.Tensor:
     xs = [t.detach().clone().requires_grad_(True) for t in inputs]
     loss = (weights * call(fn, *xs).square()).sum()
     grads = torch.autograd.grad(loss, xs, create_graph=True)
-    dot = sum((g * d).sum() for g, d in zip(grads, direction))
+    dot = torch.stack([(g * d).sum() for g, d in zip(grads, direction)]).sum()
     hv = torch.autograd.grad(dot, xs)
     return torch.cat([h.reshape(-1) for h in hv])
 
@@ -163,8 +173,10 @@ def probe_second_order(dtype: torch.dtype, device: torch.device) -> frozenset[Ca
     for builtin, reference in _DECOMPOSED.items():
         call, inputs = _probe_inputs(builtin.__name__, probe_dtype, device)
         gen = torch.Generator(device="cpu").manual_seed(99)
-        direction = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device, probe_dtype)
-                     for t in inputs]
+        direction = [
+            torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device, probe_dtype)
+            for t in inputs
+        ]
         out_shape = call(reference, *inputs).shape
         weights = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(device, probe_dtype)
         want = _hvp_of(reference, call, inputs, weights, direction)
@@ -178,7 +190,9 @@ def probe_second_order(dtype: torch.dtype, device: torch.device) -> frozenset[Ca
             logger.info(
                 "hessian_eigenthings: torch %s's double backward of %s is wrong or missing on %s; "
                 "curvature computations use a decomposed implementation instead.",
-                torch.__version__, builtin.__name__, device.type,
+                torch.__version__,
+                builtin.__name__,
+                device.type,
             )
     result = frozenset(broken)
     _PROBE_CACHE[key] = result
@@ -192,7 +206,7 @@ class _RouteOps(TorchFunctionMode):
         super().__init__()
         self._ops = {op: _DECOMPOSED[op] for op in ops}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         target = self._ops.get(func)
         if target is not None:
             return target(*args, **(kwargs or {}))
@@ -226,8 +240,10 @@ def curvature_mode(
                 "curvature computations (fused kernels have no double backward / forward AD)."
             )
             _LOGGED_SDPA = True
-        routed = frozenset(_DECOMPOSED) if force_decomposed else probe_second_order(
-            torch.float64, device
+        routed = (
+            frozenset(_DECOMPOSED)
+            if force_decomposed
+            else probe_second_order(torch.float64, device)
         )
         if routed:
             stack.enter_context(_RouteOps(routed))

@@ -61,7 +61,7 @@ def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(batch, Mapping):
         mapped = {k: _map_tensors(v, fn) for k, v in batch.items()}
         try:
-            return type(batch)(mapped)  # dict, OrderedDict, HF BatchEncoding
+            return type(batch)(mapped)  # type: ignore[call-arg]  # dict, OrderedDict, BatchEncoding
         except TypeError:
             return mapped
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple

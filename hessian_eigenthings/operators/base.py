@@ -23,7 +23,7 @@ __all__ = ["CurvatureOperator"]
 
 def _precision_rank(dtype: torch.dtype) -> int:
     """Number of mantissa bits, used to order floating dtypes by precision."""
-    return torch.finfo(dtype).nmant
+    return int(-torch.log2(torch.tensor(torch.finfo(dtype).eps, dtype=torch.float64)))
 
 
 class CurvatureOperator(ABC):

@@ -1,11 +1,11 @@
-"""The shared data-averaging loop behind every model-and-data curvature operator.
+r"""The shared data-averaging loop behind every model-and-data curvature operator.
 
 For batches (or microbatches) ``b`` with weights ``w_b`` (samples, or non-ignored
 tokens) and per-batch mean-loss curvature ``C_b``, every data operator computes
 
 .. math::
 
-    C v = \\frac{1}{W} \\sum_b w_b \\, C_b v, \\qquad W = \\sum_b w_b,
+    C v = \frac{1}{W} \sum_b w_b \, C_b v, \qquad W = \sum_b w_b,
 
 the curvature of the mean loss over all samples used, never a plain mean over batches.
 Subclasses supply only ``C_b v`` (:meth:`DataCurvatureOperator._batch_product`);
@@ -140,7 +140,9 @@ class DataCurvatureOperator(CurvatureOperator):
 
     # -- subclass hooks -----------------------------------------------------------------
     @abstractmethod
-    def _batch_product(self, batch: Any, vs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor | None]:
+    def _batch_product(
+        self, batch: Any, vs: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
         """Curvature of the mean loss on ``batch`` times ``vs`` (one tensor per parameter).
 
         ``None`` entries mean zero (parameters that do not reach the loss).
@@ -190,9 +192,12 @@ class DataCurvatureOperator(CurvatureOperator):
         vs = [v.view(p.shape) for v, p in zip(vs, self.params)]
         total = torch.zeros(self.size, dtype=vec.dtype, device=vec.device)
         weight: int | torch.Tensor = 0
-        with preserve_model_state(
-            self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
-        ), curvature_mode(self._device, self._dtype):
+        with (
+            preserve_model_state(
+                self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
+            ),
+            curvature_mode(self._device, self._dtype),
+        ):
             for batch in self.source.batches():
                 pieces = self.source.microbatches(batch)
                 self._check_microbatch_split(pieces)

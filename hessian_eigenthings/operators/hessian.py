@@ -28,24 +28,24 @@ def default_fd_eps(dtype: torch.dtype) -> float:
 
 
 class HessianOperator(DataCurvatureOperator):
-    """Hessian of the mean loss over a dataset with respect to selected parameters.
+    r"""Hessian of the mean loss over a dataset with respect to selected parameters.
 
     .. math::
 
-        H = \\nabla^2_\\theta \\, \\frac{1}{W} \\sum_b w_b \\, L_b(\\theta),
+        H = \nabla^2_\theta \, \frac{1}{W} \sum_b w_b \, L_b(\theta),
 
     where ``L_b = loss_fn(model, batch_b)`` is the mean loss of batch ``b`` and ``w_b``
     its number of samples (or tokens), so ragged batches are weighted exactly.
 
     Methods:
         ``"autograd"`` (default): exact Hessian-vector product by double backward,
-        ``H v = \\nabla_\\theta \\langle \\nabla_\\theta L, v \\rangle``. Runs inside
+        ``H v = \nabla_\theta \langle \nabla_\theta L, v \rangle``. Runs inside
         :func:`~hessian_eigenthings.operators._autodiff_safety.curvature_mode`, so
         attention and normalisation layers are differentiated exactly.
 
         ``"finite_difference"``: central difference of exact gradients along the unit
         direction ``u = v / ||v||``,
-        ``H v ~ ||v|| (g(\\theta + h u) - g(\\theta - h u)) / (2h)``. Linear in ``v`` and
+        ``H v ~ ||v|| (g(\theta + h u) - g(\theta - h u)) / (2h)``. Linear in ``v`` and
         exact up to ``O(h^2)``; needs only first-order autograd (works with any layer and
         with sharded parameters). Parameters are restored bit for bit afterwards.
 
