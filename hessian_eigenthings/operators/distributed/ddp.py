@@ -1,0 +1,216 @@
+r"""Data-parallel curvature operators: each rank holds a shard of the data.
+
+With ranks :math:`r = 1..R`, each holding batches :math:`b \in B_r` with weights
+:math:`w_b` (samples, or non-ignored tokens) and per-batch mean-loss curvature
+:math:`C_b`, the operator is the curvature of the mean loss over the union of all
+shards,
+
+.. math::
+
+    C v = \frac{\sum_r \sum_{b \in B_r} w_b \, C_b v}{\sum_r \sum_{b \in B_r} w_b},
+
+which is exactly what the single-process operator computes on the union of the shards,
+also when the shards are uneven. Every rank runs the shared data loop of
+:class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator` on its own
+batches, producing the partial sum :math:`s_r = \sum_{b \in B_r} w_b C_b v` and weight
+:math:`W_r`; one ``all_reduce`` of the flat buffer :math:`[s_r, W_r]` (``n + 1``
+entries) then gives every rank :math:`\sum_r s_r` and :math:`\sum_r W_r`. That is the
+only collective of a matvec.
+
+The vector is replicated: every rank holds the whole parameter vector and gets the
+same product, so any algorithm runs unchanged with a
+:class:`~hessian_eigenthings.backends.distributed.ReplicatedBackend` (the default), whose
+generator broadcasts the seed from the first rank so probes and start vectors agree
+(also for ``seed=None``).
+
+``DistributedDataParallel`` models: the operator works on the wrapped ``.module``
+(parameters, names, forward), so DDP's forward (buffer broadcast) and its gradient
+hooks never run, and no collective other than the one above is issued; the loss
+function must therefore use the model it is given, not a captured DDP wrapper.
+Parameter names for ``param_filter`` are those of the inner module (no ``module.``
+prefix). As a safety net every matvec runs inside the wrapper's ``no_sync()``.
+Nothing about the user's model (wrapper or inner module) is changed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from hessian_eigenthings.backends.distributed import ReplicatedBackend, collective_device
+from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
+from hessian_eigenthings.operators.hessian import HessianOperator
+
+__all__ = ["DDPHessianOperator", "DDPOperatorMixin", "unwrap_ddp"]
+
+ProcessGroup = Any  # torch.distributed.ProcessGroup (None means the default group)
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (``model`` itself otherwise)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _crc(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+class DDPOperatorMixin(DataCurvatureOperator):
+    r"""Turns any data curvature operator into its data-parallel version.
+
+    Put it first in the bases: ``class DDPMyOperator(DDPOperatorMixin, MyOperator)``.
+    It takes the arguments of the single-process operator plus ``process_group``, and
+    replaces the (identity) cross-process reduction of the data loop by one
+    ``all_reduce`` of ``[partial sum, weight]``.
+
+    Construction is collective: after each rank built its operator, one ``all_gather``
+    of four integers (built ok, size, dtype, hash of parameter names and shapes)
+    checks that all ranks agree; on a mismatch, or if any rank failed to build, every
+    rank raises (instead of hanging in the first matvec).
+
+    Precision: the weight travels in the buffer's dtype (the vector dtype, at least
+    float32), exact up to :math:`2^{24}` samples in float32 and :math:`2^{53}` in
+    float64; reduced-precision vectors are reduced in float32.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *args: Any,
+        process_group: ProcessGroup = None,
+        **kwargs: Any,
+    ) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"{type(self).__name__} needs an initialised torch.distributed process group. "
+                "Call torch.distributed.init_process_group(...) first (under torchrun), or use "
+                "the single-process operator."
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.process_group = process_group
+        self.ddp_model = model
+        inner = unwrap_ddp(model)
+        if kwargs.get("backend") is None:
+            kwargs["backend"] = ReplicatedBackend(process_group)
+        error: BaseException | None = None
+        try:
+            _reject_sync_batchnorm(inner)
+            super().__init__(inner, *args, **kwargs)
+        except Exception as err:
+            error = err
+        self._agree_across_ranks(inner, error)
+
+    # -- construction-time agreement -------------------------------------------------------
+    def _agree_across_ranks(self, inner: nn.Module, error: BaseException | None) -> None:
+        first = next(inner.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        if error is None:
+            layout = ";".join(
+                f"{n}:{tuple(s)}" for n, s in zip(self.layout.names, self.layout.shapes)
+            )
+            mine = [1, self.size, _crc(str(self.dtype)), _crc(layout)]
+        else:
+            mine = [0, -1, 0, 0]
+        dev = collective_device(self.process_group, device)
+        local = torch.tensor(mine, dtype=torch.int64, device=dev)
+        world = dist.get_world_size(self.process_group)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local, group=self.process_group)
+        rows = [[int(x) for x in t.tolist()] for t in gathered]
+        failed = [r for r, row in enumerate(rows) if row[0] == 0]
+        name = type(self).__name__
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(
+                f"{name}: rank(s) {failed} of the process group failed to build their operator "
+                "(see their error); no rank can compute a distributed matvec."
+            )
+        for field, idx in (("size", 1), ("dtype", 2), ("parameter names and shapes", 3)):
+            values = [row[idx] for row in rows]
+            if len(set(values)) > 1:
+                shown = (
+                    ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                    if field == "size"
+                    else f"this rank has {self.dtype if idx == 2 else 'its own'}"
+                )
+                raise ValueError(
+                    f"{name}: ranks disagree on the operator's {field} ({shown}). Every rank "
+                    "must build the same model with the same param_filter and dtype; only the "
+                    "data may differ."
+                )
+
+    # -- the one collective --------------------------------------------------------------
+    def _reduce(
+        self, total: torch.Tensor, weight: int | torch.Tensor
+    ) -> tuple[torch.Tensor, int | torch.Tensor]:
+        comm_dtype = total.dtype if torch.finfo(total.dtype).bits >= 32 else torch.float32
+        buf = torch.empty(total.numel() + 1, dtype=comm_dtype, device=total.device)
+        buf[:-1].copy_(total.reshape(-1))
+        if isinstance(weight, torch.Tensor):
+            buf[-1:].copy_(weight.reshape(1))
+        else:
+            buf[-1] = weight
+        dist.all_reduce(buf, group=self.process_group)
+        return buf[:-1].view(total.shape).to(total.dtype), buf[-1]
+
+    @contextmanager
+    def _wrapper_quiet(self) -> Iterator[None]:
+        ctx = (
+            self.ddp_model.no_sync()
+            if isinstance(self.ddp_model, DistributedDataParallel)
+            else nullcontext()
+        )
+        with ctx:
+            yield
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        with self._wrapper_quiet():
+            return super()._matvec(v)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        with self._wrapper_quiet():
+            return super()._matmat(V)
+
+
+def _reject_sync_batchnorm(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.SyncBatchNorm) and m.training:
+            raise ValueError(
+                f"{name} is a SyncBatchNorm in train mode: its forward all-gathers batch "
+                "statistics across ranks, which would make the curvature depend on how the data "
+                "is split (and hang when ranks hold different numbers of batches). Call "
+                "model.eval() before building the operator."
+            )
+
+
+class DDPHessianOperator(DDPOperatorMixin, HessianOperator):
+    r"""Hessian of the mean loss over the union of every rank's data shard.
+
+    Takes every argument of :class:`~hessian_eigenthings.operators.hessian.HessianOperator`
+    (``model, dataloader, loss_fn``, then keyword options) plus ``process_group``
+    (default: the default group). ``dataloader`` yields this rank's shard; shards may
+    differ in size and number of batches. ``model`` may be a
+    ``DistributedDataParallel`` wrapper or a plain module (identical on every rank).
+
+    .. math::
+
+        H v = \frac{1}{W} \sum_r \sum_{b \in B_r} w_b \, \nabla^2 L_b(\theta)\, v,
+        \qquad W = \sum_r \sum_{b \in B_r} w_b,
+
+    computed with one ``all_reduce`` of ``size + 1`` entries per matvec. Both
+    ``method="autograd"`` and ``"finite_difference"`` are supported.
+
+    Example (under ``torchrun``)::
+
+        H = DDPHessianOperator(ddp_model, my_shard_loader, loss_fn)
+        eigenvalues, eigenvectors = lanczos(H, k=5)  # same result on every rank
+    """

@@ -1,0 +1,249 @@
+"""Worker for tests/test_distributed.py: one rank of a 2-process gloo job on CPU.
+
+Run as ``python -m tests.dist_worker OUT_DIR`` with ``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT`` set. Every scenario computes its numbers against an
+oracle built in the same process (the single-process operator on the union of all
+shards, dense float64 matrices) and records them; the test reads ``OUT_DIR/rank{r}.json``
+and asserts. A scenario that raises records its error instead of aborting the job.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hessian_eigenthings import HessianOperator
+from hessian_eigenthings.backends import SingleDeviceBackend, fresh_seed
+from hessian_eigenthings.backends.distributed import ReplicatedBackend, ShardedBackend
+from hessian_eigenthings.operators.distributed.ddp import DDPHessianOperator
+from tests.helpers import assert_unchanged, dense_hessian, rel_err, snapshot
+
+# Union of 12 samples. DDP shards are uneven in size and batch count (7 and 5 samples);
+# FSDP shards are uneven in size with equal batch counts (FSDP's forward is collective).
+DDP_SPLITS = {0: [(0, 4), (4, 7)], 1: [(7, 12)]}
+FSDP_SPLITS = {0: [(0, 4), (4, 7)], 1: [(7, 10), (10, 12)]}
+
+
+def ce(model: nn.Module, batch: Any) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def make_model(hidden: int = 5) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3)).double()
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    return x, y
+
+
+def batches(splits: list[tuple[int, int]]) -> list[Any]:
+    x, y = make_data()
+    return [(x[a:b], y[a:b]) for a, b in splits]
+
+
+def union(split_map: dict[int, list[tuple[int, int]]]) -> list[Any]:
+    return [b for r in sorted(split_map) for b in batches(split_map[r])]
+
+
+def rand_vec(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class CommCounter:
+    """Counts collectives twice: Python-level ``dist.all_reduce`` calls (patched) and
+    every c10d collective the gloo process group runs (profiler events ``gloo:*``,
+    which also sees collectives issued from C++, e.g. by DDP's reducer or FSDP)."""
+
+    def __init__(self) -> None:
+        self.python_all_reduce = 0
+        self.gloo: list[dict[str, Any]] = []
+
+    def __enter__(self) -> CommCounter:
+        self._orig = dist.all_reduce
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.python_all_reduce += 1
+            return self._orig(*args, **kwargs)
+
+        dist.all_reduce = counted  # type: ignore[assignment]
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._prof.__exit__(*exc)
+        dist.all_reduce = self._orig  # type: ignore[assignment]
+        for e in self._prof.events():
+            if e.name.startswith("gloo:"):
+                shapes = e.input_shapes or [[]]
+                numel = 1
+                for d in shapes[0]:
+                    numel *= d
+                self.gloo.append({"name": e.name, "numel": numel})
+
+
+def _agree(t: torch.Tensor) -> bool:
+    """Whether ``t`` is bitwise identical on every rank."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return all(torch.equal(p, parts[0]) for p in parts)
+
+
+# -- scenarios -------------------------------------------------------------------------------
+def ddp_hessian(rank: int, method: str, wrap: bool) -> dict[str, Any]:
+    model = make_model()
+    names = [n for n, _ in model.named_parameters()]
+    dense = dense_hessian(model, union(DDP_SPLITS), ce, names)
+    single = HessianOperator(model, union(DDP_SPLITS), ce, method=method)
+    user_model: nn.Module = model
+    if wrap:
+        user_model = nn.parallel.DistributedDataParallel(model)
+    snap = snapshot(model)
+    op = DDPHessianOperator(user_model, batches(DDP_SPLITS[rank]), ce, method=method)
+    v = rand_vec(op.size, 3)
+    with CommCounter() as cc:
+        got = op.matvec(v)
+    block = torch.stack([v, rand_vec(op.size, 4)], dim=1)
+    got_block = op.matmat(block)
+    want = single.matvec(v)
+    unchanged = True
+    try:
+        assert_unchanged(model, snap)
+    except AssertionError:
+        unchanged = False
+    return {
+        "size": op.size,
+        "rel_vs_single": rel_err(got, want),
+        "rel_vs_dense": rel_err(got, dense @ v),
+        "rel_block_vs_dense": rel_err(got_block, dense @ block),
+        "same_on_all_ranks": _agree(got),
+        "python_all_reduce": cc.python_all_reduce,
+        "gloo": cc.gloo,
+        "model_unchanged": unchanged,
+        "is_ddp_wrapped": wrap,
+    }
+
+
+def mismatch(rank: int, kind: str) -> dict[str, Any]:
+    model = make_model(hidden=6 if (kind == "size" and rank == 1) else 5)
+    data = [] if (kind == "empty" and rank == 1) else batches(DDP_SPLITS[rank])
+    try:
+        DDPHessianOperator(model, data, ce)
+    except Exception as err:
+        return {"raised": type(err).__name__, "message": str(err)}
+    return {"raised": None}
+
+
+def replicated_seed(rank: int) -> dict[str, Any]:
+    backend = ReplicatedBackend()
+    gen = backend.generator(fresh_seed(), torch.device("cpu"))
+    x = backend.random(9, num=2, generator=gen, dtype=torch.float64, device=torch.device("cpu"))
+    agreed = backend.all_agree(torch.tensor([float(rank)]))
+    return {"probes_agree": _agree(x), "all_agree": agreed.tolist()}
+
+
+def sharded_backend(rank: int) -> dict[str, Any]:
+    n, cpu = 37, torch.device("cpu")
+    kw: dict[str, Any] = {"dtype": torch.float64, "device": cpu}
+    out: dict[str, Any] = {}
+    even = ShardedBackend.contiguous(n)
+    full = SingleDeviceBackend().random(n, num=3, generator=torch.Generator().manual_seed(5), **kw)
+    local = even.random(n, num=3, generator=even.generator(5, cpu), **kw)
+    out["small_matches_single_device"] = bool(torch.equal(local, even.shard(full)))
+    out["gather_roundtrip"] = bool(torch.equal(even.gather(local[0]), full[0]))
+    out["dot_err"] = abs(float(even.dot(local[0], local[1])) - float(full[0] @ full[1]))
+    out["norm_err"] = abs(float(even.norm(local[2])) - float(full[2].norm()))
+    out["gram_err"] = float((even.block_gram(local, local) - full @ full.T).abs().max())
+    out["block_dot_err"] = float((even.block_dot(local, local[1]) - full @ full[1]).abs().max())
+    # Chunked draws: two ranks with interleaved ranges vs one rank holding everything.
+    split = ShardedBackend([[(0, 5), (20, 30)], [(5, 20), (30, n)]], n, chunk_size=8)
+    alone = ShardedBackend([[(0, n)], []], n, chunk_size=8)
+    a = split.random(n, num=2, generator=split.generator(6, cpu), distribution="rademacher", **kw)
+    b = alone.random(n, num=2, generator=alone.generator(6, cpu), distribution="rademacher", **kw)
+    gathered = torch.stack([split.gather(a[i]) for i in range(2)])
+    whole = torch.stack([alone.gather(b[i]) for i in range(2)])
+    out["chunked_world_size_independent"] = bool(torch.equal(gathered, whole))
+    out["rademacher"] = bool(torch.all(gathered.abs() == 1))
+    return out
+
+
+def fsdp_sharded(rank: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hessian_eigenthings.operators.distributed.sharded import ShardedHessianOperator
+
+    ref_model = make_model()
+    model = copy.deepcopy(ref_model)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    before = [p.to_local().clone() for p in model.parameters()]
+    op = ShardedHessianOperator(model, batches(FSDP_SPLITS[rank]), ce)
+    single = HessianOperator(ref_model, union(FSDP_SPLITS), ce)
+    names = [n for n, _ in ref_model.named_parameters()]
+    dense = dense_hessian(ref_model, union(FSDP_SPLITS), ce, names)
+    v = rand_vec(op.size, 7)
+    with CommCounter() as cc:
+        local = op.matvec(op.backend.shard(v))
+    got = op.backend.gather(local)
+    after = [p.to_local() for p in model.parameters()]
+    return {
+        "size": op.size,
+        "local_size": op.local_size,
+        "rel_vs_single": rel_err(got, single.matvec(v)),
+        "rel_vs_dense": rel_err(got, dense @ v),
+        "same_on_all_ranks": _agree(got),
+        "params_unchanged": all(torch.equal(x, y) for x, y in zip(before, after)),
+        "gloo": cc.gloo,
+        "python_all_reduce": cc.python_all_reduce,
+    }
+
+
+SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "ddp_hessian_autograd": lambda r: ddp_hessian(r, "autograd", wrap=False),
+    "ddp_hessian_fd": lambda r: ddp_hessian(r, "finite_difference", wrap=False),
+    "ddp_hessian_wrapped": lambda r: ddp_hessian(r, "autograd", wrap=True),
+    "mismatch_size": lambda r: mismatch(r, "size"),
+    "mismatch_empty": lambda r: mismatch(r, "empty"),
+    "replicated_seed": replicated_seed,
+    "sharded_backend": sharded_backend,
+    "fsdp_sharded": fsdp_sharded,
+}
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results: dict[str, Any] = {}
+    try:
+        for name, fn in SCENARIOS.items():
+            try:
+                results[name] = fn(rank)
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(results, fh)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

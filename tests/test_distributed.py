@@ -1,0 +1,158 @@
+"""Distributed operators and backends on 2 gloo ranks (CPU), spawned inside pytest.
+
+One job of two processes (``tests/dist_worker.py``) runs every scenario once and writes
+its numbers; each test below asserts one property. The job has a hard timeout, so a
+hang (a collective issued on one rank only) fails the tests instead of blocking CI.
+
+Oracles: the single-process operator on the union of all shards, and the dense float64
+Hessian of the sample-weighted mean loss (``tests/helpers.dense_hessian``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
+]
+
+WORLD = 2
+TIMEOUT_S = 150
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("dist")
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.dist_worker", str(out)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=TIMEOUT_S)
+            logs.append(stdout)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"distributed worker job did not finish within {TIMEOUT_S} s (a hang)")
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank][-4000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _scenario(results: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    per_rank = [r[name] for r in results]
+    for rank, res in enumerate(per_rank):
+        assert "error" not in res, f"rank {rank} failed in {name}:\n{res.get('error')}"
+    return per_rank
+
+
+@pytest.mark.parametrize(
+    ("name", "tol_single", "tol_dense"),
+    [
+        ("ddp_hessian_autograd", 1e-10, 1e-10),
+        ("ddp_hessian_fd", 1e-10, 1e-6),
+        ("ddp_hessian_wrapped", 1e-10, 1e-10),
+    ],
+)
+def test_ddp_hessian_equals_single_process_on_union(
+    results: list[dict[str, Any]], name: str, tol_single: float, tol_dense: float
+) -> None:
+    """Uneven shards (7 samples in 2 batches vs 5 in 1): exact sample weighting."""
+    for res in _scenario(results, name):
+        assert res["rel_vs_single"] <= tol_single
+        assert res["rel_vs_dense"] <= tol_dense
+        assert res["rel_block_vs_dense"] <= tol_dense
+        assert res["same_on_all_ranks"]
+        assert res["model_unchanged"]
+
+
+@pytest.mark.parametrize("name", ["ddp_hessian_autograd", "ddp_hessian_fd", "ddp_hessian_wrapped"])
+def test_ddp_matvec_is_one_all_reduce_of_size_plus_one(
+    results: list[dict[str, Any]], name: str
+) -> None:
+    """Exactly one collective per matvec (also with DDP's reducer around): [H v, weight]."""
+    for res in _scenario(results, name):
+        assert res["python_all_reduce"] == 1
+        assert [(c["name"], c["numel"]) for c in res["gloo"]] == [
+            ("gloo:all_reduce", res["size"] + 1)
+        ]
+
+
+def test_mismatched_sizes_raise_on_every_rank(results: list[dict[str, Any]]) -> None:
+    for res in _scenario(results, "mismatch_size"):
+        assert res["raised"] == "ValueError"
+        assert "disagree on the operator's size" in res["message"]
+        assert "rank 0: 43, rank 1: 51" in res["message"]
+
+
+def test_failure_on_one_rank_raises_on_every_rank(results: list[dict[str, Any]]) -> None:
+    r0, r1 = _scenario(results, "mismatch_empty")
+    assert r1["raised"] == "ValueError" and "empty" in r1["message"]
+    assert r0["raised"] == "RuntimeError" and "rank(s) [1]" in r0["message"]
+
+
+def test_replicated_backend_agrees_on_fresh_seeds(results: list[dict[str, Any]]) -> None:
+    for res in _scenario(results, "replicated_seed"):
+        assert res["probes_agree"]
+        assert res["all_agree"] == [0.0]
+
+
+def test_sharded_backend_reductions_and_probes(results: list[dict[str, Any]]) -> None:
+    for res in _scenario(results, "sharded_backend"):
+        assert res["small_matches_single_device"]
+        assert res["gather_roundtrip"]
+        for key in ("dot_err", "norm_err", "gram_err", "block_dot_err"):
+            assert res[key] <= 1e-12, key
+        assert res["chunked_world_size_independent"]
+        assert res["rademacher"]
+
+
+def test_fsdp_sharded_matvec_equals_unsharded(results: list[dict[str, Any]]) -> None:
+    """FSDP2 shards (uneven sizes 7 and 5, equal batch counts), finite differences."""
+    per_rank = _scenario(results, "fsdp_sharded")
+    assert sum(r["local_size"] for r in per_rank) == per_rank[0]["size"]
+    for res in per_rank:
+        assert res["rel_vs_single"] <= 1e-6
+        assert res["rel_vs_dense"] <= 1e-6
+        assert res["same_on_all_ranks"]
+        assert res["params_unchanged"]
+        # ||v||^2 and the weight: two scalar all-reduces of ours; the rest is FSDP's.
+        assert res["python_all_reduce"] == 2
