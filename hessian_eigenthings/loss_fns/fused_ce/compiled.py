@@ -1,0 +1,85 @@
+"""The cross-entropy HVP as one ``torch.compile`` (fullgraph) graph.
+
+Same mathematics as :func:`~hessian_eigenthings.loss_fns.fused_ce.reference.ce_hvp_eager`;
+Inductor fuses the softmax, the row dot product and the output into a few loops over the
+vocabulary, so no float32 copy of the ``(N, V)`` logits or of ``p`` is kept in memory.
+Compiled once with dynamic shapes (``N`` and ``V`` may vary without recompiling); the
+normaliser is passed as a tensor so that changing token counts do not recompile either.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from hessian_eigenthings.loss_fns.fused_ce._common import check_inputs, count_valid
+
+__all__ = ["ce_hvp_compiled", "compile_error"]
+
+
+def _hvp_body(
+    logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor, n: torch.Tensor, ignore: int
+) -> torch.Tensor:
+    acc = torch.float64 if torch.float64 in (logits.dtype, u.dtype) else torch.float32
+    p = torch.softmax(logits.to(acc), dim=-1)
+    pu = p * u.to(acc)
+    dot = pu.sum(-1, keepdim=True)
+    weight = (target != ignore).to(acc).unsqueeze(-1) / n.to(acc).clamp_min(1)
+    return ((pu - p * dot) * weight).to(torch.promote_types(logits.dtype, u.dtype))
+
+
+@functools.cache
+def _compiled() -> Callable[..., torch.Tensor]:
+    return torch.compile(_hvp_body, fullgraph=True, dynamic=True)
+
+
+_ERRORS: dict[str, Exception | None] = {}
+
+
+def compile_error(device: torch.device) -> Exception | None:
+    """Why ``torch.compile`` cannot run the kernel on ``device`` (``None`` if it can).
+
+    Compiles and runs a tiny problem once per device type (cached), e.g. to detect a
+    missing C++ compiler on CPU or an unsupported device.
+    """
+    key = device.type
+    if key not in _ERRORS:
+        try:
+            z = torch.zeros(2, 3, device=device)
+            t = torch.zeros(2, dtype=torch.long, device=device)
+            _compiled()(z, t, z, torch.ones((), dtype=torch.long, device=device), -100)
+            _ERRORS[key] = None
+        except Exception as err:  # any backend failure means "cannot run here"
+            _ERRORS[key] = err
+    return _ERRORS[key]
+
+
+def ce_hvp_compiled(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    n_valid: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``H u`` for the mean cross entropy over non-ignored rows, via ``torch.compile``.
+
+    Arguments and result as in
+    :func:`~hessian_eigenthings.loss_fns.fused_ce.reference.ce_hvp_eager`.
+
+    Raises:
+        RuntimeError: ``torch.compile`` cannot run on this device (the message holds the
+            compiler's error and the remedy).
+    """
+    check_inputs(logits, target, u)
+    err = compile_error(logits.device)
+    if err is not None:
+        raise RuntimeError(
+            f"fused='compile' cannot run on {logits.device.type}: torch.compile failed with "
+            f"{type(err).__name__}: {err}. Use fused='eager' (or 'auto', which falls back)."
+        ) from err
+    n = count_valid(target, ignore_index) if n_valid is None else n_valid
+    n_t = torch.as_tensor(n, device=logits.device)
+    return _compiled()(logits, target, u, n_t, ignore_index)
