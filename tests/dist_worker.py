@@ -17,11 +17,15 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from hessian_eigenthings import HessianOperator
+from hessian_eigenthings.algorithms.hutchinson import hutchinson
+from hessian_eigenthings.algorithms.spectral_density import spectral_density
+from hessian_eigenthings.algorithms.trace import trace
 from hessian_eigenthings.backends import SingleDeviceBackend, fresh_seed
 from hessian_eigenthings.backends.distributed import ReplicatedBackend, ShardedBackend
 from hessian_eigenthings.operators.distributed.ddp import DDPHessianOperator
@@ -182,7 +186,7 @@ def sharded_backend(rank: int) -> dict[str, Any]:
     return out
 
 
-def fsdp_sharded(rank: int) -> dict[str, Any]:
+def _fsdp_setup(rank: int) -> tuple[Any, HessianOperator]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -193,9 +197,14 @@ def fsdp_sharded(rank: int) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    before = [p.to_local().clone() for p in model.parameters()]
     op = ShardedHessianOperator(model, batches(FSDP_SPLITS[rank]), ce)
-    single = HessianOperator(ref_model, union(FSDP_SPLITS), ce)
+    return op, HessianOperator(ref_model, union(FSDP_SPLITS), ce)
+
+
+def fsdp_sharded(rank: int) -> dict[str, Any]:
+    op, single = _fsdp_setup(rank)
+    model, ref_model = op.model, single.model
+    before = [p.to_local().clone() for p in model.parameters()]
     names = [n for n, _ in ref_model.named_parameters()]
     dense = dense_hessian(ref_model, union(FSDP_SPLITS), ce, names)
     v = rand_vec(op.size, 7)
@@ -215,6 +224,43 @@ def fsdp_sharded(rank: int) -> dict[str, Any]:
     }
 
 
+def sharded_algorithms(rank: int) -> dict[str, Any]:
+    """SLQ and Hutchinson run unchanged on the shards; same numbers on every rank."""
+    op, single = _fsdp_setup(rank)
+    sd = spectral_density(op, num_runs=2, lanczos_steps=12, seed=3)
+    sd_ref = spectral_density(single, num_runs=2, lanczos_steps=12, seed=3)
+    nodes, ref_nodes = np.concatenate(sd.nodes), np.concatenate(sd_ref.nodes)
+    tr = hutchinson(op, 6, seed=2, block_size=3)
+    tr_ref = hutchinson(single, 6, seed=2, block_size=3)
+    fresh = spectral_density(op, num_runs=1, lanczos_steps=6, seed=None)
+    return {
+        "slq_nodes_err": float(np.abs(nodes - ref_nodes).max() / np.abs(ref_nodes).max()),
+        "slq_same_on_all_ranks": _agree(torch.from_numpy(np.concatenate([nodes, sd.density]))),
+        "slq_integral": float(sd.integral()),
+        "hutchinson_rel": abs(tr.estimate - tr_ref.estimate) / abs(tr_ref.estimate),
+        "hutchinson_same_on_all_ranks": _agree(torch.tensor([tr.estimate, tr.stderr])),
+        "fresh_seed_same_on_all_ranks": _agree(torch.from_numpy(np.concatenate(fresh.nodes))),
+    }
+
+
+def ddp_algorithms(rank: int) -> dict[str, Any]:
+    """Hutch++ trace and SLQ on the DDP operator equal the single-process ones."""
+    model = make_model()
+    op = DDPHessianOperator(model, batches(DDP_SPLITS[rank]), ce)
+    single = HessianOperator(model, union(DDP_SPLITS), ce)
+    tr = trace(op, 12, seed=4)
+    tr_ref = trace(single, 12, seed=4)
+    sd = spectral_density(op, num_runs=2, lanczos_steps=10, seed=5)
+    sd_ref = spectral_density(single, num_runs=2, lanczos_steps=10, seed=5)
+    nodes, ref_nodes = np.concatenate(sd.nodes), np.concatenate(sd_ref.nodes)
+    fresh = trace(op, 8, seed=None)
+    return {
+        "trace_rel": abs(tr.estimate - tr_ref.estimate) / abs(tr_ref.estimate),
+        "slq_nodes_err": float(np.abs(nodes - ref_nodes).max() / np.abs(ref_nodes).max()),
+        "fresh_seed_same_on_all_ranks": _agree(torch.tensor([fresh.estimate, fresh.stderr])),
+    }
+
+
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "ddp_hessian_autograd": lambda r: ddp_hessian(r, "autograd", wrap=False),
     "ddp_hessian_fd": lambda r: ddp_hessian(r, "finite_difference", wrap=False),
@@ -224,6 +270,8 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "replicated_seed": replicated_seed,
     "sharded_backend": sharded_backend,
     "fsdp_sharded": fsdp_sharded,
+    "sharded_algorithms": sharded_algorithms,
+    "ddp_algorithms": ddp_algorithms,
 }
 
 

@@ -156,3 +156,23 @@ def test_fsdp_sharded_matvec_equals_unsharded(results: list[dict[str, Any]]) -> 
         assert res["params_unchanged"]
         # ||v||^2 and the weight: two scalar all-reduces of ours; the rest is FSDP's.
         assert res["python_all_reduce"] == 2
+
+
+def test_slq_and_hutchinson_run_unchanged_on_fsdp_shards(results: list[dict[str, Any]]) -> None:
+    """Same probes as the single-process run (world-size independent draws)."""
+    for res in _scenario(results, "sharded_algorithms"):
+        assert res["slq_nodes_err"] <= 1e-5
+        assert abs(res["slq_integral"] - 1.0) <= 1e-6
+        assert res["slq_same_on_all_ranks"]
+        assert res["hutchinson_rel"] <= 1e-6
+        assert res["hutchinson_same_on_all_ranks"]
+        assert res["fresh_seed_same_on_all_ranks"]
+
+
+def test_trace_and_slq_on_ddp_operator_equal_single_process(
+    results: list[dict[str, Any]],
+) -> None:
+    for res in _scenario(results, "ddp_algorithms"):
+        assert res["trace_rel"] <= 1e-10
+        assert res["slq_nodes_err"] <= 1e-8
+        assert res["fresh_seed_same_on_all_ranks"]
