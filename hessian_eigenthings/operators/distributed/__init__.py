@@ -1,3 +1,12 @@
 """Operators for data (and parameters) split over ``torch.distributed`` ranks."""
 
-__all__: list[str] = []
+from hessian_eigenthings.operators.distributed.ddp import DDPHessianOperator, DDPOperatorMixin
+from hessian_eigenthings.operators.distributed.sharded import ShardedHessianOperator
+
+__all__: list[str] = [
+    # data parallel (replicated parameters): one all-reduce per matvec
+    "DDPHessianOperator",
+    "DDPOperatorMixin",
+    # parameters sharded with FSDP2
+    "ShardedHessianOperator",
+]
