@@ -10,8 +10,11 @@ from hessian_eigenthings.backends import LinAlgBackend, SingleDeviceBackend
 from hessian_eigenthings.operators import (
     CurvatureOperator,
     DataCurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
     HessianOperator,
     LambdaOperator,
+    MCFisherOperator,
 )
 
 # Parameter selection and flat-vector helpers
@@ -31,8 +34,11 @@ __all__ = [
     # operators
     "CurvatureOperator",
     "DataCurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "LambdaOperator",
+    "MCFisherOperator",
     # backends
     "LinAlgBackend",
     "SingleDeviceBackend",

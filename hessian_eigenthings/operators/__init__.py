@@ -2,12 +2,17 @@
 
 from hessian_eigenthings.operators.base import CurvatureOperator
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
+from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
+from hessian_eigenthings.operators.ggn import GGNOperator
 from hessian_eigenthings.operators.hessian import HessianOperator
 from hessian_eigenthings.operators.lambda_operator import LambdaOperator
 
 __all__ = [
     "CurvatureOperator",
     "DataCurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "LambdaOperator",
+    "MCFisherOperator",
 ]

@@ -1,0 +1,378 @@
+r"""Fisher information matrices in O(n) memory: empirical and Monte-Carlo.
+
+Empirical Fisher (uncentred gradient covariance; Kunstner, Balles and Hennig, 2019,
+"Limitations of the empirical Fisher approximation for natural gradient descent"):
+
+.. math::
+
+    F = \frac{1}{N} \sum_{i=1}^N g_i g_i^\top, \qquad g_i = \nabla_\theta \ell_i,
+
+over all ``N`` samples of the dataset. A product never forms the ``B x n`` matrix of
+per-sample gradients: with ``\ell = (\ell_1, ..., \ell_B)`` the per-sample losses of a
+batch and ``J_\ell`` their Jacobian,
+``\sum_i g_i g_i^\top v = J_\ell^\top (J_\ell v)``: one forward-mode pass gives all
+``s_i = \langle g_i, v\rangle`` at once and one reverse pass of ``\sum_i s_i \ell_i``
+gives ``\sum_i s_i g_i``.
+
+Monte-Carlo Fisher (the true Fisher of the model's predictive distribution, estimated
+with labels sampled from the model; Martens and Grosse, 2015, "Optimizing neural
+networks with Kronecker-factored approximate curvature", section 5):
+
+.. math::
+
+    \hat F = \frac{1}{N} \sum_i J_i^\top \Big(\frac{1}{S} \sum_{s=1}^S r_{is} r_{is}^\top
+    \Big) J_i, \qquad r_{is} = \nabla_f \big(-\log p(\tilde y_{is} \mid f_i)\big),
+    \quad \tilde y_{is} \sim p(\cdot \mid f_i).
+
+Because ``E[r r^T] = \nabla_f^2 (-\log p(y | f))`` for these exponential-family
+likelihoods, ``E[\hat F]`` is exactly the GGN of the mean cross-entropy (categorical)
+or of the mean of ``0.5 ||f - y||^2`` per sample (unit-variance Gaussian), with error
+``O(1/\sqrt{S})``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
+from hessian_eigenthings.operators._data import WeightFn, leading_dim
+from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
+from hessian_eigenthings.operators.ggn import (
+    ForwardFn,
+    OutputJVP,
+    _check_output,
+    validate_jvp_options,
+    vjp_params,
+)
+from hessian_eigenthings.operators.hessian import default_fd_eps
+from hessian_eigenthings.param_utils import ParamFilterLike
+
+__all__ = ["EmpiricalFisherOperator", "MCFisherOperator"]
+
+PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+_LIKELIHOODS = ("categorical", "gaussian")
+
+
+class EmpiricalFisherOperator(DataCurvatureOperator):
+    r"""Empirical Fisher ``F = (1/N) sum_i g_i g_i^T`` of per-sample loss gradients.
+
+    ``N`` counts every sample of every batch used (ragged batches and microbatches are
+    weighted by their sample counts), so ``F`` is exactly the mean over all samples.
+    Per batch of ``B`` samples the product is
+    ``(1/B) J_\ell^\top (J_\ell v) = (1/B) \sum_i \langle g_i, v\rangle g_i``: one
+    forward-mode JVP of the per-sample losses (exact; or a finite difference with
+    ``jvp="finite_difference"``) and one backward pass, in O(n) memory (no per-sample
+    gradient matrix).
+
+    The empirical Fisher is not the Fisher information nor the GGN in general (Kunstner
+    et al., 2019); it is the uncentred covariance of the per-sample gradients. For the
+    Fisher of the model's own predictive distribution use :class:`MCFisherOperator`.
+
+    Args:
+        model: The model; never modified.
+        dataloader: Re-iterable of batches (or a factory returning one).
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` tensor of per-sample losses, e.g.
+            ``supervised_loss(nn.CrossEntropyLoss(reduction="none"))``.
+        jvp: ``"forward"`` (exact forward-mode AD) or ``"finite_difference"``.
+        param_filter: Which parameters span the operator; default all trainable ones.
+        full_dataset: All batches per matvec (``True``) or the next batch (``False``).
+        num_batches: Use only the first ``num_batches`` batches.
+        microbatch_size: Split batches to bound memory; the result is unchanged.
+        fd_eps: Finite-difference step for the unit direction.
+        weight_fn: ``batch -> number of samples``; default the batch's leading dimension.
+            It must equal the number of losses ``loss_fn`` returns.
+        check_determinism: Raise at construction if the loss is random (dropout).
+        backend: Vector backend for algorithms.
+
+    Example:
+        >>> from hessian_eigenthings.loss_fns.standard import supervised_loss
+        >>> model = nn.Linear(3, 2)
+        >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+        >>> F = EmpiricalFisherOperator(
+        ...     model, data, supervised_loss(nn.CrossEntropyLoss(reduction="none")))
+        >>> F.size
+        8
+    """
+
+    psd = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any] | Callable[[], Iterable[Any]],
+        loss_fn: PerSampleLossFn,
+        *,
+        jvp: str = "forward",
+        param_filter: ParamFilterLike = None,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        microbatch_size: int | None = None,
+        fd_eps: float | None = None,
+        weight_fn: WeightFn | None = None,
+        check_determinism: bool = True,
+        backend: LinAlgBackend | None = None,
+    ) -> None:
+        validate_jvp_options(jvp, fd_eps, "EmpiricalFisherOperator")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable (model, batch) -> per-sample losses, got {loss_fn!r}."
+            )
+        self.loss_fn = loss_fn
+        self.jvp = jvp
+        super().__init__(
+            model,
+            dataloader,
+            param_filter=param_filter,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            microbatch_size=microbatch_size,
+            weight_fn=weight_fn or leading_dim,
+            check_determinism=check_determinism,
+            backend=backend,
+        )
+        self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
+        self._jvp = OutputJVP(
+            model,
+            self._per_sample,
+            self.named_params,
+            method=jvp,
+            fd_eps=self.fd_eps,
+            what="loss_fn",
+        )
+
+    def _per_sample(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        losses = _check_output(self.loss_fn(model, batch), "loss_fn")
+        if losses.dim() != 1:
+            if losses.dim() == 0:
+                hint = (
+                    "a scalar (a reduced loss). Return one loss per sample, e.g. "
+                    "nn.CrossEntropyLoss(reduction='none') or "
+                    "F.cross_entropy(..., reduction='none')."
+                )
+            else:
+                hint = (
+                    f"shape {tuple(losses.shape)}. Reduce each sample's losses to one number "
+                    "(e.g. the mean over its tokens) so the result has shape (B,)."
+                )
+            raise ValueError(
+                f"EmpiricalFisherOperator's loss_fn must return per-sample losses of shape "
+                f"(B,), got {hint}"
+            )
+        return losses
+
+    def _probe_loss(self, batch: Any) -> torch.Tensor:
+        return self._per_sample(self.model, batch).detach().sum()
+
+    def _snapshot_params(self) -> Sequence[nn.Parameter]:
+        return self.params if self.jvp == "finite_difference" else ()
+
+    def _batch_product(
+        self, batch: Any, vs: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
+        s = self._jvp(batch, vs)  # s_i = <g_i, v>, no graph kept
+        losses = self._per_sample(self.model, batch)
+        w = self._weight(batch)
+        if isinstance(w, int) and w != losses.shape[0]:
+            raise ValueError(
+                f"loss_fn returned {losses.shape[0]} per-sample losses for a batch of {w} "
+                "samples (weight_fn / leading dimension). They must agree; pass "
+                "weight_fn=lambda batch: <number of samples> if the batch's first tensor is "
+                "not indexed by sample."
+            )
+        # (1/B) sum_i s_i g_i: the loop multiplies by B and divides by the total count N
+        return vjp_params(losses, self.params, s / losses.shape[0])
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    digest = hashlib.blake2b(
+        b"".join(int(p).to_bytes(16, "little", signed=True) for p in parts), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class MCFisherOperator(DataCurvatureOperator):
+    r"""Monte-Carlo Fisher with labels sampled from the model's predictive distribution.
+
+    .. math::
+
+        \hat F v = \frac{1}{W} \sum_b w_b \, \frac{1}{R_b} \sum_{i \in b}
+        J_i^\top \Big( \frac{1}{S} \sum_{s=1}^{S} r_{is} \langle r_{is}, J_i v \rangle
+        \Big),
+
+    with ``R_b`` the number of prediction rows of the batch and ``S = num_samples``.
+
+    * ``likelihood="categorical"``: logits with classes on ``class_dim`` (default 1,
+      as in :func:`torch.nn.functional.cross_entropy`; use ``-1`` for ``(B, T, V)``
+      language-model logits); every position is a row. ``\tilde y \sim
+      \mathrm{softmax}(f_i)`` and ``r = p - e_{\tilde y}``, the gradient of the
+      cross-entropy at the sampled label; ``E[r r^T] = diag(p) - p p^T``, so
+      ``E[\hat F]`` is the GGN of the mean cross-entropy over rows
+      (:class:`~hessian_eigenthings.operators.ggn.GGNOperator` with
+      ``cross_entropy_loss_of_output()``).
+    * ``likelihood="gaussian"``: unit-variance Gaussian around the output;
+      ``r = -\varepsilon``, ``\varepsilon \sim N(0, I)`` per sample (row = sample);
+      ``E[\hat F]`` is the GGN of the per-sample mean of ``0.5 ||f_i - y_i||^2``
+      (which is ``k/2`` times the GGN of ``mse_loss_of_output()`` for outputs of ``k``
+      elements per sample).
+
+    Each product is an unbiased estimate of that GGN with relative error
+    ``O(1/sqrt(S))``, and it is a *fixed* linear operator: the labels of batch ``b``
+    (and microbatch ``m``) are drawn from a generator seeded by ``(seed, b, m)`` on
+    every matvec, so all products use the same labels and Lanczos sees one symmetric
+    PSD matrix. The draw depends on ``microbatch_size`` and on the device's random
+    number generator (CPU and CUDA give different, equally valid, samples).
+
+    Args:
+        model: The model; never modified.
+        dataloader: Re-iterable of batches (or a factory returning one).
+        forward_fn: ``forward_fn(model, batch) -> output`` (logits, or Gaussian means).
+        likelihood: ``"categorical"`` or ``"gaussian"``.
+        num_samples: Labels ``S`` drawn per row.
+        seed: Seed of the label draws; ``None`` draws a fresh one (kept in ``.seed``).
+        class_dim: Class dimension of the logits (categorical only).
+        jvp: ``"forward"`` (exact) or ``"finite_difference"``.
+        param_filter: Which parameters span the operator; default all trainable ones.
+        full_dataset: All batches per matvec (``True``) or the next batch (``False``).
+        num_batches: Use only the first ``num_batches`` batches.
+        microbatch_size: Split batches to bound memory.
+        fd_eps: Finite-difference step for the unit direction.
+        weight_fn: ``batch -> weight``; default the batch's leading dimension.
+        check_determinism: Raise at construction if the output is random (dropout).
+        backend: Vector backend for algorithms.
+    """
+
+    psd = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any] | Callable[[], Iterable[Any]],
+        forward_fn: ForwardFn,
+        *,
+        likelihood: str = "categorical",
+        num_samples: int = 1,
+        seed: int | None = None,
+        class_dim: int = 1,
+        jvp: str = "forward",
+        param_filter: ParamFilterLike = None,
+        full_dataset: bool = True,
+        num_batches: int | None = None,
+        microbatch_size: int | None = None,
+        fd_eps: float | None = None,
+        weight_fn: WeightFn | None = None,
+        check_determinism: bool = True,
+        backend: LinAlgBackend | None = None,
+    ) -> None:
+        if likelihood not in _LIKELIHOODS:
+            raise ValueError(
+                f"Unknown likelihood {likelihood!r} for MCFisherOperator; expected one of "
+                f"{_LIKELIHOODS}."
+            )
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
+        if not isinstance(class_dim, int):
+            raise TypeError(f"class_dim must be an int, got {type(class_dim).__name__}.")
+        validate_jvp_options(jvp, fd_eps, "MCFisherOperator")
+        if not callable(forward_fn):
+            raise TypeError(
+                f"forward_fn must be callable (model, batch) -> output, got {forward_fn!r}."
+            )
+        self.forward_fn = forward_fn
+        self.likelihood = likelihood
+        self.num_samples = num_samples
+        self.seed = fresh_seed() if seed is None else seed
+        self.class_dim = class_dim
+        self.jvp = jvp
+        self._last_batch_index: int | None = None
+        self._microbatch_index = 0
+        super().__init__(
+            model,
+            dataloader,
+            param_filter=param_filter,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            microbatch_size=microbatch_size,
+            weight_fn=weight_fn,
+            check_determinism=check_determinism,
+            backend=backend,
+        )
+        self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
+        self._jvp = OutputJVP(
+            model,
+            forward_fn,
+            self.named_params,
+            method=jvp,
+            fd_eps=self.fd_eps,
+            what="forward_fn",
+        )
+
+    def _forward(self, batch: Any) -> torch.Tensor:
+        return _check_output(self.forward_fn(self.model, batch), "forward_fn")
+
+    def _probe_loss(self, batch: Any) -> torch.Tensor:
+        return self._forward(batch).detach().double().sum()
+
+    def _snapshot_params(self) -> Sequence[nn.Parameter]:
+        return self.params if self.jvp == "finite_difference" else ()
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self._last_batch_index = None  # microbatch numbering restarts with every product
+        return super()._matvec(v)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        index = self.source.batch_index
+        if index != self._last_batch_index:
+            self._last_batch_index = index
+            self._microbatch_index = 0
+        else:
+            self._microbatch_index += 1
+        gen = torch.Generator(device=device)
+        gen.manual_seed(_mix_seed(self.seed, index, self._microbatch_index))
+        return gen
+
+    def _sampled_hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``(1/R) (1/S) sum_s r_s <r_s, u>`` per row, for the batch's fixed labels."""
+        gen = self._generator(out.device)
+        cdt = torch.promote_types(out.dtype, torch.float32)
+        s_count = self.num_samples
+        if self.likelihood == "gaussian":
+            rows = out.shape[0] if out.dim() > 0 else 1
+            eps = torch.randn((s_count, *out.shape), generator=gen, dtype=cdt, device=out.device)
+            uc = u.to(cdt)
+            dims = tuple(range(2, eps.dim()))
+            coef = (eps * uc).sum(dims, keepdim=True) if dims else eps * uc
+            return ((eps * coef).sum(0) / (s_count * rows)).to(u.dtype)
+        if out.dim() == 0:
+            raise ValueError("A categorical likelihood needs logits with a class dimension.")
+        cd = self.class_dim % out.dim()
+        num_classes = out.shape[cd]
+        z = out.movedim(cd, -1).reshape(-1, num_classes)
+        rows = z.shape[0]
+        p = torch.softmax(z.to(cdt), dim=-1)
+        labels = torch.multinomial(p, s_count, replacement=True, generator=gen)  # (R, S)
+        ur = u.movedim(cd, -1).reshape(-1, num_classes).to(cdt)
+        # <r_s, u> = <p, u> - u[y_s]  for r_s = p - e_{y_s}
+        c = (p * ur).sum(-1, keepdim=True) - ur.gather(1, labels)
+        hu = p * c.sum(-1, keepdim=True)
+        hu.scatter_add_(1, labels, -c)
+        hu.div_(s_count * rows)
+        moved_shape = (*out.movedim(cd, -1).shape,)
+        return hu.reshape(moved_shape).movedim(-1, cd).to(u.dtype)
+
+    def _batch_product(
+        self, batch: Any, vs: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
+        jv = self._jvp(batch, vs)
+        out = self._forward(batch)
+        u = self._sampled_hvp(out.detach(), jv)
+        del jv
+        return vjp_params(out, self.params, u)
