@@ -190,7 +190,7 @@ class DataCurvatureOperator(CurvatureOperator):
             for piece, p in zip(torch.split(vec, [p.numel() for p in self.params]), self.params)
         ]
         vs = [v.view(p.shape) for v, p in zip(vs, self.params)]
-        total = torch.zeros(self.size, dtype=vec.dtype, device=vec.device)
+        total: torch.Tensor | None = None
         weight: int | torch.Tensor = 0
         with (
             preserve_model_state(
@@ -205,30 +205,38 @@ class DataCurvatureOperator(CurvatureOperator):
                     w = self._weight(mb)
                     if isinstance(w, int) and w == 0:
                         continue
-                    prods = self._batch_product(mb, vs)
-                    flat = torch.cat(
-                        [
-                            torch.zeros(p.numel(), dtype=vec.dtype, device=vec.device)
-                            if h is None
-                            else h.reshape(-1).to(vec.dtype)
-                            for h, p in zip(prods, self.params)
-                        ]
-                    )
+                    flat = self._flat_product(mb, vs, vec)
                     if isinstance(w, torch.Tensor):
                         # zero-weight pieces (all tokens ignored) may produce NaN: drop them
                         flat = torch.where(w > 0, flat * w.to(vec.dtype), torch.zeros_like(flat))
-                        total.add_(flat)
-                    else:
-                        total.add_(flat, alpha=w)
+                    elif w != 1:
+                        flat.mul_(w)
+                    total = flat if total is None else total.add_(flat)
                     weight = weight + w
+        if total is None:
+            total = torch.zeros(self.size, dtype=vec.dtype, device=vec.device)
         total, weight = self._reduce(total, weight)
         if isinstance(weight, int):
             if weight == 0:
                 raise ValueError(
                     "All batches had zero weight (no samples or no non-ignored tokens)."
                 )
-            return total / weight
-        return total / weight.to(total.dtype).clamp_min(1)
+            return total.div_(weight)
+        return total.div_(weight.to(total.dtype).clamp_min(1))
+
+    def _flat_product(
+        self, batch: Any, vs: Sequence[torch.Tensor], like: torch.Tensor
+    ) -> torch.Tensor:
+        """``C_b v`` as one fresh flat vector of ``like``'s dtype (zeros for unused params)."""
+        prods = self._batch_product(batch, vs)
+        return torch.cat(
+            [
+                torch.zeros(p.numel(), dtype=like.dtype, device=like.device)
+                if h is None
+                else h.reshape(-1).to(like.dtype)
+                for h, p in zip(prods, self.params)
+            ]
+        )
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(v)

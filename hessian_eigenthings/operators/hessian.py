@@ -135,6 +135,8 @@ class HessianOperator(DataCurvatureOperator):
         if self.method == "finite_difference":
             return self._fd_product(batch, vs)
         loss = self._loss(batch)
+        if not loss.requires_grad:  # no selected parameter reaches the loss
+            return [None] * len(self.params)
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
         if not terms:  # loss is at most linear in the selected parameters
@@ -143,8 +145,10 @@ class HessianOperator(DataCurvatureOperator):
         return [None if h is None else h.detach() for h in hv]
 
     def _grad_at(self, batch: Any) -> list[torch.Tensor | None]:
-        grads = torch.autograd.grad(self._loss(batch), self.params, allow_unused=True)
-        return list(grads)
+        loss = self._loss(batch)
+        if not loss.requires_grad:
+            return [None] * len(self.params)
+        return list(torch.autograd.grad(loss, self.params, allow_unused=True))
 
     def _fd_product(self, batch: Any, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         # u = v / ||v||; the norm is computed in float64 on-device without a host sync.
