@@ -34,8 +34,9 @@ __all__ = ["LanczosTridiag", "lanczos_tridiagonal"]
 
 # Steps between the (single, scalar) host synchronisations that test for breakdown.
 _CHECK_EVERY = 8
-# Breakdown when beta_j <= _BREAKDOWN_FACTOR * eps(dtype) * (running estimate of ||A||).
-_BREAKDOWN_FACTOR = 10.0
+# Breakdown when beta_j <= _BREAKDOWN_FACTOR * eps(dtype) * (||A q_j|| + beta_{j-1}), i.e.
+# when what is left of A q_j after orthogonalisation is at the rounding level of A q_j.
+_BREAKDOWN_FACTOR = 100.0
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,11 @@ def lanczos_tridiagonal(
 
     The tridiagonal entries are accumulated in float64 whatever the vector dtype. The
     loop does not synchronise with the host at every step: the breakdown test
-    ``beta_j <= 10 * eps * max_{i<=j}(|alpha_i| + beta_i)`` is evaluated every 8 steps,
-    and the result is truncated at the first breakdown. A division by a vanishing
+    ``beta_j <= 100 * eps * (||A q_j|| + beta_{j-1})`` (what is left of the new vector
+    after orthogonalisation is at the rounding level of the product) is evaluated every 8
+    steps, and the result is truncated at the first breakdown. The test is relative to
+    the local scale, not to ``||A||``, so a narrow cluster far below the top eigenvalue is
+    not mistaken for an invariant subspace. A division by a vanishing
     ``beta`` never produces NaN (it is clamped), and the discarded extra steps are
     counted in ``num_matvecs``. A breakdown that is missed because rounding keeps
     ``beta`` just above the threshold is harmless with reorthogonalisation: the next
@@ -158,6 +162,8 @@ def lanczos_tridiagonal(
     alphas = torch.zeros(m, dtype=torch.float64, device=device)
     # resid[j] = beta_{j+1}: norm of the residual after step j (off-diagonal j, j+1).
     resid = torch.zeros(m, dtype=torch.float64, device=device)
+    # scale[j] = ||A q_j|| + beta_j: the size of the vector being orthogonalised at step j.
+    scale = torch.zeros(m, dtype=torch.float64, device=device)
     basis = torch.empty((m, n_local), dtype=dtype, device=device) if reorthogonalize else None
     q_prev: torch.Tensor | None = None
     beta_prev = torch.zeros((), dtype=dtype, device=device)
@@ -170,6 +176,7 @@ def lanczos_tridiagonal(
         if basis is not None:
             basis[j] = q
         w = operator.matvec(q)
+        scale[j] = (backend.norm(w) + beta_prev).to(torch.float64)
         alpha = backend.dot(q, w)
         w = w - alpha * q
         if q_prev is not None:
@@ -186,9 +193,7 @@ def lanczos_tridiagonal(
         q = w / torch.clamp(beta, min=tiny)
         beta_prev = beta
         if steps_done % _CHECK_EVERY == 0 or steps_done == m:
-            done = resid[:steps_done]
-            anorm = torch.cummax(alphas[:steps_done].abs() + done, dim=0).values
-            broke = done <= _BREAKDOWN_FACTOR * eps * anorm
+            broke = resid[:steps_done] <= _BREAKDOWN_FACTOR * eps * scale[:steps_done]
             hits = torch.nonzero(broke)
             if hits.numel() > 0:
                 iterations = int(hits[0, 0]) + 1
