@@ -429,3 +429,17 @@ def test_bad_construction_raises_clear_errors() -> None:
     frozen = mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="no parameters with requires_grad=True"):
         HessianOperator(frozen, data, ce)
+
+
+def test_weight_fn_overrides_batch_size() -> None:
+    """weight_fn defines each batch's weight in the mean (here: double weight for batch 0)."""
+    model, data = mlp(), ragged((5,))
+    weights = {id(b[0]): (2 * len(b[0]) if i == 0 else len(b[0])) for i, b in enumerate(data)}
+
+    def wfn(batch: Any) -> int:
+        return weights[id(batch[0])]
+
+    op = HessianOperator(model, data, ce, weight_fn=wfn)
+    H = dense_hessian(model, data, ce, weight=wfn)
+    v = torch.randn(op.size, dtype=DT)
+    assert rel_err(op.matvec(v), H @ v) <= 1e-10
