@@ -143,6 +143,96 @@ def ddp_hessian(rank: int, method: str, wrap: bool) -> dict[str, Any]:
     }
 
 
+def _ce_rows(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-row Hessians of the mean CE over valid rows: (diag p - p p^T) / N_valid."""
+    p = torch.softmax(out, dim=1)
+    valid = (y != -100).to(out.dtype)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return h * (valid / valid.sum())[:, None, None]
+
+
+def dense_ggn_ce(model: nn.Module, data: list[Any]) -> torch.Tensor:
+    """Independent oracle: sum_i J_i^T H_i J_i over the union (torch.func Jacobians)."""
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jac = torch.func.jacrev(lambda ps: torch.func.functional_call(model, ps, (x,)))(params)
+    J = torch.cat([jac[n].reshape(x.shape[0], -1, params[n].numel()) for n in params], dim=2)
+    out = model(x).detach()
+    return torch.einsum("ica,icd,idb->ab", J, _ce_rows(out, y), J)
+
+
+def dense_empirical_fisher(model: nn.Module, data: list[Any]) -> torch.Tensor:
+    """Independent oracle: (1/N) G^T G with G the (N, n) per-sample gradient matrix."""
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def losses(ps: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.func.functional_call(model, ps, (x,))
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    jac = torch.func.jacrev(losses)(params)
+    G = torch.cat([jac[n].reshape(x.shape[0], -1) for n in params], dim=1)
+    return G.T @ G / x.shape[0]
+
+
+def ddp_curvature(rank: int, kind: str) -> dict[str, Any]:
+    """DDP GGN / empirical Fisher (DDP-wrapped model) vs single process and dense."""
+    from hessian_eigenthings.loss_fns.standard import (
+        cross_entropy_loss_of_output,
+        supervised_forward,
+        supervised_loss,
+    )
+    from hessian_eigenthings.operators.distributed.ddp import (
+        DDPEmpiricalFisherOperator,
+        DDPGGNOperator,
+    )
+    from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator
+    from hessian_eigenthings.operators.ggn import GGNOperator
+
+    model = make_model()
+    shard, full = batches(DDP_SPLITS[rank]), union(DDP_SPLITS)
+    if kind == "ggn_tokens":  # ignored targets: weights are non-ignored counts (tensors)
+        ignore = {1, 5, 6, 9}
+        mask = lambda b, a: torch.tensor([a + i in ignore for i in range(len(b[1]))])  # noqa: E731
+        starts = [a for a, _ in DDP_SPLITS[rank]]
+        shard = [(b[0], b[1].masked_fill(mask(b, a), -100)) for b, a in zip(shard, starts)]
+        all_starts = [a for r in sorted(DDP_SPLITS) for a, _ in DDP_SPLITS[r]]
+        full = [(b[0], b[1].masked_fill(mask(b, a), -100)) for b, a in zip(full, all_starts)]
+    ddp_model = nn.parallel.DistributedDataParallel(model)
+    snap = snapshot(model)
+    if kind == "fisher":
+        loss = supervised_loss(nn.CrossEntropyLoss(reduction="none"))
+        op: Any = DDPEmpiricalFisherOperator(ddp_model, shard, loss)
+        single: Any = EmpiricalFisherOperator(model, full, loss)
+        dense = dense_empirical_fisher(model, full)
+    else:
+        lo = cross_entropy_loss_of_output()
+        op = DDPGGNOperator(ddp_model, shard, supervised_forward, lo)
+        single = GGNOperator(model, full, supervised_forward, lo)
+        dense = dense_ggn_ce(model, full)
+    v = rand_vec(op.size, 11)
+    with CommCounter() as cc:
+        got = op.matvec(v)
+    block = torch.stack([v, rand_vec(op.size, 12)], dim=1)
+    unchanged = True
+    try:
+        assert_unchanged(model, snap)
+    except AssertionError:
+        unchanged = False
+    return {
+        "size": op.size,
+        "rel_vs_single": rel_err(got, single.matvec(v)),
+        "rel_vs_dense": rel_err(got, dense @ v),
+        "rel_block_vs_dense": rel_err(op.matmat(block), dense @ block),
+        "same_on_all_ranks": _agree(got),
+        "python_all_reduce": cc.python_all_reduce,
+        "gloo": cc.gloo,
+        "model_unchanged": unchanged,
+    }
+
+
 def mismatch(rank: int, kind: str) -> dict[str, Any]:
     model = make_model(hidden=6 if (kind == "size" and rank == 1) else 5)
     data = [] if (kind == "empty" and rank == 1) else batches(DDP_SPLITS[rank])
@@ -265,6 +355,9 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "ddp_hessian_autograd": lambda r: ddp_hessian(r, "autograd", wrap=False),
     "ddp_hessian_fd": lambda r: ddp_hessian(r, "finite_difference", wrap=False),
     "ddp_hessian_wrapped": lambda r: ddp_hessian(r, "autograd", wrap=True),
+    "ddp_ggn": lambda r: ddp_curvature(r, "ggn"),
+    "ddp_ggn_tokens": lambda r: ddp_curvature(r, "ggn_tokens"),
+    "ddp_fisher": lambda r: ddp_curvature(r, "fisher"),
     "mismatch_size": lambda r: mismatch(r, "size"),
     "mismatch_empty": lambda r: mismatch(r, "empty"),
     "replicated_seed": replicated_seed,

@@ -46,9 +46,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hessian_eigenthings.backends.distributed import ReplicatedBackend, collective_device
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
+from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator
+from hessian_eigenthings.operators.ggn import GGNOperator
 from hessian_eigenthings.operators.hessian import HessianOperator
 
-__all__ = ["DDPHessianOperator", "DDPOperatorMixin", "unwrap_ddp"]
+__all__ = [
+    "DDPEmpiricalFisherOperator",
+    "DDPGGNOperator",
+    "DDPHessianOperator",
+    "DDPOperatorMixin",
+    "unwrap_ddp",
+]
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup (None means the default group)
 
@@ -213,4 +221,32 @@ class DDPHessianOperator(DDPOperatorMixin, HessianOperator):
 
         H = DDPHessianOperator(ddp_model, my_shard_loader, loss_fn)
         eigenvalues, eigenvectors = lanczos(H, k=5)  # same result on every rank
+    """
+
+
+class DDPGGNOperator(DDPOperatorMixin, GGNOperator):
+    r"""Generalized Gauss-Newton of the mean loss over the union of every rank's shard.
+
+    Takes every argument of :class:`~hessian_eigenthings.operators.ggn.GGNOperator`
+    (``model, dataloader, forward_fn, loss_of_output_fn``, then keyword options) plus
+    ``process_group``. Batches are weighted by ``loss_of_output_fn.batch_weight``
+    (non-ignored targets for cross-entropy) or their size, summed over all ranks:
+
+    .. math::
+
+        G v = \frac{1}{W} \sum_r \sum_{b \in B_r} w_b \, J_b^\top H_b J_b v,
+        \qquad W = \sum_r \sum_{b \in B_r} w_b,
+
+    with one ``all_reduce`` of ``size + 1`` entries per matvec.
+    """
+
+
+class DDPEmpiricalFisherOperator(DDPOperatorMixin, EmpiricalFisherOperator):
+    r"""Empirical Fisher over the union of every rank's shard: ``(1/N) sum_i g_i g_i^T``.
+
+    Takes every argument of
+    :class:`~hessian_eigenthings.operators.fisher.EmpiricalFisherOperator` (``model,
+    dataloader, loss_fn`` returning per-sample losses, then keyword options) plus
+    ``process_group``. ``N`` counts the samples of all ranks; one ``all_reduce`` of
+    ``size + 1`` entries per matvec.
     """
