@@ -6,7 +6,12 @@ and Fisher of a model on a dataset, without ever forming the matrix.
 
 # Operators: the matrices, known through matrix-vector products
 # Vector backends
-from hessian_eigenthings.backends import LinAlgBackend, SingleDeviceBackend
+from hessian_eigenthings.backends import (
+    LinAlgBackend,
+    ReplicatedBackend,
+    ShardedBackend,
+    SingleDeviceBackend,
+)
 from hessian_eigenthings.operators import (
     CurvatureOperator,
     DataCurvatureOperator,
@@ -15,6 +20,15 @@ from hessian_eigenthings.operators import (
     HessianOperator,
     LambdaOperator,
     MCFisherOperator,
+)
+
+# Distributed operators (torch.distributed: DDP data shards, FSDP2 parameter shards)
+from hessian_eigenthings.operators.distributed import (
+    DDPEmpiricalFisherOperator,
+    DDPGGNOperator,
+    DDPHessianOperator,
+    DDPOperatorMixin,
+    ShardedHessianOperator,
 )
 
 # Parameter selection and flat-vector helpers
@@ -39,8 +53,16 @@ __all__ = [
     "HessianOperator",
     "LambdaOperator",
     "MCFisherOperator",
+    # distributed operators
+    "DDPEmpiricalFisherOperator",
+    "DDPGGNOperator",
+    "DDPHessianOperator",
+    "DDPOperatorMixin",
+    "ShardedHessianOperator",
     # backends
     "LinAlgBackend",
+    "ReplicatedBackend",
+    "ShardedBackend",
     "SingleDeviceBackend",
     # parameters
     "ParamFilter",

@@ -1,10 +1,17 @@
 """Operators for data (and parameters) split over ``torch.distributed`` ranks."""
 
-from hessian_eigenthings.operators.distributed.ddp import DDPHessianOperator, DDPOperatorMixin
+from hessian_eigenthings.operators.distributed.ddp import (
+    DDPEmpiricalFisherOperator,
+    DDPGGNOperator,
+    DDPHessianOperator,
+    DDPOperatorMixin,
+)
 from hessian_eigenthings.operators.distributed.sharded import ShardedHessianOperator
 
 __all__: list[str] = [
     # data parallel (replicated parameters): one all-reduce per matvec
+    "DDPEmpiricalFisherOperator",
+    "DDPGGNOperator",
     "DDPHessianOperator",
     "DDPOperatorMixin",
     # parameters sharded with FSDP2
