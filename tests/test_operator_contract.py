@@ -14,7 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from hessian_eigenthings import HessianOperator, LambdaOperator
+from hessian_eigenthings import (
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    LambdaOperator,
+    MCFisherOperator,
+)
+from hessian_eigenthings.loss_fns.standard import (
+    cross_entropy_loss_of_output,
+    mse_loss_of_output,
+    supervised_forward,
+)
 from hessian_eigenthings.operators.base import CurvatureOperator
 from tests.helpers import assert_unchanged, snapshot
 
@@ -69,16 +80,62 @@ def _hessian_filtered_micro() -> tuple[CurvatureOperator, nn.Module]:
     return HessianOperator(model, data, _ce, param_filter="2.*", microbatch_size=2), model
 
 
+def _ggn() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _mlp_data()
+    return GGNOperator(model, data, supervised_forward, cross_entropy_loss_of_output()), model
+
+
+def _ggn_mse() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _mlp_data()
+    data = [(x, torch.sin(x[:, :3])) for x, _ in data]
+    return GGNOperator(model, data, supervised_forward, mse_loss_of_output()), model
+
+
+def _ggn_autograd() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _mlp_data()
+    loss = cross_entropy_loss_of_output()
+    return GGNOperator(model, data, supervised_forward, loss, loss_hvp="autograd"), model
+
+
+def _ggn_fd() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _mlp_data()
+    loss = cross_entropy_loss_of_output()
+    return GGNOperator(model, data, supervised_forward, loss, jvp="finite_difference"), model
+
+
+def _ggn_bn_train() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _bn_model()
+    return GGNOperator(model, data, supervised_forward, cross_entropy_loss_of_output()), model
+
+
+def _empirical_fisher() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _mlp_data()
+    per_sample = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    return EmpiricalFisherOperator(model, data, per_sample, microbatch_size=2), model
+
+
+def _mc_fisher() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _mlp_data()
+    return MCFisherOperator(model, data, supervised_forward, num_samples=3, seed=0), model
+
+
 CASES: dict[str, Case] = {
     "lambda": _lambda,
     "hessian": _hessian,
     "hessian_fd": _hessian_fd,
     "hessian_bn_train": _hessian_bn_train,
     "hessian_filtered_micro": _hessian_filtered_micro,
+    "ggn": _ggn,
+    "ggn_mse": _ggn_mse,
+    "ggn_autograd": _ggn_autograd,
+    "ggn_fd": _ggn_fd,
+    "ggn_bn_train": _ggn_bn_train,
+    "empirical_fisher": _empirical_fisher,
+    "mc_fisher": _mc_fisher,
 }
 
 # Tolerances: exact operators to rounding; finite differences to their O(h^2) error.
-TOL = {"hessian_fd": 1e-7}
+TOL = {"hessian_fd": 1e-7, "ggn_fd": 1e-7}
 
 
 @pytest.fixture(params=sorted(CASES))
