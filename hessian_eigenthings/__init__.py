@@ -4,6 +4,21 @@ Top-k eigenpairs, trace and spectral density of the Hessian, Generalized Gauss-N
 and Fisher of a model on a dataset, without ever forming the matrix.
 """
 
+# Stochastic estimators with error bars, and Lanczos tridiagonalisation (SLQ)
+from hessian_eigenthings.algorithms import (
+    DiagonalResult,
+    LanczosTridiag,
+    SpectralDensityResult,
+    TraceResult,
+    diagonal,
+    hutch_plus_plus,
+    hutchinson,
+    lanczos_tridiagonal,
+    spectral_density,
+    trace,
+    xtrace,
+)
+
 # Operators: the matrices, known through matrix-vector products
 # Vector backends
 from hessian_eigenthings.backends import (
@@ -59,6 +74,18 @@ __all__ = [
     "DDPHessianOperator",
     "DDPOperatorMixin",
     "ShardedHessianOperator",
+    # stochastic estimators and Lanczos tridiagonalisation
+    "DiagonalResult",
+    "LanczosTridiag",
+    "SpectralDensityResult",
+    "TraceResult",
+    "diagonal",
+    "hutch_plus_plus",
+    "hutchinson",
+    "lanczos_tridiagonal",
+    "spectral_density",
+    "trace",
+    "xtrace",
     # backends
     "LinAlgBackend",
     "ReplicatedBackend",
