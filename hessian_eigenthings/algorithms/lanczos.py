@@ -1,0 +1,605 @@
+r"""Thick-restart Lanczos with full reorthogonalisation and honest residuals.
+
+:func:`lanczos` finds the ``k`` eigenpairs of a symmetric operator at one end of its
+spectrum from matrix-vector products only.
+
+The method (Wu & Simon, "Thick-restart Lanczos method for large symmetric eigenvalue
+problems", SIAM J. Matrix Anal. Appl. 22, 2000; Stathopoulos, Saad & Wu, "Dynamic thick
+restarting of the Davidson, and the implicitly restarted Arnoldi methods", SISC 19, 1998):
+
+1. Keep an orthonormal basis ``V = [v_1, ..., v_p]`` (rows of one matrix). The first ``q``
+   vectors have been multiplied by ``A``; the remaining ``p - q`` are *pending* (the
+   residual directions still to be expanded). Every product is orthogonalised against the
+   whole basis by classical Gram-Schmidt, twice ("twice is enough": Kahan, in Parlett,
+   *The Symmetric Eigenvalue Problem*, 1998, sec. 6.9; Giraud, Langou & Rozloznik 2005),
+   which keeps ``V`` orthonormal to working precision and so rules out the ghost copies
+   of plain Lanczos. The coefficients form ``H = V_p^T A V_q`` (``p x q``), and
+
+   .. math::  A V_q = V_p H \quad\text{(exactly, up to rounding)}.
+
+2. Rayleigh-Ritz in float64: ``T = (H_{qq} + H_{qq}^T)/2 = S \Theta S^T``
+   (``torch.linalg.eigh`` on a float64 copy, whatever the operator dtype). For a Ritz pair
+   ``(\theta, y = V_q s)`` the residual follows from the relation without a matvec:
+
+   .. math::  \|A y - \theta y\|_2 = \|H s - \theta\,[s; 0]\|_2.
+
+3. Thick restart: keep the ``l`` most wanted Ritz vectors ``V_q S_l`` plus the pending
+   vectors, compress ``H`` to ``[S_l^T H_{qq} S_l;\ H_{pq} S_l]``, and expand again. The
+   part of the relation that the compression cannot represent (from the tiny asymmetry
+   of ``H_{qq}`` in floating point) is recorded and added to later residuals as a bound,
+   so reported residuals stay upper bounds. A rounding allowance
+   ``eps_vec * sqrt(p) * max_j |theta_j|`` for the vector arithmetic is added as well.
+
+Convergence: pair ``i`` is converged when
+
+.. math::  \|A y_i - \theta_i y_i\|_2 \le \mathrm{tol}\cdot
+           \max\bigl(|\theta_i|,\ \epsilon^{1/3}\max_j|\theta_j|\bigr),
+
+with ``epsilon`` the unit roundoff of the vector dtype and ``max_j |theta_j|`` the largest
+Ritz value in magnitude (a lower bound of ``||A||``). For ``|theta_i|`` above the floor
+this is ARPACK's criterion ``||r|| <= tol |theta|``, which bounds the relative eigenvalue
+error by ``tol`` (and, for a gap ``g`` to the rest of the spectrum, by ``||r||^2/g``).
+
+Repeated eigenvalues: a Krylov space of one start vector holds only one direction of each
+eigenspace (in exact arithmetic), so a plain run can miss copies of a repeated eigenvalue
+and still report every pair converged. When all ``k`` pairs first converge, this solver
+therefore adds a fresh random vector (orthogonal to the basis) to the pending directions
+(the expansion becomes a band Lanczos process that also explores the new direction) and
+spends one more cycle's worth of products (``m - l``); it stops only when the ``k`` wanted
+Ritz values are still converged and unchanged (within ``2 tol`` relative) after that, and
+repeats the check otherwise. This is a probabilistic safeguard, not a proof: a copy whose
+eigenvalue is barely separated from the ``(k+1)``-th can need more than one cycle.
+
+Breakdown: when a product lies in the span of the basis (an invariant subspace, e.g.
+``k == n``), the residual direction is dropped (its tiny norm is recorded in the residual
+bound) and a new random vector orthogonal to the basis continues the run.
+
+Host synchronisation happens once per convergence check (to read ``H``): every
+``max(4, m // 8)`` products and at each restart, never per basis vector; the per-vector
+work (matvec, Gram-Schmidt, norms) stays on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hessian_eigenthings.algorithms.results import EigenResult
+from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
+from hessian_eigenthings.operators.base import CurvatureOperator
+
+__all__ = ["LanczosProgress", "LanczosState", "default_tol", "lanczos"]
+
+_WHICH = ("LM", "LA", "SA")
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def default_vector_dtype(operator_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the Lanczos vectors: the operator's, or float32 for bf16/fp16 operators."""
+    if operator_dtype in (torch.float32, torch.float64):
+        return operator_dtype
+    return torch.float32
+
+
+def default_tol(operator_dtype: torch.dtype, vector_dtype: torch.dtype | None = None) -> float:
+    r"""Default relative-residual tolerance for an operator and vector dtype.
+
+    ``max(sqrt(eps_vec), 4 eps_op)``: the square root of the vector dtype's unit roundoff
+    (float64: 1.5e-8, float32: 3.5e-4), raised to four roundoffs of the operator's dtype
+    for reduced-precision operators (bfloat16: 3.1e-2, float16: 3.9e-3), below which a
+    residual says nothing about the operator the model actually computes.
+    """
+    vdtype = vector_dtype or default_vector_dtype(operator_dtype)
+    return max(math.sqrt(_eps(vdtype)), 4.0 * _eps(operator_dtype))
+
+
+def default_basis_size(k: int, n: int) -> int:
+    """Default maximal basis size: ``min(n, max(2k + 1, 30))``.
+
+    ARPACK's ``ncv`` rule with a floor of 30 instead of 20 (fewer matvecs on clustered
+    spectra for small ``k``; see ``benchmarks/bench_lanczos_vs_arpack.py``).
+    """
+    return min(n, max(2 * k + 1, 30))
+
+
+def _num_keep(k: int, m: int, q: int) -> int:
+    """Ritz vectors kept at a restart: ``k`` plus 70% of the remaining room.
+
+    Keeping many Ritz vectors (Wu & Simon 2000; Stathopoulos, Saad & Wu 1998) retains the
+    information on the next eigenvalues that drives convergence; the fraction was tuned
+    against ARPACK in ``benchmarks/bench_lanczos_vs_arpack.py``.
+    """
+    return max(k, min(q - 1, k + (7 * (m - k)) // 10))
+
+
+@dataclass
+class LanczosProgress:
+    """What :func:`lanczos` passes to ``callback`` after every convergence check.
+
+    Attributes:
+        restart: Number of restarts so far.
+        num_matvecs: Matrix-vector products so far.
+        ritz_values: ``(k,)`` current approximations of the wanted eigenvalues (float64).
+        residuals: ``(k,)`` their residual norms (upper bounds, see :func:`lanczos`).
+        converged: ``(k,)`` which of them meet the tolerance.
+        verifying: Whether a multiplicity-verification vector has been added.
+    """
+
+    restart: int
+    num_matvecs: int
+    ritz_values: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    verifying: bool
+
+
+@dataclass
+class LanczosState:
+    """Complete state of a thick-restart Lanczos run (enough to continue it).
+
+    Attributes:
+        basis: ``(capacity, n_local)`` buffer; rows ``[0, num_basis)`` are the orthonormal
+            basis, rows ``[0, num_processed)`` the vectors already multiplied by ``A``.
+        projected: ``(capacity, capacity)`` float64 buffer on the device;
+            ``projected[:num_basis, :num_processed] = V^T A V_q``.
+        num_processed: ``q``, vectors multiplied by ``A`` since the last restart.
+        num_basis: ``p``, basis vectors (processed plus pending).
+        num_matvecs: Products with ``A`` spent in total.
+        restarts: Completed cycles.
+        seed: Seed of ``generator`` (reproduces the run).
+        generator: Random generator on the operator's device.
+        dropped: Residual-bound terms: for each, a float64 matrix ``M`` (columns over the
+            processed coordinates) such that ``||M s||`` bounds the part of ``A V_q s`` that
+            the stored relation no longer represents.
+        reference: Wanted Ritz values when the last verification vector was added.
+    """
+
+    basis: torch.Tensor
+    projected: torch.Tensor
+    num_processed: int
+    num_basis: int
+    num_matvecs: int
+    restarts: int
+    seed: int
+    generator: torch.Generator
+    dropped: list[torch.Tensor] = field(default_factory=list)
+    reference: torch.Tensor | None = None
+
+
+@dataclass
+class _Ritz:
+    """Rayleigh-Ritz data of one check (all float64 on the CPU)."""
+
+    values: torch.Tensor  # (q,) Ritz values, wanted first
+    vectors: torch.Tensor  # (q, q) coordinates s_i as columns, same order
+    residuals: torch.Tensor  # (q,) residual bounds, same order
+    scale: torch.Tensor  # (q,) max(|theta_i|, floor)
+    h_qq: torch.Tensor  # (q, q) processed block of H
+    h_pq: torch.Tensor  # (p - q, q) pending block of H
+
+
+def _wanted_order(theta: torch.Tensor, which: str) -> torch.Tensor:
+    if which == "LM":
+        return torch.argsort(theta.abs(), descending=True, stable=True)
+    if which == "LA":
+        return torch.argsort(theta, descending=True, stable=True)
+    return torch.argsort(theta, descending=False, stable=True)
+
+
+def _validate(
+    operator: CurvatureOperator,
+    k: int,
+    which: str,
+    max_iter: int | None,
+    tol: float | None,
+    seed: int | None,
+    basis_size: int | None,
+) -> None:
+    if not isinstance(operator, CurvatureOperator):
+        raise TypeError(
+            f"lanczos expects a CurvatureOperator, got {type(operator).__name__}. Wrap a "
+            "function v -> A v with LambdaOperator(matvec_fn, size, dtype=..., device=...)."
+        )
+    if not operator.symmetric:
+        raise ValueError(
+            f"lanczos requires a symmetric operator, but {operator!r} has symmetric=False. "
+            "Lanczos is only correct for symmetric A; if your operator is symmetric, "
+            "construct it with symmetric=True (or set operator.symmetric = True)."
+        )
+    n = operator.size
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int with 1 <= k <= operator.size = {n}, got {k!r}.")
+    if which not in _WHICH:
+        raise ValueError(f"Unknown which={which!r}; expected one of {_WHICH}.")
+    if max_iter is not None and (
+        not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < k
+    ):
+        raise ValueError(
+            f"max_iter (the matvec budget) must be an int >= k = {k}, got {max_iter!r}: "
+            "each of the k Ritz pairs needs at least one product with the operator."
+        )
+    if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol must be a float in (0, 1), got {tol!r}.")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
+    if basis_size is not None and (
+        not isinstance(basis_size, int) or not min(k + 1, n) <= basis_size <= n
+    ):
+        raise ValueError(
+            f"basis_size must be an int in [min(k + 1, n), n] = [{min(k + 1, n)}, {n}], "
+            f"got {basis_size!r}."
+        )
+
+
+class _Lanczos:
+    """The run: one :class:`LanczosState` plus the fixed configuration."""
+
+    def __init__(
+        self,
+        operator: CurvatureOperator,
+        backend: LinAlgBackend,
+        *,
+        k: int,
+        which: str,
+        basis_size: int,
+        max_matvecs: int,
+        tol: float,
+        seed: int,
+        vector_dtype: torch.dtype,
+        reorthogonalize: bool,
+    ) -> None:
+        self.op = operator
+        self.backend = backend
+        self.k = k
+        self.which = which
+        self.m = basis_size
+        self.max_matvecs = max_matvecs
+        self.tol = tol
+        self.dtype = vector_dtype
+        self.passes = 2 if reorthogonalize else 1
+        # Convergence is checked (one host sync) every few products, not only at restarts.
+        self.check_every = max(4, basis_size // 8)
+        # Products after a verification vector joins before the run may stop: one cycle.
+        self.verify_steps = max(1, basis_size - _num_keep(k, basis_size, basis_size))
+        self.n = operator.size
+        eps = _eps(vector_dtype)
+        self.eps = eps
+        self.breakdown_tol = eps**0.75
+        self.floor_factor = eps ** (1.0 / 3.0)
+        device = operator.device
+        n_local = backend.local_size(self.n)
+        capacity = self.m + 2
+        self.state = LanczosState(
+            basis=torch.zeros((capacity, n_local), dtype=vector_dtype, device=device),
+            projected=torch.zeros((capacity, capacity), dtype=torch.float64, device=device),
+            num_processed=0,
+            num_basis=0,
+            num_matvecs=0,
+            restarts=0,
+            seed=seed,
+            generator=backend.generator(seed, device),
+        )
+        self._add_random_vector()
+
+    # -- vector work (device, no host sync) ---------------------------------------------
+
+    def _orthogonalize(self, w: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classical Gram-Schmidt of ``w`` against basis rows ``[0, p)``, ``passes`` times."""
+        basis = self.state.basis[:p]
+        coef = torch.zeros(p, dtype=w.dtype, device=w.device)
+        for _ in range(self.passes):
+            h = self.backend.block_dot(basis, w)
+            w = w - h @ basis
+            coef = coef + h
+        return w, coef
+
+    def _ensure_capacity(self, rows: int) -> None:
+        st = self.state
+        cap = st.basis.shape[0]
+        if rows <= cap:
+            return
+        new_cap = max(rows, cap + 2)
+        basis = st.basis.new_zeros((new_cap, st.basis.shape[1]))
+        basis[:cap] = st.basis
+        proj = torch.zeros((new_cap, new_cap), dtype=torch.float64, device=st.projected.device)
+        proj[:cap, :cap] = st.projected
+        st.basis, st.projected = basis, proj
+
+    def _add_random_vector(self) -> None:
+        """Append a random unit vector orthogonal to the basis (a new pending direction)."""
+        st = self.state
+        p = st.num_basis
+        self._ensure_capacity(p + 1)
+        r = self.backend.random(
+            self.n, generator=st.generator, dtype=self.dtype, device=self.op.device
+        )
+        if p > 0:
+            r, _ = self._orthogonalize(r, p)
+            r, _ = self._orthogonalize(r, p)
+        st.basis[p] = r / self.backend.norm(r)
+        st.projected[p].zero_()
+        st.num_basis = p + 1
+
+    def _expand(self, steps: int) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Multiply the next ``steps`` pending vectors; return per-step breakdown data."""
+        st = self.state
+        log = []
+        for _ in range(steps):
+            j, p = st.num_processed, st.num_basis
+            self._ensure_capacity(p + 1)
+            w = self.op.matvec(st.basis[j])
+            st.num_matvecs += 1
+            w_norm = self.backend.norm(w)
+            w, coef = self._orthogonalize(w, p)
+            beta = self.backend.norm(w)
+            st.projected[p].zero_()
+            st.projected[:p, j] = coef.to(torch.float64)
+            st.projected[p, j] = beta.to(torch.float64)
+            tiny = torch.finfo(self.dtype).tiny
+            st.basis[p] = w / beta.clamp_min(tiny)
+            st.num_processed, st.num_basis = j + 1, p + 1
+            log.append((j, p, beta, w_norm))
+        return log
+
+    # -- host side (float64, once per check) --------------------------------------------
+
+    def _handle_breakdown(self, log: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
+        """Truncate the cycle at the first product that lay in the span of the basis."""
+        if not log:
+            return
+        norms = torch.stack([torch.stack([b, a]) for _, _, b, a in log]).to("cpu", torch.float64)
+        if not torch.isfinite(norms).all():
+            raise FloatingPointError(
+                f"{type(self.op).__name__}.matvec produced non-finite values (inf/nan) during "
+                "Lanczos; check the model's loss and parameters for overflow at this point."
+            )
+        broken = (norms[:, 0] <= self.breakdown_tol * norms[:, 1]).nonzero()
+        if broken.numel() == 0:
+            return
+        t = int(broken[0, 0])
+        j, p = log[t][0], log[t][1]
+        beta = float(norms[t, 0])
+        st = self.state
+        # Discard everything created from step t on; remember the dropped coupling.
+        st.num_processed, st.num_basis = j + 1, p
+        st.projected[p:].zero_()
+        st.projected[:, j + 1 :].zero_()
+        if beta > 0:
+            term = torch.zeros(1, j + 1, dtype=torch.float64)
+            term[0, j] = beta
+            st.dropped.append(term)
+        if st.num_basis == st.num_processed and st.num_basis < self.n:
+            self._add_random_vector()
+
+    def _ritz(self) -> _Ritz:
+        st = self.state
+        q, p = st.num_processed, st.num_basis
+        h = st.projected[:p, :q].to("cpu")
+        if not torch.isfinite(h).all():
+            raise FloatingPointError(
+                f"{type(self.op).__name__}.matvec produced non-finite values (inf/nan) during "
+                "Lanczos; check the model's loss and parameters for overflow at this point."
+            )
+        h_qq, h_pq = h[:q], h[q:]
+        theta, s = torch.linalg.eigh((h_qq + h_qq.T) / 2)
+        order = _wanted_order(theta, self.which)
+        theta, s = theta[order], s[:, order]
+        top = torch.cat([h_qq @ s - s * theta, h_pq @ s], dim=0)
+        res = torch.linalg.vector_norm(top, dim=0)
+        for term in self._padded_dropped(q):
+            res = res + torch.linalg.vector_norm(term @ s, dim=0)
+        anorm = theta.abs().max()
+        # Rounding of the vector arithmetic (forming y = V^T s, the Gram-Schmidt sums).
+        res = res + self.eps * math.sqrt(p) * anorm
+        floor = self.floor_factor * anorm
+        scale = torch.maximum(theta.abs(), floor)
+        return _Ritz(theta, s, res, scale, h_qq, h_pq)
+
+    def _restart(self, ritz: _Ritz) -> None:
+        """Compress to the ``l`` most wanted Ritz vectors plus the pending vectors."""
+        st = self.state
+        q, p = st.num_processed, st.num_basis
+        b = p - q
+        keep = _num_keep(self.k, self.m, q)
+        s_l = ritz.vectors[:, :keep]
+        h_ll = s_l.T @ ritz.h_qq @ s_l
+        h_bl = ritz.h_pq @ s_l
+        lost = ritz.h_qq @ s_l - s_l @ h_ll  # part of A V_q S_l outside span(V_q S_l, pending)
+        new_dropped = [term_pad @ s_l for term_pad in self._padded_dropped(q)]
+        if float(lost.abs().max()) > 0:
+            new_dropped.append(torch.linalg.qr(lost, mode="r")[1])
+        st.dropped = new_dropped
+        dev_s = s_l.to(device=st.basis.device, dtype=self.dtype)
+        kept = dev_s.T @ st.basis[:q]
+        pending = st.basis[q:p].clone()
+        st.basis[:keep] = kept
+        st.basis[keep : keep + b] = pending
+        proj = torch.zeros_like(st.projected)
+        proj[:keep, :keep] = h_ll.to(proj.device)
+        proj[keep : keep + b, :keep] = h_bl.to(proj.device)
+        st.projected = proj
+        st.num_processed, st.num_basis = keep, keep + b
+        st.restarts += 1
+
+    def _padded_dropped(self, q: int) -> list[torch.Tensor]:
+        out = []
+        for term in self.state.dropped:
+            padded = torch.zeros(term.shape[0], q, dtype=torch.float64)
+            padded[:, : term.shape[1]] = term
+            out.append(padded)
+        return out
+
+    def run(self, callback: Callable[[LanczosProgress], None] | None) -> EigenResult:
+        st = self.state
+        k = self.k
+        since_injection = -1  # products since the last verification vector; -1: none
+        while True:
+            steps = min(
+                self.m - st.num_processed,
+                self.max_matvecs - st.num_matvecs,
+                self.check_every,
+            )
+            log = self._expand(steps) if steps > 0 else []
+            if since_injection >= 0:
+                since_injection += len(log)
+            self._handle_breakdown(log)
+            if st.num_processed < k:
+                if st.num_matvecs >= self.max_matvecs:
+                    raise RuntimeError(
+                        f"lanczos spent its budget of {self.max_matvecs} matvecs but the "
+                        f"operator's Krylov spaces gave only {st.num_processed} < k = {k} "
+                        "independent directions (repeated breakdowns); raise max_iter."
+                    )
+                continue
+            ritz = self._ritz()
+            conv = ritz.residuals[:k] <= self.tol * ritz.scale[:k]
+            if callback is not None:
+                callback(
+                    LanczosProgress(
+                        restart=st.restarts,
+                        num_matvecs=st.num_matvecs,
+                        ritz_values=ritz.values[:k].clone(),
+                        residuals=ritz.residuals[:k].clone(),
+                        converged=conv.clone(),
+                        verifying=since_injection >= 0,
+                    )
+                )
+            exhausted = st.num_processed >= self.n
+            if exhausted or st.num_matvecs >= self.max_matvecs:
+                return self._result(ritz, conv)
+            if bool(conv.all()):
+                if st.reference is None or not self._unchanged(ritz, st.reference):
+                    # (Re)start verification: a fresh random direction joins the basis.
+                    st.reference = ritz.values[:k].clone()
+                    if st.num_basis < self.n:
+                        if st.num_processed >= self.m:
+                            self._restart(ritz)
+                        self._add_random_vector()
+                    since_injection = 0
+                    continue
+                if since_injection >= self.verify_steps or st.num_basis >= self.n:
+                    return self._result(ritz, conv)
+            if st.num_processed >= self.m:
+                self._restart(ritz)
+
+    def _unchanged(self, ritz: _Ritz, reference: torch.Tensor) -> bool:
+        delta = (ritz.values[: self.k] - reference).abs()
+        return bool((delta <= 2 * self.tol * ritz.scale[: self.k]).all())
+
+    def _result(self, ritz: _Ritz, conv: torch.Tensor) -> EigenResult:
+        st = self.state
+        q, k = st.num_processed, self.k
+        s_k = ritz.vectors[:, :k].to(device=st.basis.device, dtype=self.dtype)
+        vectors = s_k.T @ st.basis[:q]
+        return EigenResult(
+            eigenvalues=ritz.values[:k].clone(),
+            eigenvectors=vectors,
+            residuals=ritz.residuals[:k].clone(),
+            converged=conv.clone(),
+            iterations=st.restarts + 1,
+            num_matvecs=st.num_matvecs,
+            which=self.which,
+            tol=self.tol,
+            seed=st.seed,
+            method="lanczos",
+        )
+
+
+def lanczos(
+    operator: CurvatureOperator,
+    k: int = 10,
+    *,
+    which: str = "LM",
+    max_iter: int | None = None,
+    tol: float | None = None,
+    seed: int | None = None,
+    reorthogonalize: bool = True,
+    backend: LinAlgBackend | None = None,
+    callback: Callable[[LanczosProgress], None] | None = None,
+    basis_size: int | None = None,
+    vector_dtype: torch.dtype | None = None,
+) -> EigenResult:
+    r"""Top-``k`` eigenpairs of a symmetric operator by thick-restart Lanczos.
+
+    See the module docstring for the algorithm. Restarts until the ``k`` wanted Ritz pairs
+    meet ``tol`` (and a verification cycle from a fresh random vector confirms that no
+    copy of a repeated eigenvalue is missing) or until ``max_iter`` matvecs are spent.
+
+    Args:
+        operator: Symmetric :class:`~hessian_eigenthings.operators.CurvatureOperator`.
+        k: Number of eigenpairs, ``1 <= k <= operator.size``.
+        which: ``"LM"`` largest magnitude, ``"LA"`` largest algebraic, ``"SA"`` smallest
+            algebraic.
+        max_iter: Budget of matrix-vector products (not restarts); default
+            ``100 * basis_size``. When it runs out, the best ``k`` Ritz pairs are returned
+            with ``converged`` flags that say which met ``tol``.
+        tol: Relative residual tolerance, ``||A y - theta y|| <= tol * max(|theta|,
+            eps_vec^(1/3) * max_j |theta_j|)``; default :func:`default_tol` (float64:
+            1.5e-8, float32: 3.5e-4, bfloat16 operator: 3.1e-2).
+        seed: Seed of the random start (and verification) vectors; ``None`` draws a fresh
+            one from the OS (recorded in ``result.seed``).
+        reorthogonalize: Two Gram-Schmidt passes against the whole basis per product
+            (default); ``False`` does a single pass, which halves that cost but lets
+            orthogonality degrade for ill-conditioned bases. The basis is never left
+            unorthogonalised (that is what produces ghost eigenvalues).
+        backend: Vector backend; default ``operator.backend``.
+        callback: Called after every convergence check (every few products and at
+            each restart) with a :class:`LanczosProgress`.
+        basis_size: Maximal basis size ``m`` (ARPACK's ``ncv``); default
+            :func:`default_basis_size`. Memory is ``(m + 2) * n`` vector entries (more
+            only if repeated verifications add pending directions). Restarts keep
+            ``k + 0.7 (m - k)`` Ritz vectors.
+        vector_dtype: Dtype of the Lanczos vectors; default the operator's dtype, or
+            float32 for bfloat16/float16 operators (vectors in higher precision than the
+            model, the products are taken in the operator's dtype).
+
+    Returns:
+        An :class:`~hessian_eigenthings.algorithms.results.EigenResult` ordered by
+        ``which``. ``residuals`` are upper bounds of ``||A v_i - lambda_i v_i||`` with
+        respect to the products the operator returned, computed from the Lanczos
+        relation (no extra matvec), exact up to rounding of the vector arithmetic (of
+        order ``eps_vec * ||A||``, for which an allowance is included); for a
+        reduced-precision operator its own rounding comes on top. ``iterations``
+        counts cycles (restarts + 1), ``num_matvecs`` products.
+
+    Raises:
+        TypeError: ``operator`` is not a CurvatureOperator, or ``seed`` not an int.
+        ValueError: Non-symmetric operator, ``k`` outside ``[1, n]``, unknown ``which``,
+            ``max_iter < k``, or ``tol`` outside ``(0, 1)``.
+        FloatingPointError: The operator produced inf/nan.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> op = LambdaOperator(lambda v: A @ v, 100, dtype=torch.float64)
+        >>> eigenvalues, eigenvectors = lanczos(op, k=3, seed=0)
+        >>> torch.allclose(eigenvalues, torch.tensor([100.0, 99.0, 98.0], dtype=torch.float64))
+        True
+    """
+    _validate(operator, k, which, max_iter, tol, seed, basis_size)
+    vdtype = vector_dtype or default_vector_dtype(operator.dtype)
+    if not vdtype.is_floating_point or _eps(vdtype) > _eps(operator.dtype):
+        raise TypeError(
+            f"vector_dtype must be a floating dtype at least as precise as the operator's "
+            f"{operator.dtype}, got {vdtype}."
+        )
+    n = operator.size
+    m = basis_size if basis_size is not None else default_basis_size(k, n)
+    solver = _Lanczos(
+        operator,
+        backend or operator.backend,
+        k=k,
+        which=which,
+        basis_size=m,
+        max_matvecs=max_iter if max_iter is not None else 100 * m,
+        tol=float(tol) if tol is not None else default_tol(operator.dtype, vdtype),
+        seed=fresh_seed() if seed is None else seed,
+        vector_dtype=vdtype,
+        reorthogonalize=reorthogonalize,
+    )
+    return solver.run(callback)

@@ -1,0 +1,165 @@
+"""Result of an eigensolver: eigenpairs with their honest convergence status.
+
+Every eigensolver in :mod:`hessian_eigenthings.algorithms` returns an :class:`EigenResult`
+(stochastic power iteration returns the subclass :class:`StochasticEigenResult`, which
+adds the spread of its estimate). A result never hides a failure: each pair carries its
+residual norm and a ``converged`` flag, and the number of matrix-vector products spent is
+recorded, so a run that hit its budget is visible as such.
+
+Example:
+    >>> eigenvalues, eigenvectors = result          # tuple unpacking
+    >>> result.converged.all()                      # every pair met the tolerance
+    >>> EigenResult.from_dict(json.loads(json.dumps(result.to_dict())))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+import torch
+
+__all__ = ["EigenResult", "StochasticEigenResult"]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Unknown torch dtype name {name!r} in serialised EigenResult.")
+    return dtype
+
+
+@dataclass
+class EigenResult:
+    """Eigenpairs ``A v_i = lambda_i v_i`` of a symmetric operator, with their status.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64 tensor on the CPU, ordered by ``which`` (``"LM"``:
+            decreasing magnitude, ``"LA"``: decreasing, ``"SA"``: increasing).
+        eigenvectors: ``(k, n)`` tensor whose *rows* are unit eigenvectors, on the
+            operator's device, in the solver's vector dtype.
+        residuals: ``(k,)`` float64 tensor, ``||A v_i - lambda_i v_i||_2`` (absolute,
+            unit ``v_i``) or, where the solver says so, a proven upper bound of it.
+        converged: ``(k,)`` bool tensor; ``converged[i]`` iff ``residuals[i]`` meets the
+            solver's tolerance (see the solver's docstring for the exact criterion).
+        iterations: Outer iterations (restarts for Lanczos, steps for power iteration).
+        num_matvecs: Matrix-vector products with the operator that were spent.
+        which: Which end of the spectrum was requested (``"LM"``, ``"LA"``, ``"SA"``).
+        tol: Relative-residual tolerance the flags refer to.
+        seed: Seed of the random start vector(s); reruns with it reproduce the result.
+        method: Name of the solver that produced the result.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    iterations: int
+    num_matvecs: int
+    which: str = "LM"
+    tol: float | None = None
+    seed: int | None = None
+    method: str = ""
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Unpack as ``eigenvalues, eigenvectors = result``."""
+        yield self.eigenvalues
+        yield self.eigenvectors
+
+    @property
+    def k(self) -> int:
+        """Number of eigenpairs."""
+        return int(self.eigenvalues.shape[0])
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every returned pair met the tolerance."""
+        return bool(self.converged.all())
+
+    def to_dict(self, *, include_eigenvectors: bool = True) -> dict[str, Any]:
+        """A JSON-serialisable dict (plain lists, floats, ints, strings).
+
+        Args:
+            include_eigenvectors: Store the ``(k, n)`` eigenvectors (large for big
+                models). Without them, :meth:`from_dict` restores an empty ``(k, 0)``
+                block.
+        """
+        out: dict[str, Any] = {"type": type(self).__name__}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "eigenvectors":
+                out["eigenvectors_dtype"] = _dtype_name(value.dtype)
+                if include_eigenvectors:
+                    out["eigenvectors"] = value.detach().to("cpu", torch.float64).tolist()
+                else:
+                    out["eigenvectors"] = None
+            elif isinstance(value, torch.Tensor):
+                out[f.name] = value.detach().cpu().tolist()
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EigenResult:
+        """Rebuild a result written by :meth:`to_dict` (tensors on the CPU).
+
+        Raises:
+            ValueError: A field is missing or the dict describes another result type.
+        """
+        expected = cls.__name__
+        if data.get("type", expected) != expected:
+            raise ValueError(
+                f"Cannot load a {data.get('type')!r} as {expected}; use "
+                f"{data.get('type')}.from_dict."
+            )
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                if f.default is not MISSING or f.default_factory is not MISSING:
+                    continue
+                raise ValueError(f"Serialised {expected} lacks the field {f.name!r}.")
+            value = data[f.name]
+            if f.name == "eigenvectors":
+                k = len(data["eigenvalues"])
+                dtype = _dtype_from_name(data.get("eigenvectors_dtype", "float64"))
+                if value is None:
+                    kwargs[f.name] = torch.empty((k, 0), dtype=dtype)
+                else:
+                    vecs = torch.tensor(value, dtype=torch.float64).reshape(k, -1)
+                    kwargs[f.name] = vecs.to(dtype)
+            elif value is None:
+                kwargs[f.name] = None
+            elif f.name == "converged":
+                kwargs[f.name] = torch.tensor(value, dtype=torch.bool)
+            elif f.name in ("eigenvalues", "residuals") or f.name.startswith("eigenvalue_"):
+                kwargs[f.name] = torch.tensor(value, dtype=torch.float64)
+            else:
+                kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+@dataclass
+class StochasticEigenResult(EigenResult):
+    """An :class:`EigenResult` whose eigenvalues are averages of noisy estimates.
+
+    ``eigenvalues[i]`` is the mean of ``num_samples`` Rayleigh-quotient samples taken
+    over the last iterations; the extra fields give their spread.
+
+    Attributes:
+        eigenvalue_std: ``(k,)`` sample standard deviation of the estimates.
+        eigenvalue_stderr: ``(k,)`` standard error of the mean, ``std / sqrt(num_samples)``
+            (treats the samples as independent; consecutive iterates are correlated
+            through the vector, so read it as an indication, not a confidence interval).
+        num_samples: Number of estimates averaged per eigenvalue.
+        momentum: Momentum coefficient ``beta`` that was used.
+    """
+
+    eigenvalue_std: torch.Tensor | None = None
+    eigenvalue_stderr: torch.Tensor | None = None
+    num_samples: int = 0
+    momentum: float = 0.0
