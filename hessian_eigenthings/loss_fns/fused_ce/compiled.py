@@ -10,6 +10,7 @@ normaliser is passed as a tensor so that changing token counts do not recompile 
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 
 import torch
@@ -31,8 +32,27 @@ def _hvp_body(
 
 
 @functools.cache
-def _compiled() -> Callable[..., torch.Tensor]:
-    return torch.compile(_hvp_body, fullgraph=True, dynamic=True)
+def _compiled(key: tuple[torch.dtype, torch.dtype, int, bool]) -> Callable[..., torch.Tensor]:
+    """One compiled function per (logits dtype, u dtype, rank, unit vocab stride).
+
+    Dynamo caches graphs per *code object* and stops recompiling after
+    ``torch._dynamo.config.recompile_limit`` (8) variants, a hard error under
+    ``fullgraph=True``. Each key therefore gets its own copy of the body's code object, so
+    mixing dtypes, ranks and layouts in one process cannot exhaust a shared limit (shapes
+    are dynamic; small and large vocabularies compile two variants per key).
+    """
+    name = "_hvp_body_" + "_".join(str(k).replace("torch.", "") for k in key)
+    code = _hvp_body.__code__.replace(co_name=name)
+    body = types.FunctionType(code, _hvp_body.__globals__, name)
+    return torch.compile(body, fullgraph=True, dynamic=True)
+
+
+def _run(
+    logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor, n: torch.Tensor, ignore: int
+) -> torch.Tensor:
+    unit = logits.stride(-1) == 1 and u.stride(-1) == 1
+    fn = _compiled((logits.dtype, u.dtype, logits.dim(), unit))
+    return fn(logits, target, u, n, ignore)
 
 
 _ERRORS: dict[str, Exception | None] = {}
@@ -49,7 +69,7 @@ def compile_error(device: torch.device) -> Exception | None:
         try:
             z = torch.zeros(2, 3, device=device)
             t = torch.zeros(2, dtype=torch.long, device=device)
-            _compiled()(z, t, z, torch.ones((), dtype=torch.long, device=device), -100)
+            _run(z, t, z, torch.ones((), dtype=torch.long, device=device), -100)
             _ERRORS[key] = None
         except Exception as err:  # any backend failure means "cannot run here"
             _ERRORS[key] = err
@@ -82,4 +102,12 @@ def ce_hvp_compiled(
         ) from err
     n = count_valid(target, ignore_index) if n_valid is None else n_valid
     n_t = torch.as_tensor(n, device=logits.device)
-    return _compiled()(logits, target, u, n_t, ignore_index)
+    if logits.dim() != 2:
+        # one compiled graph for every rank: rows x vocab (views only, never a copy)
+        try:
+            shape = logits.shape
+            flat = (logits.view(-1, shape[-1]), target.view(-1), u.view(-1, shape[-1]))
+        except RuntimeError:
+            return _run(logits, target, u, n_t, ignore_index)
+        return _run(*flat, n_t, ignore_index).view(shape)
+    return _run(logits, target, u, n_t, ignore_index)

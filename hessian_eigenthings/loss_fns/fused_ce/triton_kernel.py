@@ -28,8 +28,9 @@ int64 so ``N * V`` may exceed 2**31; ignored rows write zeros; the normaliser ``
 read from device memory, so a call never synchronises with the host.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
-interpreter; slow, meant for tests). The interpreter is chosen when the kernel is first
-launched with that variable set, so tests can switch it on with ``monkeypatch.setenv``.
+interpreter; slow, meant for tests). The variable must be set before the process first
+imports Triton (Triton builds its standard library for the interpreter or the GPU at
+import); the kernel itself is jitted at first launch.
 """
 
 import os
@@ -55,6 +56,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def _stdlib_interpreted() -> bool:
+    """Whether Triton's jitted standard library was built for the interpreter.
+
+    Triton decides this when ``triton.language`` is first imported, from
+    ``TRITON_INTERPRET`` at that moment.
+    """
+    return type(tl.standard.sum).__name__ == "InterpretedFunction"
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernel cannot run on ``device`` (``None`` if it can)."""
     if triton is None:
@@ -62,6 +72,12 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and _interpreting():
+        if not _stdlib_interpreted():
+            return (
+                "TRITON_INTERPRET=1 was set after triton was imported, so Triton's standard "
+                "library (tl.sum, tl.max) was compiled for GPUs. Set TRITON_INTERPRET=1 in the "
+                "environment before the process imports triton (or torch.compile)."
+            )
         return None
     return (
         f"the Triton kernel runs on CUDA tensors, got a {device.type} tensor. Set "
