@@ -25,6 +25,7 @@ from torch import nn
 
 from hessian_eigenthings import HessianOperator
 from hessian_eigenthings.algorithms.hutchinson import hutchinson
+from hessian_eigenthings.algorithms.lanczos import lanczos
 from hessian_eigenthings.algorithms.spectral_density import spectral_density
 from hessian_eigenthings.algorithms.trace import trace
 from hessian_eigenthings.backends import SingleDeviceBackend, fresh_seed
@@ -36,6 +37,7 @@ from tests.helpers import assert_unchanged, dense_hessian, rel_err, snapshot
 # FSDP shards are uneven in size with equal batch counts (FSDP's forward is collective).
 DDP_SPLITS = {0: [(0, 4), (4, 7)], 1: [(7, 12)]}
 FSDP_SPLITS = {0: [(0, 4), (4, 7)], 1: [(7, 10), (10, 12)]}
+FSDP_SPLITS_1 = {0: [(0, 7)], 1: [(7, 12)]}  # one batch per rank: half the passes per matvec
 
 
 def ce(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -237,8 +239,9 @@ def ddp_curvature(rank: int, kind: str) -> dict[str, Any]:
 def mismatch(rank: int, kind: str) -> dict[str, Any]:
     model = make_model(hidden=6 if (kind == "size" and rank == 1) else 5)
     data = [] if (kind == "empty" and rank == 1) else batches(DDP_SPLITS[rank])
+    wrong = SingleDeviceBackend() if (kind == "backend" and rank == 0) else None
     try:
-        DDPHessianOperator(model, data, ce)
+        DDPHessianOperator(model, data, ce, backend=wrong)
     except Exception as err:
         return {"raised": type(err).__name__, "message": str(err)}
     return {"raised": None}
@@ -277,7 +280,9 @@ def sharded_backend(rank: int) -> dict[str, Any]:
     return out
 
 
-def _fsdp_setup(rank: int) -> tuple[Any, HessianOperator]:
+def _fsdp_setup(
+    rank: int, splits: dict[int, list[tuple[int, int]]] = FSDP_SPLITS
+) -> tuple[Any, HessianOperator]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -288,8 +293,8 @@ def _fsdp_setup(rank: int) -> tuple[Any, HessianOperator]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    op = ShardedHessianOperator(model, batches(FSDP_SPLITS[rank]), ce)
-    return op, HessianOperator(ref_model, union(FSDP_SPLITS), ce)
+    op = ShardedHessianOperator(model, batches(splits[rank]), ce)
+    return op, HessianOperator(ref_model, union(splits), ce)
 
 
 def fsdp_sharded(rank: int) -> dict[str, Any]:
@@ -317,7 +322,7 @@ def fsdp_sharded(rank: int) -> dict[str, Any]:
 
 def sharded_algorithms(rank: int) -> dict[str, Any]:
     """SLQ and Hutchinson run unchanged on the shards; same numbers on every rank."""
-    op, single = _fsdp_setup(rank)
+    op, single = _fsdp_setup(rank, FSDP_SPLITS_1)
     sd = spectral_density(op, num_runs=2, lanczos_steps=8, seed=3)
     sd_ref = spectral_density(single, num_runs=2, lanczos_steps=8, seed=3)
     nodes, ref_nodes = np.concatenate(sd.nodes), np.concatenate(sd_ref.nodes)
@@ -352,6 +357,42 @@ def ddp_algorithms(rank: int) -> dict[str, Any]:
     }
 
 
+def lanczos_scenario(rank: int, which: str) -> dict[str, Any]:
+    """Top-4 eigenpairs on the DDP / FSDP operator vs single process and numpy eigh."""
+
+    if which == "ddp":
+        model = make_model()
+        op: Any = DDPHessianOperator(
+            nn.parallel.DistributedDataParallel(model), batches(DDP_SPLITS[rank]), ce
+        )
+        data = union(DDP_SPLITS)
+    else:
+        op, _ = _fsdp_setup(rank, FSDP_SPLITS_1)
+        model, data = make_model(), union(FSDP_SPLITS_1)
+    single = HessianOperator(model, data, ce)
+    dense = dense_hessian(model, data, ce, [n for n, _ in model.named_parameters()])
+    exact = np.linalg.eigvalsh(dense.numpy())
+    exact = exact[np.argsort(-np.abs(exact))]
+    k = 4 if which == "ddp" else 2  # FSDP matvecs are 4 collective forward/backward passes
+    res = lanczos(op, k=k, seed=0)
+    ref = lanczos(single, k=k, seed=0)
+    vals = res.eigenvalues.double()
+    vecs = res.eigenvectors if which == "ddp" else None
+    if vecs is None:  # sharded: gather every eigenvector's shards
+        vecs = torch.stack([op.backend.gather(res.eigenvectors[i]) for i in range(k)])
+    resid = (vecs @ dense - vals[:, None] * vecs).norm(dim=1) / vals.abs()
+    out = {
+        "eig_vs_single": float((vals - ref.eigenvalues).abs().max() / ref.eigenvalues.abs().max()),
+        "eig_vs_numpy": float(np.abs(vals.numpy() - exact[:k]).max() / np.abs(exact).max()),
+        "max_residual_vs_dense": float(resid.max()),
+        "converged": bool(torch.as_tensor(res.converged).all()),
+        "same_on_all_ranks": _agree(vals),
+    }
+    if which == "ddp":  # seed=None (the sharded operator's is covered by sharded_algorithms)
+        out["fresh_seed_same_on_all_ranks"] = _agree(lanczos(op, k=2, seed=None).eigenvalues)
+    return out
+
+
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "ddp_hessian_autograd": lambda r: ddp_hessian(r, "autograd", wrap=False),
     "ddp_hessian_fd": lambda r: ddp_hessian(r, "finite_difference", wrap=False),
@@ -361,10 +402,13 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "ddp_fisher": lambda r: ddp_curvature(r, "fisher"),
     "mismatch_size": lambda r: mismatch(r, "size"),
     "mismatch_empty": lambda r: mismatch(r, "empty"),
+    "mismatch_backend": lambda r: mismatch(r, "backend"),
     "replicated_seed": replicated_seed,
     "sharded_backend": sharded_backend,
     "fsdp_sharded": fsdp_sharded,
     "sharded_algorithms": sharded_algorithms,
+    "ddp_lanczos": lambda r: lanczos_scenario(r, "ddp"),
+    "fsdp_lanczos": lambda r: lanczos_scenario(r, "fsdp"),
     "ddp_algorithms": ddp_algorithms,
 }
 

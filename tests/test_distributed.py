@@ -146,6 +146,12 @@ def test_failure_on_one_rank_raises_on_every_rank(results: list[dict[str, Any]])
     assert r0["raised"] == "RuntimeError" and "rank(s) [1]" in r0["message"]
 
 
+def test_per_process_backend_is_rejected_on_every_rank(results: list[dict[str, Any]]) -> None:
+    r0, r1 = _scenario(results, "mismatch_backend")
+    assert r0["raised"] == "TypeError" and "ReplicatedBackend" in r0["message"]
+    assert r1["raised"] == "RuntimeError" and "rank(s) [0]" in r1["message"]
+
+
 def test_replicated_backend_agrees_on_fresh_seeds(results: list[dict[str, Any]]) -> None:
     for res in _scenario(results, "replicated_seed"):
         assert res["probes_agree"]
@@ -193,3 +199,17 @@ def test_trace_and_slq_on_ddp_operator_equal_single_process(
         assert res["trace_rel"] <= 1e-10
         assert res["slq_nodes_err"] <= 1e-8
         assert res["fresh_seed_same_on_all_ranks"]
+
+
+@pytest.mark.parametrize(("name", "tol"), [("ddp_lanczos", 1e-10), ("fsdp_lanczos", 1e-6)])
+def test_lanczos_returns_single_process_eigenvalues_on_every_rank(
+    results: list[dict[str, Any]], name: str, tol: float
+) -> None:
+    """DDP-wrapped model (uneven shards) and FSDP2 shards; numpy eigh as oracle."""
+    for res in _scenario(results, name):
+        assert res["eig_vs_single"] <= tol
+        assert res["eig_vs_numpy"] <= tol
+        assert res["max_residual_vs_dense"] <= 1e-5
+        assert res["converged"]
+        assert res["same_on_all_ranks"]
+        assert res.get("fresh_seed_same_on_all_ranks", name == "fsdp_lanczos")

@@ -83,6 +83,11 @@ class DDPOperatorMixin(DataCurvatureOperator):
     checks that all ranks agree; on a mismatch, or if any rank failed to build, every
     rank raises (instead of hanging in the first matvec).
 
+    The vector passed to ``matvec`` must be the same on every rank (the algorithms
+    guarantee it through the :class:`ReplicatedBackend`); the result is then the same
+    on every rank. If every rank holds only empty batches the total weight is zero and
+    the product is the zero vector.
+
     Precision: the weight travels in the buffer's dtype (the vector dtype, at least
     float32), exact up to :math:`2^{24}` samples in float32 and :math:`2^{53}` in
     float64; reduced-precision vectors are reduced in float32.
@@ -106,10 +111,18 @@ class DDPOperatorMixin(DataCurvatureOperator):
         self.process_group = process_group
         self.ddp_model = model
         inner = unwrap_ddp(model)
-        if kwargs.get("backend") is None:
-            kwargs["backend"] = ReplicatedBackend(process_group)
         error: BaseException | None = None
         try:
+            backend = kwargs.get("backend")
+            if backend is None:
+                kwargs["backend"] = ReplicatedBackend(process_group)
+            elif not isinstance(backend, ReplicatedBackend):
+                raise TypeError(
+                    f"{type(self).__name__} needs a backend that keeps vectors identical on every "
+                    f"rank (a ReplicatedBackend, the default), got {backend!r}: with a per-process "
+                    "backend, seed=None draws different start vectors per rank and the all-reduced "
+                    "products mix them. Drop the backend argument."
+                )
             _reject_sync_batchnorm(inner)
             super().__init__(inner, *args, **kwargs)
         except Exception as err:
@@ -148,7 +161,8 @@ class DDPOperatorMixin(DataCurvatureOperator):
                 shown = (
                     ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
                     if field == "size"
-                    else f"this rank has {self.dtype if idx == 2 else 'its own'}"
+                    else f"ranks {[r for r, v in enumerate(values) if v != values[0]]} differ "
+                    f"from rank 0; this rank has {self.dtype if idx == 2 else 'its own'}"
                 )
                 raise ValueError(
                     f"{name}: ranks disagree on the operator's {field} ({shown}). Every rank "
