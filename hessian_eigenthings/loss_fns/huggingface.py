@@ -33,6 +33,13 @@ PyTorch's math SDPA backend (the flash / memory-efficient kernels have no double
 backward and no forward-mode AD) and restores the user's choice afterwards. FlashAttention
 implementations (``"flash_attention_2"``, ...) bypass SDPA and are rejected with the
 remedy; other custom implementations are used as they are, with a logged warning.
+
+Precision. Some HuggingFace modules compute in float32 whatever the model dtype
+(``ForCausalLMLoss`` upcasts the logits with ``.float()``; ``LlamaRMSNorm`` normalises in
+float32). A float64 model with such a module is only float32-accurate there; the
+curvature is exact for the function the model computes, but that function carries
+float32 rounding. Use :func:`hf_lm_loss` with ``from_logits=True`` to keep the loss in
+float64; GPT-2 and GPT-NeoX are float64 throughout.
 """
 
 from __future__ import annotations
