@@ -254,9 +254,17 @@ def cross_entropy_loss_of_output(
         cd = class_dim(output)
         row, denom = parts(output, y)
         cdt = torch.promote_types(output.dtype, torch.float32)
-        p = torch.softmax(output.to(cdt), dim=cd)
+        # memory: p and hu are the only output-sized allocations (plus a float32 copy of u
+        # for reduced-precision logits); <p, u> per row is a batched matmul when the
+        # class dim is last, so no p * u temporary is formed
+        p = torch.softmax(output, dim=cd, dtype=cdt)
         uc = u.to(cdt)
-        hu = uc - (p * uc).sum(cd, keepdim=True)
+        if cd == output.dim() - 1:
+            dot = (p.unsqueeze(-2) @ uc.unsqueeze(-1)).squeeze(-1)
+        else:
+            dot = (p * uc).sum(cd, keepdim=True)
+        hu = uc.sub_(dot) if uc is not u else uc - dot
+        del dot
         hu.mul_(p)
         safe = torch.where(denom > 0, denom, torch.ones_like(denom))
         scale = (row / safe).to(cdt).unsqueeze(cd)

@@ -179,8 +179,11 @@ class OutputJVP:
             with torch.no_grad():
                 for p, b in zip(self.params, base):
                     p.copy_(b)
-        diff = out_plus.double() - out_minus.double()
-        return (diff * (vnorm / (2 * h))).to(out_plus.dtype)
+        # the difference of two nearby floats is exact in their own dtype (Sterbenz), so no
+        # float64 copies of the (possibly vocabulary-sized) outputs are needed
+        diff = out_plus - out_minus
+        del out_plus, out_minus
+        return diff.mul_((vnorm / (2 * h)).to(diff.dtype))
 
 
 def validate_jvp_options(jvp: str, fd_eps: float | None, owner: str) -> None:
@@ -218,7 +221,12 @@ class GGNOperator(DataCurvatureOperator):
 
     Per product and batch (default path): one forward-mode pass for ``J v`` (no graph
     kept), one ordinary forward, the loss's closed-form ``H (J v)`` and one backward
-    pass: the memory of one training step and no double backward through the softmax.
+    pass, and no double backward through the softmax. Memory: the forward-mode pass keeps
+    no graph, so for deep models the peak is that of a training step; for a
+    vocabulary-sized output layer PyTorch's JVP formulas materialise the primal, the
+    tangent and their partial products (about 5 logits-sized tensors, 1.8x the peak of a
+    gradient step at 32k classes; ``benchmarks/bench_ggn_memory.py``).
+    ``microbatch_size`` bounds it without changing the result.
 
     Options:
         ``loss_hvp="analytical"`` (default) uses ``loss_of_output_fn.hvp(output, batch,
