@@ -281,7 +281,7 @@ def sharded_backend(rank: int) -> dict[str, Any]:
 
 
 def _fsdp_setup(
-    rank: int, splits: dict[int, list[tuple[int, int]]] = FSDP_SPLITS
+    rank: int, splits: dict[int, list[tuple[int, int]]] = FSDP_SPLITS, **kwargs: Any
 ) -> tuple[Any, HessianOperator]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -293,16 +293,19 @@ def _fsdp_setup(
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    op = ShardedHessianOperator(model, batches(splits[rank]), ce)
+    op = ShardedHessianOperator(model, batches(splits[rank]), ce, **kwargs)
     return op, HessianOperator(ref_model, union(splits), ce)
 
 
-def fsdp_sharded(rank: int) -> dict[str, Any]:
-    op, single = _fsdp_setup(rank)
+def fsdp_sharded(rank: int, uneven: bool = False) -> dict[str, Any]:
+    """Gathered FSDP matvec vs the unsharded operator. ``uneven``: 2 batches vs 1 and
+    microbatches of 3 (3 passes vs 2), so ranks run out of data at different times."""
+    splits = DDP_SPLITS if uneven else FSDP_SPLITS
+    op, single = _fsdp_setup(rank, splits, microbatch_size=3 if uneven else None)
     model, ref_model = op.model, single.model
     before = [p.to_local().clone() for p in model.parameters()]
     names = [n for n, _ in ref_model.named_parameters()]
-    dense = dense_hessian(ref_model, union(FSDP_SPLITS), ce, names)
+    dense = dense_hessian(ref_model, union(splits), ce, names)
     v = rand_vec(op.size, 7)
     with CommCounter() as cc:
         local = op.matvec(op.backend.shard(v))
@@ -406,6 +409,7 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "replicated_seed": replicated_seed,
     "sharded_backend": sharded_backend,
     "fsdp_sharded": fsdp_sharded,
+    "fsdp_sharded_uneven": lambda r: fsdp_sharded(r, uneven=True),
     "sharded_algorithms": sharded_algorithms,
     "ddp_lanczos": lambda r: lanczos_scenario(r, "ddp"),
     "fsdp_lanczos": lambda r: lanczos_scenario(r, "fsdp"),

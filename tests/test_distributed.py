@@ -168,17 +168,27 @@ def test_sharded_backend_reductions_and_probes(results: list[dict[str, Any]]) ->
         assert res["rademacher"]
 
 
-def test_fsdp_sharded_matvec_equals_unsharded(results: list[dict[str, Any]]) -> None:
-    """FSDP2 shards (uneven sizes 7 and 5, equal batch counts), finite differences."""
-    per_rank = _scenario(results, "fsdp_sharded")
+@pytest.mark.parametrize(("name", "rounds"), [("fsdp_sharded", 2), ("fsdp_sharded_uneven", 3)])
+def test_fsdp_sharded_matvec_equals_unsharded(
+    results: list[dict[str, Any]], name: str, rounds: int
+) -> None:
+    """FSDP2 shards of 7 and 5 samples, finite differences vs exact oracles.
+
+    ``fsdp_sharded``: 2 batches per rank. ``fsdp_sharded_uneven``: 2 batches vs 1 and
+    microbatches of 3, so rank 1 runs out first and pads with zero-weight passes.
+    """
+    per_rank = _scenario(results, name)
     assert sum(r["local_size"] for r in per_rank) == per_rank[0]["size"]
     for res in per_rank:
         assert res["rel_vs_single"] <= 1e-6
         assert res["rel_vs_dense"] <= 1e-6
         assert res["same_on_all_ranks"]
         assert res["params_unchanged"]
-        # ||v||^2 and the weight: two scalar all-reduces of ours; the rest is FSDP's.
-        assert res["python_all_reduce"] == 2
+        # Ours: one 3-number all-reduce per microbatch round plus the final one; the
+        # rest (all-gathers, reduce-scatters) is FSDP's.
+        assert res["python_all_reduce"] == rounds + 1
+        ours = [c for c in res["gloo"] if c["name"] == "gloo:all_reduce" and c["numel"] == 3]
+        assert len(ours) == rounds + 1
 
 
 def test_slq_and_hutchinson_run_unchanged_on_fsdp_shards(results: list[dict[str, Any]]) -> None:

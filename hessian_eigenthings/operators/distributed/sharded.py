@@ -41,15 +41,18 @@ vector and the whole product on every rank during the matvec (ZeRO-2 memory, an
 settings afterwards, so it is not offered here; finite differences keep FSDP's
 parameter-sharded memory profile.
 
-Communication per matvec: one scalar all-reduce (``||v||^2``), FSDP's all-gathers
-and reduce-scatters for two forward/backward passes per microbatch, and one scalar
-all-reduce of the weight.
+Communication per matvec: before each microbatch round one all-reduce of three
+float64 numbers (ranks with data left; ``||v||^2`` in the first round; the total
+weight in the last), i.e. ``P + 1`` small all-reduces for at most ``P`` microbatches
+on any rank, plus FSDP's all-gathers and reduce-scatters for two forward/backward
+passes per round. Each round reads the small buffer on the host (one synchronisation
+per microbatch, negligible next to two collective forward/backward passes).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -89,6 +92,20 @@ def _reshard(model: nn.Module) -> None:
             m.reshard()
 
 
+def _local_device(p: torch.Tensor) -> torch.device:
+    to_local = getattr(p, "to_local", None)
+    return to_local().device if callable(to_local) else p.device
+
+
+def _group_of(model: nn.Module) -> Any:
+    """Process group of the model's (first) sharded parameter; default group otherwise."""
+    DTensor, _ = _dtensor_types()
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            return p.device_mesh.get_group()
+    return None
+
+
 def _gradient_scales(model: nn.Module, params: Sequence[nn.Parameter], world: int) -> list[float]:
     """Per parameter, the factor FSDP divides summed gradients by (default: world size)."""
     factors: dict[int, float] = {}
@@ -112,11 +129,15 @@ class ShardedHessianOperator(CurvatureOperator):
     ``(backend.local_size(size),)``; :attr:`size` is the global dimension. Use
     ``operator.backend.shard(full)`` / ``operator.backend.gather(local)`` to convert.
 
-    Every rank must run the same number of forward passes per matvec (FSDP's forward
-    and backward are collective): each rank's ``dataloader`` must yield the same
-    number of batches (and microbatches); batch *sizes* may differ, and batches are
-    weighted by their number of samples (or ``weight_fn``) across all ranks. When the
-    loaders have a ``len``, construction checks that the counts agree.
+    Shards may differ in size and in their number of batches and microbatches. FSDP's
+    forward and backward are collective, so every rank must run the same number of
+    passes: before each microbatch one small all-reduce tells whether any rank still
+    has data, and a rank that has run out repeats its last microbatch with weight 0
+    (an exact zero contribution). Batches are weighted by their number of samples (or
+    ``weight_fn``) across all ranks. Gradients of every parameter are computed (FSDP
+    reduce-scatters them per module); only the selected ones are read. An exception
+    raised on one rank in the middle of a matvec (e.g. by ``loss_fn``) leaves the
+    other ranks waiting in FSDP's collectives, as in training.
 
     Args:
         model: A module prepared with ``torch.distributed.fsdp.fully_shard``; the
@@ -135,8 +156,9 @@ class ShardedHessianOperator(CurvatureOperator):
     Raises:
         RuntimeError: No initialised process group.
         ValueError: Parameters are not FSDP2 shards, ranks disagree on the operator
-            (size, dtype, parameters, batch count), or the loss is random. Raised on
-            every rank.
+            (size, dtype, parameters), a rank has no data, or the loss is random.
+            Raised on every rank (a rank that failed re-raises its own error, the
+            others a RuntimeError naming it).
     """
 
     def __init__(
@@ -167,33 +189,23 @@ class ShardedHessianOperator(CurvatureOperator):
         self.model = model
         self.loss_fn = loss_fn
         _reshard(model)
-        self.named_params = select_params(model, param_filter)
-        self.params = [p for _, p in self.named_params]
-        self.layout = ParamLayout.of(self.named_params)
-        mesh = self._check_sharding()
-        self.process_group = mesh.get_group()
-        self._world = mesh.size()
-        dtype = self.params[0].dtype
-        for p in self.params[1:]:
-            dtype = torch.promote_types(dtype, p.dtype)
-        self._dtype = dtype
-        self._device = self.params[0].to_local().device  # type: ignore[attr-defined]
-        self._local = [p.to_local() for p in self.params]  # type: ignore[attr-defined]
-        self._backend = ShardedBackend(self._rank_ranges(), self.layout.size, self.process_group)
-        self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(dtype)
-        self._grad_scale = _gradient_scales(model, self.params, self._world)
-        self.source = BatchSource(
-            dataloader,
-            full_dataset=full_dataset,
-            num_batches=num_batches,
-            microbatch_size=microbatch_size,
-            device=self._device,
-        )
-        self._weight_fn: WeightFn = (
-            weight_fn or getattr(loss_fn, "batch_weight", None) or leading_dim
-        )
-        deterministic = self._probe_determinism() if check_determinism else True
-        self._agree(dataloader, num_batches, deterministic)
+        self.process_group = _group_of(model)
+        error: BaseException | None = None
+        try:
+            self._build(
+                dataloader,
+                param_filter,
+                full_dataset,
+                num_batches,
+                microbatch_size,
+                fd_eps,
+                weight_fn,
+            )
+        except Exception as err:
+            error = err
+        self._agree(error)
+        if check_determinism:
+            self._check_determinism()
 
     # -- construction ----------------------------------------------------------------------
     def _check_sharding(self) -> Any:
@@ -240,7 +252,77 @@ class ShardedHessianOperator(CurvatureOperator):
                     ranges[r].append((off + lo * row, off + hi * row))
         return ranges
 
-    def _probe_determinism(self) -> bool:
+    def _build(
+        self,
+        dataloader: Iterable[Any] | Callable[[], Iterable[Any]],
+        param_filter: ParamFilterLike,
+        full_dataset: bool,
+        num_batches: int | None,
+        microbatch_size: int | None,
+        fd_eps: float | None,
+        weight_fn: WeightFn | None,
+    ) -> None:
+        """Everything local (no collective) that construction needs."""
+        self.named_params = select_params(self.model, param_filter)
+        self.params = [p for _, p in self.named_params]
+        self.layout = ParamLayout.of(self.named_params)
+        mesh = self._check_sharding()
+        self.process_group = mesh.get_group()
+        self._world = mesh.size()
+        dtype = self.params[0].dtype
+        for p in self.params[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        self._dtype = dtype
+        self._local = [p.to_local() for p in self.params]  # type: ignore[attr-defined]
+        self._device = self._local[0].device
+        self._backend = ShardedBackend(self._rank_ranges(), self.layout.size, self.process_group)
+        self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(dtype)
+        self._grad_scale = _gradient_scales(self.model, self.params, self._world)
+        self.source = BatchSource(
+            dataloader,
+            full_dataset=full_dataset,
+            num_batches=num_batches,
+            microbatch_size=microbatch_size,
+            device=self._device,
+        )
+        self._weight_fn: WeightFn = (
+            weight_fn or getattr(self.loss_fn, "batch_weight", None) or leading_dim
+        )
+
+    def _agree(self, error: BaseException | None) -> None:
+        """One small all-gather: every rank built its operator, and they all match."""
+        first = next(self.model.parameters(), None)
+        device = _local_device(first) if first is not None else torch.device("cpu")
+        if error is None:
+            layout = ";".join(
+                f"{n}:{tuple(s)}" for n, s in zip(self.layout.names, self.layout.shapes)
+            )
+            mine = [1, self.size, zlib.crc32(str(self.dtype).encode()), zlib.crc32(layout.encode())]
+        else:
+            mine = [0, -1, 0, 0]
+        dev = collective_device(self.process_group, device)
+        local = torch.tensor(mine, dtype=torch.int64, device=dev)
+        world = dist.get_world_size(self.process_group)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local, group=self.process_group)
+        rows = [[int(x) for x in t.tolist()] for t in gathered]
+        if error is not None:
+            raise error
+        failed = [r for r, row in enumerate(rows) if row[0] == 0]
+        if failed:
+            raise RuntimeError(
+                f"ShardedHessianOperator: rank(s) {failed} of the process group failed to build "
+                "their operator (see their error); no rank can compute a matvec."
+            )
+        for field, idx in (("size", 1), ("dtype", 2), ("parameter names and shapes", 3)):
+            if len({row[idx] for row in rows}) > 1:
+                raise ValueError(
+                    f"ShardedHessianOperator: ranks disagree on the operator's {field}; every "
+                    "rank must shard the same model with the same param_filter."
+                )
+
+    def _check_determinism(self) -> None:
+        """Evaluate the loss twice on each rank's first microbatch (collective forwards)."""
         batch = self.source.first_batch()
         piece = self.source.microbatches(batch)[0]
         with preserve_model_state(self.model), curvature_mode(self._device, self._dtype):
@@ -249,42 +331,10 @@ class ShardedHessianOperator(CurvatureOperator):
                 a = self.loss_fn(self.model, piece).detach()
                 b = self.loss_fn(self.model, piece).detach()
         _reshard(self.model)
-        return bool(torch.equal(a, b))
-
-    def _agree(self, dataloader: Any, num_batches: int | None, deterministic: bool) -> None:
-        try:
-            count = len(dataloader)
-            if num_batches is not None:
-                count = min(count, num_batches)
-        except TypeError:
-            count = -1
-        layout = ";".join(f"{n}:{tuple(s)}" for n, s in zip(self.layout.names, self.layout.shapes))
-        mine = [
-            self.size,
-            zlib.crc32(str(self.dtype).encode()),
-            zlib.crc32(layout.encode()),
-            count if self.source.full_dataset else -1,
-            int(deterministic),
-        ]
         dev = collective_device(self.process_group, self._device)
-        local = torch.tensor(mine, dtype=torch.int64, device=dev)
-        gathered = [torch.empty_like(local) for _ in range(self._world)]
-        dist.all_gather(gathered, local, group=self.process_group)
-        rows = [[int(x) for x in t.tolist()] for t in gathered]
-        for field, idx in (("size", 0), ("dtype", 1), ("parameter names and shapes", 2)):
-            if len({row[idx] for row in rows}) > 1:
-                raise ValueError(
-                    f"ShardedHessianOperator: ranks disagree on the operator's {field}; every "
-                    "rank must shard the same model with the same param_filter."
-                )
-        counts = [row[3] for row in rows]
-        if min(counts) >= 0 and len(set(counts)) > 1:
-            raise ValueError(
-                f"ShardedHessianOperator: ranks hold different numbers of batches {counts}; "
-                "FSDP's forward is collective, so every rank must run the same number of "
-                "batches (sizes may differ)."
-            )
-        if not all(row[4] for row in rows):
+        same = torch.tensor([int(torch.equal(a, b))], dtype=torch.int64, device=dev)
+        dist.all_reduce(same, op=dist.ReduceOp.MIN, group=self.process_group)
+        if int(same.item()) == 0:
             raise ValueError(
                 "ShardedHessianOperator: the loss differs between two evaluations on the same "
                 "batch (on some rank), so the curvature would be random. Call model.eval() (or "
@@ -343,19 +393,30 @@ class ShardedHessianOperator(CurvatureOperator):
             "operator.backend.gather or use the library's algorithms, which run on shards."
         )
 
+    def _passes(self) -> Iterator[tuple[Any, float]]:
+        """This rank's ``(microbatch, weight)`` pairs for one matvec."""
+        for batch in self.source.batches():
+            pieces = self.source.microbatches(batch)
+            for name, m in self.model.named_modules():
+                if (
+                    len(pieces) > 1
+                    and isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and m.training
+                ):
+                    raise ValueError(
+                        f"microbatch_size splits batches but {name} is a train-mode "
+                        f"{type(m).__name__}; call model.eval() or drop microbatch_size."
+                    )
+            for mb in pieces:
+                yield mb, float(self._weight_fn(mb))
+
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         sizes = [t.numel() for t in self._local]
         vs = [
             piece.view(t.shape).to(t.dtype) for piece, t in zip(torch.split(v, sizes), self._local)
         ]
-        sq = (
-            torch.dot(v.double(), v.double()) if v.numel() else v.new_zeros((), dtype=torch.float64)
-        )
-        dist.all_reduce(sq, group=self.process_group)
-        vnorm = sq.sqrt()
-        step = torch.where(vnorm > 0, self.fd_eps / vnorm, torch.zeros_like(vnorm))
+        dev = collective_device(self.process_group, v.device)
         diff = torch.zeros(v.numel(), dtype=torch.float64, device=v.device)
-        weight = torch.zeros((), dtype=torch.float64, device=v.device)
         _reshard(self.model)
         all_params = list(self.model.parameters())
         with (
@@ -363,35 +424,60 @@ class ShardedHessianOperator(CurvatureOperator):
             curvature_mode(self._device, self._dtype),
         ):
             base = [t.detach().clone() for t in self._local]
-            for batch in self.source.batches():
-                for mb in self.source.microbatches(batch):
-                    w = self._weight_fn(mb)
-                    w_t = torch.as_tensor(w, dtype=torch.float64, device=v.device)
-                    weight += w_t
-                    for sign in (1.0, -1.0):
-                        with torch.no_grad():
-                            for t, b, d in zip(self._local, base, vs):
-                                t.copy_(b + (sign * step).to(t.dtype) * d)
-                        for p in all_params:
-                            p.grad = None
-                        loss = self.loss_fn(self.model, mb)
-                        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                            got = (
-                                tuple(loss.shape)
-                                if isinstance(loss, torch.Tensor)
-                                else type(loss).__name__
-                            )
-                            raise ValueError(
-                                "loss_fn must return a scalar tensor (the mean loss of the "
-                                f"batch), got {got}."
-                            )
-                        (loss * w_t.to(loss.dtype)).backward()
-                        diff += sign * self._flat_grads()
+            passes = self._passes()
+            filler: Any = None  # a microbatch to repeat with weight 0 once this rank is done
+            local_weight = 0.0
+            step = 0.0
+            vnorm: float | None = None
+            while True:
+                # [ranks with data left, ||v||^2 (first round), weight (when done)], summed.
+                item = next(passes, None)
+                ctrl = torch.zeros(3, dtype=torch.float64, device=dev)
+                if item is not None:
+                    ctrl[0] = 1.0
+                else:
+                    ctrl[2] = local_weight
+                if vnorm is None:
+                    ctrl[1] = torch.dot(v.double(), v.double()).to(dev)
+                dist.all_reduce(ctrl, group=self.process_group)
+                flags = ctrl.cpu()
+                if vnorm is None:
+                    vnorm = float(flags[1]) ** 0.5
+                    step = self.fd_eps / vnorm if vnorm > 0 else 0.0
+                if flags[0] == 0:
+                    total_weight = float(flags[2])
+                    break
+                if item is None:
+                    mb, w = filler, 0.0
+                else:
+                    mb, w = item
+                    if filler is None or w > 0:
+                        filler = mb
+                    if w == 0:  # empty or fully ignored piece: run a finite one with weight 0
+                        mb = filler
+                    local_weight += w
+                for sign in (1.0, -1.0):
+                    with torch.no_grad():
+                        for t, b, d in zip(self._local, base, vs):
+                            t.copy_(b + (sign * step) * d)
                     for p in all_params:
                         p.grad = None
-        dist.all_reduce(weight, group=self.process_group)
-        out = diff * (vnorm / (2 * self.fd_eps)) / weight.clamp_min(torch.finfo(torch.float64).tiny)
-        return out.to(v.dtype)
+                    (self._loss(mb) * w).backward()
+                    diff += sign * self._flat_grads()
+            for p in all_params:
+                p.grad = None
+        if total_weight <= 0 or not vnorm:
+            return torch.zeros_like(v)
+        return (diff * (vnorm / (2 * self.fd_eps) / total_weight)).to(v.dtype)
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        loss = self.loss_fn(self.model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar tensor (the mean loss of the batch), got {got}."
+            )
+        return loss
 
     def _flat_grads(self) -> torch.Tensor:
         parts = []
