@@ -10,12 +10,31 @@ from hessian_eigenthings.algorithms.estimator_results import (
 )
 from hessian_eigenthings.algorithms.hutch_plus_plus import hutch_plus_plus
 from hessian_eigenthings.algorithms.hutchinson import hutchinson
+
+# Eigensolvers: restarted Lanczos, (deflated) power iteration, stochastic power iteration
+from hessian_eigenthings.algorithms.lanczos import LanczosProgress, LanczosState, lanczos
 from hessian_eigenthings.algorithms.lanczos_tridiagonal import LanczosTridiag, lanczos_tridiagonal
+from hessian_eigenthings.algorithms.power_iteration import (
+    deflated_power_iteration,
+    power_iteration_one,
+)
+from hessian_eigenthings.algorithms.results import EigenResult, StochasticEigenResult
 from hessian_eigenthings.algorithms.spectral_density import spectral_density
+from hessian_eigenthings.algorithms.stochastic_power_iteration import stochastic_power_iteration
 from hessian_eigenthings.algorithms.trace import trace
 from hessian_eigenthings.algorithms.xtrace import xtrace
 
 __all__ = [
+    # eigensolvers
+    "deflated_power_iteration",
+    "lanczos",
+    "power_iteration_one",
+    "stochastic_power_iteration",
+    # eigensolver results and Lanczos progress/state
+    "EigenResult",
+    "LanczosProgress",
+    "LanczosState",
+    "StochasticEigenResult",
     # Lanczos tridiagonalisation
     "LanczosTridiag",
     "lanczos_tridiagonal",
