@@ -545,5 +545,5 @@ def _quadrature_trace(
         distribution=distribution,
         seed=seed,
         samples=per_run,
-        details={"num_runs": len(nodes)},
+        details={"num_runs": len(nodes), "dof": len(nodes) - 1},
     )

@@ -69,7 +69,15 @@ def hutch_plus_plus(
     on the sketch, and ``stderr = std(residual forms, ddof=1) / sqrt(l)`` is the usual
     standard error of that mean: it covers exactly the randomness that remains once the
     sketch is drawn (the variance of the Hutchinson part on the deflated residual). The
-    sketch itself introduces no bias, so the interval is honest for ``tr(A)``.
+    sketch itself introduces no bias, so the interval is honest for ``tr(A)``. With few
+    residual probes the standard error is itself noisy: use Student-t quantiles with
+    ``details["dof"] = l - 1`` degrees of freedom (at ``m = 10``, ``l = 4``, the 3-sigma
+    interval covers ~94%, not 99.7%).
+
+    On a flat part of the spectrum (e.g. a bulk of equal eigenvalues) the deflated
+    residual ``P A P`` is close to the projector ``P``, whose Rademacher-Hutchinson
+    variance grows with ``k``; Hutch++'s error then stops improving with ``m`` while
+    XTrace's keeps falling (see ``docs/benchmarks/estimators.md``).
 
     Budget split: ``k = min(m // 3, max_sketch_size, n)`` sketch vectors, ``k`` products
     with ``Q``, and the remaining ``l = m - 2k`` products on residual probes (a cap on the
@@ -149,5 +157,10 @@ def hutch_plus_plus(
         distribution=distribution,
         seed=seed,
         samples=samples,
-        details={"sketch_size": k, "residual_probes": num_resid, "low_rank_trace": low},
+        details={
+            "sketch_size": k,
+            "residual_probes": num_resid,
+            "low_rank_trace": low,
+            "dof": num_resid - 1,
+        },
     )

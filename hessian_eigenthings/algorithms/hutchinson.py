@@ -54,7 +54,8 @@ def hutchinson(
     What the error bar covers: the ``m`` quadratic forms are i.i.d. with mean ``tr(A)``,
     so ``stderr`` estimates the standard deviation of the estimate itself; by the central
     limit theorem ``estimate +- 3 stderr`` covers ``tr(A)`` with probability close to
-    99.7% once ``m`` is more than a few tens.
+    99.7% once ``m`` is more than a few tens. For few probes use Student-t quantiles with
+    ``details["dof"] = m - 1`` degrees of freedom instead of 3.
 
     Memory: one block of ``block_size`` probes and their products, ``O(n * block_size)``.
     The probes are drawn on the operator's device; the only host synchronisation is the
@@ -108,5 +109,5 @@ def hutchinson(
         distribution=distribution,
         seed=seed,
         samples=samples,
-        details={"num_probes": m},
+        details={"num_probes": m, "dof": m - 1},
     )
