@@ -33,6 +33,7 @@ imports Triton (Triton builds its standard library for the interpreter or the GP
 import); the kernel itself is jitted at first launch.
 """
 
+import functools
 import os
 from typing import Any
 
@@ -44,12 +45,20 @@ __all__ = ["DEFAULT_BLOCK", "ce_hvp_triton", "triton_unavailable_reason"]
 
 DEFAULT_BLOCK = 4096
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # optional dependency (extra "triton")
-    triton = None
-    tl = None
+
+@functools.cache
+def _triton() -> Any:
+    """The ``triton`` module, imported on first use (``None`` if not installed).
+
+    Imported lazily so that ``import hessian_eigenthings`` neither pays Triton's import
+    time nor fixes Triton's interpreter mode before the user sets ``TRITON_INTERPRET``.
+    """
+    try:
+        import triton
+        import triton.language
+    except ImportError:  # optional dependency (extra "triton")
+        return None
+    return triton
 
 
 def _interpreting() -> bool:
@@ -62,12 +71,12 @@ def _stdlib_interpreted() -> bool:
     Triton decides this when ``triton.language`` is first imported, from
     ``TRITON_INTERPRET`` at that moment.
     """
-    return type(tl.standard.sum).__name__ == "InterpretedFunction"
+    return type(_triton().language.standard.sum).__name__ == "InterpretedFunction"
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernel cannot run on ``device`` (``None`` if it can)."""
-    if triton is None:
+    if _triton() is None:
         return "triton is not installed; install it with `pip install hessian-eigenthings[triton]`."
     if device.type == "cuda":
         return None
@@ -94,7 +103,7 @@ def _kernel() -> Any:
     if interpret not in _KERNELS:
         from hessian_eigenthings.loss_fns.fused_ce._triton_rows import ce_hvp_rows
 
-        _KERNELS[interpret] = triton.jit(ce_hvp_rows)
+        _KERNELS[interpret] = _triton().jit(ce_hvp_rows)
     return _KERNELS[interpret]
 
 
@@ -180,8 +189,9 @@ def ce_hvp_triton(
     n_t = torch.as_tensor(n, device=logits.device).reshape(())
     if n_t.dtype.is_floating_point:
         n_t = n_t.to(torch.float64 if torch.float64 in (logits.dtype, u.dtype) else torch.float32)
+    tl = _triton().language
     acc = tl.float64 if torch.float64 in (logits.dtype, u.dtype) else tl.float32
-    block = min(block_size, triton.next_power_of_2(vocab))
+    block = min(block_size, 1 << (vocab - 1).bit_length())
     _kernel()[(rows,)](
         z3,
         u3,
