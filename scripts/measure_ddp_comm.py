@@ -10,9 +10,9 @@ matvec (``gloo:*`` events, which include collectives issued from C++ by FSDP):
 
 Elements are per rank: what each rank contributes to the collective (its whole buffer
 for all-reduce, its shard for all-gather); bytes are elements times 4 (float32 model;
-the profiler does not record dtypes, and the sharded operator's two scalar all-reduces
-are float64, i.e. 8 more bytes in total than shown). On gloo, FSDP's reduce-scatter
-runs as an all-reduce of the full unsharded gradient buffer.
+the profiler does not record dtypes: the sharded operator's own control all-reduces
+carry 3 float64 numbers, 12 bytes more each than shown). On gloo, FSDP's
+reduce-scatter runs as an all-reduce of the full unsharded gradient buffer.
 
     python scripts/measure_ddp_comm.py [--width 64] [--depth 3] [--batches 2] [--json out.jsonl]
 """
@@ -58,12 +58,11 @@ def shard_data(rank: int, batches: int) -> list[Any]:
 
 
 def collectives(fn: Any) -> list[tuple[str, int]]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    # The legacy profiler records the same c10d events as kineto and starts instantly.
+    with torch.autograd.profiler.profile(record_shapes=True, use_kineto=False) as prof:
         fn()
     out = []
-    for e in prof.events():
+    for e in prof.function_events:
         if not e.name.startswith("gloo:"):
             continue
         shape = (e.input_shapes or [[]])[0]
