@@ -1,11 +1,25 @@
 """Loss functions, losses of the model output with closed-form HVPs, and fused kernels."""
 
 from hessian_eigenthings.loss_fns.base import LossOfOutput, loss_of_output
+from hessian_eigenthings.loss_fns.fused_ce import fused_ce_hvp, linear_ce_ggn_product
+from hessian_eigenthings.loss_fns.huggingface import (
+    hf_lm_forward,
+    hf_lm_loss,
+    hf_lm_loss_of_output,
+    hf_lm_shifted_ce,
+    hf_token_count,
+)
 from hessian_eigenthings.loss_fns.standard import (
     cross_entropy_loss_of_output,
     mse_loss_of_output,
     supervised_forward,
     supervised_loss,
+)
+from hessian_eigenthings.loss_fns.transformer_lens import (
+    tlens_forward,
+    tlens_loss,
+    tlens_loss_of_output,
+    tlens_token_count,
 )
 
 __all__ = [
@@ -16,4 +30,18 @@ __all__ = [
     "mse_loss_of_output",
     "supervised_forward",
     "supervised_loss",
+    # HuggingFace causal LMs (next-token loss, token-count batch weights)
+    "hf_lm_forward",
+    "hf_lm_loss",
+    "hf_lm_loss_of_output",
+    "hf_lm_shifted_ce",
+    "hf_token_count",
+    # TransformerLens HookedTransformer
+    "tlens_forward",
+    "tlens_loss",
+    "tlens_loss_of_output",
+    "tlens_token_count",
+    # fused cross-entropy HVP kernels and the chunked linear-head GGN product
+    "fused_ce_hvp",
+    "linear_ce_ggn_product",
 ]
