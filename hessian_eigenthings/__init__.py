@@ -27,6 +27,19 @@ from hessian_eigenthings.backends import (
     ShardedBackend,
     SingleDeviceBackend,
 )
+
+# Language-model losses (HuggingFace, TransformerLens) and fused cross-entropy HVP kernels
+from hessian_eigenthings.loss_fns import (
+    fused_ce_hvp,
+    hf_lm_forward,
+    hf_lm_loss,
+    hf_lm_loss_of_output,
+    hf_lm_shifted_ce,
+    linear_ce_ggn_product,
+    tlens_forward,
+    tlens_loss,
+    tlens_loss_of_output,
+)
 from hessian_eigenthings.operators import (
     CurvatureOperator,
     DataCurvatureOperator,
@@ -86,6 +99,16 @@ __all__ = [
     "spectral_density",
     "trace",
     "xtrace",
+    # language-model losses and fused cross-entropy HVP
+    "fused_ce_hvp",
+    "hf_lm_forward",
+    "hf_lm_loss",
+    "hf_lm_loss_of_output",
+    "hf_lm_shifted_ce",
+    "linear_ce_ggn_product",
+    "tlens_forward",
+    "tlens_loss",
+    "tlens_loss_of_output",
     # backends
     "LinAlgBackend",
     "ReplicatedBackend",
