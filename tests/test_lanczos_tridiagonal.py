@@ -152,3 +152,12 @@ def test_bad_input() -> None:
     nonsym = LambdaOperator(lambda v: v, 5, dtype=DT, symmetric=False)
     with pytest.raises(ValueError, match="symmetric"):
         lanczos_tridiagonal(nonsym, start(5), 3)
+
+
+def test_docstring_example_runs() -> None:
+    import doctest
+    import importlib
+
+    module = importlib.import_module("hessian_eigenthings.algorithms.lanczos_tridiagonal")
+    failures, attempted = doctest.testmod(module, extraglobs={"torch": torch})
+    assert failures == 0 and attempted > 0

@@ -318,3 +318,12 @@ def test_hessian_operator_density_matches_dense_eigenvalues() -> None:
     assert all(abs(n.max() - eigs.max()) <= 1e-8 * span for n in res.nodes)
     assert w1_fraction(eigs, res) <= 0.02
     assert abs(res.trace.estimate - eigs.sum()) <= 4 * res.trace.stderr
+
+
+def test_docstring_example_runs() -> None:
+    import doctest
+    import importlib
+
+    module = importlib.import_module("hessian_eigenthings.algorithms.spectral_density")
+    failures, attempted = doctest.testmod(module, extraglobs={"torch": torch})
+    assert failures == 0 and attempted > 0

@@ -125,7 +125,7 @@ class DiagonalResult:
 
     Attributes:
         estimate: Estimated diagonal, shape ``(n_local,)``, float64, on the operator's
-            device.
+            device (XDiag: on its ``sketch_device`` if one was given).
         stderr: Per-entry standard error, same shape.
         num_matvecs: Operator products spent.
         operator_size: ``n``.
