@@ -1,0 +1,401 @@
+"""The ``hessian-eigenthings`` command line, end to end.
+
+- ``demo`` runs as a subprocess; its JSON eigenvalues and trace are checked against the
+  dense float64 Hessian of the saved model (an independent oracle), and its PNG is decoded.
+- ``analyze`` runs on a tiny GPT-2 checkpoint built and saved by the test (a WordLevel
+  tokenizer trained on the fly; no download); its eigenvalues and trace are checked
+  against the dense float64 Hessian of the next-token loss over the same token blocks,
+  computed here independently of the CLI.
+- Bad input exits with code 2 and a message naming the problem; failures exit with 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hessian_eigenthings.cli.errors import EXIT_BAD_INPUT, EXIT_FAILURE
+from hessian_eigenthings.cli.main import build_parser, main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# the package re-exports the function ``main``; fetch the module itself
+cli_main_module = importlib.import_module("hessian_eigenthings.cli.main")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run(
+        [sys.executable, "-m", "hessian_eigenthings", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300
+    assert pixels[..., :3].std() > 0.01, "image is blank"
+
+
+def flat_hessian(loss_of_flat: Any, flat: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Dense Hessian of ``loss_of_flat`` at ``flat`` by vmapped forward-over-reverse HVPs."""
+    grad = torch.func.grad(loss_of_flat)
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(grad, (flat,), (v,))[1]
+
+    eye = torch.eye(flat.numel(), dtype=flat.dtype)
+    cols = [torch.func.vmap(hvp)(eye[i : i + chunk]) for i in range(0, flat.numel(), chunk)]
+    H = torch.cat(cols).detach()
+    return (H + H.T) / 2
+
+
+# -- parsing and exit codes -------------------------------------------------------------
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "analyze" in out and "Exit codes" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nonsense"],
+        ["demo", "--k", "0"],
+        ["demo", "--k", "three"],
+        ["analyze", "--text", "x.txt"],
+        ["analyze", "--model", "m", "--text", "t", "--operator", "laplacian"],
+    ],
+)
+def test_malformed_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == EXIT_BAD_INPUT
+    assert "error" in capsys.readouterr().err
+
+
+def test_parser_defaults() -> None:
+    args = build_parser().parse_args(["analyze", "--model", "m", "--text", "t"])
+    assert (args.operator, args.k, args.trace, args.density) == ("hessian", 5, False, False)
+    assert args.params is None and args.dtype == "float32" and args.device == "auto"
+    args = build_parser().parse_args(
+        ["analyze", "--model", "m", "--text", "t", "--params", "a*", "b"]
+    )
+    assert args.params == ["a*", "b"]
+
+
+def test_failure_exits_1_and_bad_input_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from hessian_eigenthings.cli.errors import BadInput
+
+    def boom(args: Any, reporter: Any) -> None:
+        raise RuntimeError("matvec produced NaN in layer 3")
+
+    monkeypatch.setattr(cli_main_module, "_run", boom)
+    assert main(["demo", "--out", str(tmp_path)]) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "failed: RuntimeError: matvec produced NaN in layer 3" in err
+    assert "--traceback" in err
+
+    def bad(args: Any, reporter: Any) -> None:
+        raise BadInput("--text 'x' is empty")
+
+    monkeypatch.setattr(cli_main_module, "_run", bad)
+    assert main(["demo", "--out", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "error: --text 'x' is empty" in capsys.readouterr().err
+
+
+def test_progress_policy() -> None:
+    from hessian_eigenthings.cli.progress import progress_enabled
+
+    class Tty:
+        def isatty(self) -> bool:
+            return True
+
+    class Pipe:
+        def isatty(self) -> bool:
+            return False
+
+    assert progress_enabled(quiet=False, force=False, stream=Tty())
+    assert not progress_enabled(quiet=False, force=False, stream=Pipe())
+    assert progress_enabled(quiet=False, force=True, stream=Pipe())
+    assert not progress_enabled(quiet=True, force=True, stream=Tty())
+
+
+def test_progress_wrapper_counts_and_preserves_products() -> None:
+    from hessian_eigenthings import LambdaOperator
+    from hessian_eigenthings.cli.progress import _Counted
+
+    A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float32))
+    op = LambdaOperator(lambda v: A @ v, 5, dtype=torch.float32, device="cpu", psd=True)
+    ticks: list[int] = []
+    wrapped = _Counted(op, ticks.append)
+    v = torch.randn(5, dtype=torch.float64)  # higher precision passes through unchanged
+    assert torch.equal(wrapped @ v, op @ v) and (wrapped @ v).dtype == torch.float64
+    V = torch.randn(5, 3)
+    assert torch.equal(wrapped.matmat(V), op.matmat(V))
+    assert ticks == [1, 1, 3] and wrapped.psd and wrapped.size == 5
+
+
+def test_console_script_is_installed() -> None:
+    import shutil
+
+    exe = shutil.which("hessian-eigenthings")
+    if exe is None:
+        pytest.skip("package not installed with its console script (pip install -e .)")
+    proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "hessian-eigenthings" in proc.stdout
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    proc = run_cli("demo", "--out", str(out), "--k", "3", "--seed", "1", "--progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "matvec" in proc.stderr  # --progress draws bars on stderr even without a TTY
+    results = json.loads((out / "results.json").read_text())
+    assert_png(out / "spectrum.png")
+
+    hess, ggn, tr = results["hessian"], results["ggn"], results["trace"]
+    for res in (hess, ggn):
+        assert len(res["eigenvalues"]) == len(res["residuals"]) == 3
+        assert all(res["converged"])
+        assert res["eigenvalues"] == sorted(res["eigenvalues"], reverse=True)
+    assert min(ggn["eigenvalues"]) > 0  # the GGN is PSD and its top eigenvalues are positive
+    assert tr["stderr"] > 0 and tr["num_matvecs"] > 0
+    for lam in hess["eigenvalues"]:
+        assert f"{lam:.5g}" in proc.stdout
+
+    # Oracle: dense float64 Hessian of the mean training loss of the saved model.
+    from hessian_eigenthings.cli.demo import load_digits_data, train_classifier
+
+    data = load_digits_data(seed=1)
+    model = train_classifier(data, seed=1, steps=0).double()
+    model.load_state_dict(torch.load(out / "model.pt"))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    x, y = data.x_train.double(), data.y_train
+
+    def loss_of_flat(theta: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(theta, [s.numel() for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes)}
+        logits = torch.func.functional_call(model, params, (x,))
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    H = flat_hessian(loss_of_flat, flat)
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    got = torch.tensor(hess["eigenvalues"], dtype=torch.float64)
+    bound = torch.tensor(hess["residuals"], dtype=torch.float64)
+    # Residual bound of a symmetric eigenproblem, plus float32 rounding of the products.
+    float32_rounding = 1e-5 * float(exact.abs().max())
+    assert ((got - exact[:3]).abs() <= bound + float32_rounding).all(), (got, exact[:3], bound)
+    exact_trace = float(torch.trace(H))
+    assert abs(tr["estimate"] - exact_trace) <= 5 * tr["stderr"] + 1e-4 * abs(exact_trace)
+
+
+# -- analyze --------------------------------------------------------------------------------
+
+TEXT = (
+    "the quick brown fox jumps over the lazy dog . "
+    "curvature of the loss is measured by its hessian . "
+    "a small model reads a small text and the fox sleeps . "
+) * 12
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[EOS]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=fast.vocab_size,
+        n_positions=64,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # non-trivial LayerNorm parameters make a richer Hessian
+        for name, p in model.named_parameters():
+            if "ln_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-gpt2"
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    (path.parent / "text.txt").write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def reference_hessian(
+    checkpoint: Path, glob_prefix: str, max_tokens: int, block: int
+) -> torch.Tensor:
+    """Dense float64 Hessian of the token-weighted next-token loss, built without the CLI."""
+    import fnmatch
+
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    # eager attention: the fused SDPA kernels have no forward-mode AD (the library's
+    # curvature_mode handles that itself; this oracle must not depend on it)
+    model = GPT2LMHeadModel.from_pretrained(
+        checkpoint, dtype=torch.float64, attn_implementation="eager"
+    ).eval()
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"][:max_tokens]
+    seqs = [ids[i : i + block] for i in range(0, len(ids), block)]
+    seqs = [s for s in seqs if len(s) >= 2]
+    total = sum(len(s) - 1 for s in seqs)
+    named = [(n, p) for n, p in model.named_parameters() if fnmatch.fnmatchcase(n, glob_prefix)]
+    names = [n for n, _ in named]
+    shapes = [p.shape for _, p in named]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss_of_flat(theta: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(theta, [s.numel() for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes)}
+        out = torch.zeros((), dtype=torch.float64)
+        for s in seqs:
+            t = torch.tensor([s])
+            logits = torch.func.functional_call(model, params, (t,)).logits
+            ce = torch.nn.functional.cross_entropy(logits[0, :-1], t[0, 1:], reduction="sum")
+            out = out + ce / total
+        return out
+
+    return flat_hessian(loss_of_flat, flat)
+
+
+def test_analyze_end_to_end(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_cli(
+        "analyze",
+        "--model", str(checkpoint),
+        "--text", str(checkpoint.parent / "text.txt"),
+        "--params", "transformer.h.1.ln_*",
+        "--k", "3", "--trace", "--density",
+        "--max-tokens", "150", "--block-size", "32", "--batch-size", "2",
+        "--num-matvecs", "48", "--density-runs", "4", "--density-steps", "16",
+        "--device", "cpu",
+        "--out", str(out),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "matvec" not in proc.stderr  # no progress bars when stderr is not a terminal
+    results = json.loads((out / "results.json").read_text())
+    assert_png(out / "spectrum.png")
+    assert_png(out / "eigenvalues.png")
+    assert results["params"]["num_parameters"] == 64
+    assert results["data"]["num_tokens"] == 150
+    assert results["data"]["num_targets"] == 4 * 31 + 21  # 4 full blocks + a block of 22
+
+    H = reference_hessian(checkpoint, "transformer.h.1.ln_*", max_tokens=150, block=32)
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    got = torch.tensor(results["eigen"]["eigenvalues"], dtype=torch.float64)
+    bound = torch.tensor(results["eigen"]["residuals"], dtype=torch.float64)
+    float32_rounding = 1e-5 * float(exact.abs().max())
+    assert ((got - exact[:3]).abs() <= bound + float32_rounding).all(), (got, exact[:3], bound)
+    assert all(results["eigen"]["converged"])
+    tr = results["trace"]
+    exact_trace = float(torch.trace(H))
+    assert abs(tr["estimate"] - exact_trace) <= 5 * tr["stderr"] + 1e-4 * abs(exact_trace)
+
+
+def test_analyze_quiet_prints_nothing(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "analyze", "--model", str(checkpoint), "--text", str(checkpoint.parent / "text.txt"),
+            "--params", "transformer.ln_f.*", "--k", "1", "--max-tokens", "40",
+            "--block-size", "20", "--device", "cpu", "--quiet", "--out", str(tmp_path / "q"),
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out == "" and captured.err == ""
+    assert (tmp_path / "q" / "results.json").is_file()
+
+
+def _analyze_in_process(checkpoint: Path, tmp_path: Path, **overrides: str) -> list[str]:
+    opts = {
+        "--model": str(checkpoint),
+        "--text": str(checkpoint.parent / "text.txt"),
+        "--out": str(tmp_path / "o"),
+        "--device": "cpu",
+        "--block-size": "32",
+        **overrides,
+    }
+    argv = ["analyze", "--k", "1"]
+    for key, value in opts.items():
+        argv += [key, *value.split("|")]
+    return argv
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"--model": "{tmp}/does-not-exist"}, "does not exist"),
+        ({"--model": "{tmp}/empty-dir"}, "does not contain a HuggingFace model"),
+        ({"--text": "{tmp}/empty.txt"}, "is empty"),
+        ({"--text": "{tmp}/missing.txt"}, "does not exist"),
+        ({"--params": "transformer.h.7.ln_1.*"}, "close matches"),
+        ({"--params": "transformer.h.*|blocks.0.*"}, "'blocks.0.*' matches no parameter"),
+        ({"--block-size": "500"}, "exceeds the model's context"),
+    ],
+)
+def test_analyze_bad_input_exits_2(
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    overrides: dict[str, str],
+    message: str,
+) -> None:
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "empty.txt").write_text("  \n\n", encoding="utf-8")
+    overrides = {k: v.replace("{tmp}", str(tmp_path)) for k, v in overrides.items()}
+    code = main(_analyze_in_process(checkpoint, tmp_path, **overrides))
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    assert message in err
+    if message == "close matches":
+        assert "transformer.h.1.ln_1" in err
