@@ -217,6 +217,18 @@ def test_breakdown_runs_are_short_and_exact() -> None:
     assert res.integral() == pytest.approx(1.0, abs=0.01)
 
 
+def test_without_reorthogonalization_the_measure_stays_accurate() -> None:
+    # O(n)-memory Lanczos: ghosts share their eigenvalue's weight, W1 stays small
+    eigs = outliers_and_bulk()
+    op = block_op(eigs, seed=3)
+    for s in range(3):
+        res = spectral_density(op, 10, 60, reorthogonalize=False, seed=s)
+        assert res.integral() == pytest.approx(1.0, abs=0.01)
+        assert w1_fraction(eigs, res) <= 0.02
+        x, w = quadrature(res)
+        assert w[x <= 1.0 + 1e-6].sum() == pytest.approx(0.995, abs=0.01)
+
+
 def test_gaussian_probes() -> None:
     eigs = bimodal()
     op = block_op(eigs, seed=4)
