@@ -236,8 +236,23 @@ def ddp_curvature(rank: int, kind: str) -> dict[str, Any]:
     }
 
 
+def ddp_stochastic(rank: int) -> dict[str, Any]:
+    """full_dataset=False: each matvec uses every rank's next batch (rank 1 cycles)."""
+    model = make_model()
+    op = DDPHessianOperator(model, batches(DDP_SPLITS[rank]), ce, full_dataset=False)
+    v = rand_vec(op.size, 13)
+    x, y = make_data()
+    errs = []
+    for first in ((0, 4), (4, 7), (0, 4)):  # rank 0's batch; rank 1 always holds (7, 12)
+        want = HessianOperator(model, [(x[a:b], y[a:b]) for a, b in (first, (7, 12))], ce)
+        errs.append(rel_err(op.matvec(v), want.matvec(v)))
+    return {"rel_errs": errs}
+
+
 def mismatch(rank: int, kind: str) -> dict[str, Any]:
     model = make_model(hidden=6 if (kind == "size" and rank == 1) else 5)
+    if kind == "syncbn":  # train-mode SyncBatchNorm would all-gather inside the forward
+        model = nn.Sequential(model[0], nn.SyncBatchNorm(5), *list(model)[1:]).double().train()
     data = [] if (kind == "empty" and rank == 1) else batches(DDP_SPLITS[rank])
     wrong = SingleDeviceBackend() if (kind == "backend" and rank == 0) else None
     try:
@@ -406,6 +421,8 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "mismatch_size": lambda r: mismatch(r, "size"),
     "mismatch_empty": lambda r: mismatch(r, "empty"),
     "mismatch_backend": lambda r: mismatch(r, "backend"),
+    "mismatch_syncbn": lambda r: mismatch(r, "syncbn"),
+    "ddp_stochastic": ddp_stochastic,
     "replicated_seed": replicated_seed,
     "sharded_backend": sharded_backend,
     "fsdp_sharded": fsdp_sharded,

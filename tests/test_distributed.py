@@ -152,6 +152,18 @@ def test_per_process_backend_is_rejected_on_every_rank(results: list[dict[str, A
     assert r1["raised"] == "RuntimeError" and "rank(s) [0]" in r1["message"]
 
 
+def test_train_mode_sync_batchnorm_is_rejected(results: list[dict[str, Any]]) -> None:
+    for res in _scenario(results, "mismatch_syncbn"):
+        assert res["raised"] == "ValueError" and "SyncBatchNorm" in res["message"]
+
+
+def test_stochastic_ddp_operator_uses_every_ranks_next_batch(
+    results: list[dict[str, Any]],
+) -> None:
+    for res in _scenario(results, "ddp_stochastic"):
+        assert max(res["rel_errs"]) <= 1e-10
+
+
 def test_replicated_backend_agrees_on_fresh_seeds(results: list[dict[str, Any]]) -> None:
     for res in _scenario(results, "replicated_seed"):
         assert res["probes_agree"]
