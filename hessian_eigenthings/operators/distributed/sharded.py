@@ -153,6 +153,15 @@ class ShardedHessianOperator(CurvatureOperator):
         weight_fn: ``batch -> weight``; default ``loss_fn.batch_weight`` or batch size.
         check_determinism: Raise at construction if the loss is random (dropout).
 
+    Example (under ``torchrun``)::
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        H = ShardedHessianOperator(model, my_shard_loader, loss_fn)
+        res = lanczos(H, k=5, seed=0)         # same eigenvalues on every rank
+        top = H.backend.gather(res.eigenvectors[0])  # whole eigenvector (all-gather)
+
     Raises:
         RuntimeError: No initialised process group.
         ValueError: Parameters are not FSDP2 shards, ranks disagree on the operator
