@@ -157,3 +157,20 @@ def test_bad_input(case: tuple[torch.Tensor, LambdaOperator]) -> None:
         diagonal(op, 1)
     with pytest.raises(TypeError, match="CurvatureOperator"):
         diagonal("A", 10)  # type: ignore[arg-type]
+
+
+def test_float32_operator_and_sketch_device() -> None:
+    A, _ = spectral_op(outliers_and_bulk(100), seed=6)
+    A32 = A.float()
+    op32 = LambdaOperator(lambda v: A32 @ v, 100, dtype=torch.float32, matmat_fn=lambda V: A32 @ V)
+    d = torch.diagonal(A)
+    for method in METHODS:
+        res = [diagonal(op32, 60, method=method, seed=s) for s in range(30)]
+        assert res[0].estimate.dtype == DT
+        cover = np.mean(
+            [float(((r.estimate - d).abs() <= 3 * r.stderr).double().mean()) for r in res]
+        )
+        assert cover >= 0.9, method
+    here = diagonal(op32, 40, method="xdiag", seed=2)
+    on_cpu = diagonal(op32, 40, method="xdiag", seed=2, sketch_device="cpu")
+    torch.testing.assert_close(on_cpu.estimate, here.estimate)
