@@ -399,3 +399,26 @@ def test_analyze_bad_input_exits_2(
     assert message in err
     if message == "close matches":
         assert "transformer.h.1.ln_1" in err
+
+
+@pytest.mark.parametrize("operator", ["ggn", "fisher"])
+def test_analyze_psd_operators(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], operator: str
+) -> None:
+    out = tmp_path / operator
+    code = main(
+        [
+            "analyze", "--model", str(checkpoint), "--text", str(checkpoint.parent / "text.txt"),
+            "--operator", operator, "--params", "transformer.ln_f.*", "--k", "2", "--trace",
+            "--max-tokens", "64", "--block-size", "16", "--num-matvecs", "30",
+            "--device", "cpu", "--out", str(out),
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["operator"] == operator
+    eig = results["eigen"]
+    assert all(eig["converged"]) and min(eig["eigenvalues"]) > 0  # PSD, nonzero top pairs
+    assert results["trace"]["estimate"] >= sum(eig["eigenvalues"]) - 5 * results["trace"]["stderr"]
+    assert f"Top-2 {'GGN' if operator == 'ggn' else 'Fisher'} eigenvalues" in captured.out

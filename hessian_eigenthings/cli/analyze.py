@@ -203,13 +203,8 @@ def select_param_names(model: Any, globs: list[str] | None) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy of a HuggingFace causal LM (``model(**batch).loss``)."""
-    return model(**batch).loss
-
-
 def shifted_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of positions ``0..T-2`` flattened to ``(B * (T - 1), V)`` (the GGN output)."""
+    """Logits of positions ``0..T-2`` flattened to ``(B * (T - 1), V)``."""
     logits = model(input_ids=batch["input_ids"]).logits
     return logits[:, :-1].reshape(-1, logits.shape[-1])
 
@@ -227,18 +222,36 @@ def per_token_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def _build_operator(kind: str, model: Any, batches: list[Any], names: list[str]) -> Any:
-    from hessian_eigenthings.loss_fns.standard import cross_entropy_loss_of_output
+    """The ``--operator`` for the token-mean next-token loss over ``batches``.
+
+    Hessian: HuggingFace's own loss (``model(**batch).loss``; for a float64 model the
+    same loss computed from the logits in float64, since HuggingFace upcasts to float32
+    only). GGN: the logits and the shifted cross-entropy with its closed-form Hessian
+    (fused kernel on CUDA, eager on the CPU, where ``torch.compile`` time would dominate
+    a short run). Fisher: per-token losses, so the Fisher's samples are tokens.
+    """
+    from hessian_eigenthings.loss_fns.huggingface import (
+        hf_lm_forward,
+        hf_lm_loss,
+        hf_lm_shifted_ce,
+    )
     from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator
     from hessian_eigenthings.operators.ggn import GGNOperator
     from hessian_eigenthings.operators.hessian import HessianOperator
 
-    common: dict[str, Any] = {"param_filter": names, "weight_fn": predicted_tokens}
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
     if kind == "hessian":
-        return HessianOperator(model, batches, lm_loss, **common)
+        loss = hf_lm_loss(from_logits=dtype == torch.float64)
+        return HessianOperator(model, batches, loss, param_filter=names)
     if kind == "ggn":
-        ce = cross_entropy_loss_of_output(target=next_tokens)
-        return GGNOperator(model, batches, shifted_logits, ce, **common)
-    return EmpiricalFisherOperator(model, batches, per_token_losses, **common)
+        fused = "auto" if device.type == "cuda" else "eager"
+        return GGNOperator(
+            model, batches, hf_lm_forward(), hf_lm_shifted_ce(fused=fused), param_filter=names
+        )
+    return EmpiricalFisherOperator(
+        model, batches, per_token_losses, param_filter=names, weight_fn=predicted_tokens
+    )
 
 
 def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> dict[str, Any]:
