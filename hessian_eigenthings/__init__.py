@@ -4,17 +4,25 @@ Top-k eigenpairs, trace and spectral density of the Hessian, Generalized Gauss-N
 and Fisher of a model on a dataset, without ever forming the matrix.
 """
 
-# Stochastic estimators with error bars, and Lanczos tridiagonalisation (SLQ)
+# Eigensolvers (Lanczos, power iteration, stochastic power iteration) and their results;
+# stochastic estimators with error bars, and Lanczos tridiagonalisation (SLQ)
 from hessian_eigenthings.algorithms import (
     DiagonalResult,
+    EigenResult,
+    LanczosProgress,
     LanczosTridiag,
     SpectralDensityResult,
+    StochasticEigenResult,
     TraceResult,
+    deflated_power_iteration,
     diagonal,
     hutch_plus_plus,
     hutchinson,
+    lanczos,
     lanczos_tridiagonal,
+    power_iteration_one,
     spectral_density,
+    stochastic_power_iteration,
     trace,
     xtrace,
 )
@@ -87,6 +95,14 @@ __all__ = [
     "DDPHessianOperator",
     "DDPOperatorMixin",
     "ShardedHessianOperator",
+    # eigensolvers and their results
+    "EigenResult",
+    "LanczosProgress",
+    "StochasticEigenResult",
+    "deflated_power_iteration",
+    "lanczos",
+    "power_iteration_one",
+    "stochastic_power_iteration",
     # stochastic estimators and Lanczos tridiagonalisation
     "DiagonalResult",
     "LanczosTridiag",
