@@ -222,7 +222,14 @@ class DataCurvatureOperator(CurvatureOperator):
                     "All batches had zero weight (no samples or no non-ignored tokens)."
                 )
             return total.div_(weight)
-        return total.div_(weight.to(total.dtype).clamp_min(1))
+        # Token (or class-weight) counts are tensors: one host sync per matvec to refuse an
+        # all-ignored dataset, whose mean loss (and so its curvature) is undefined.
+        if not bool(weight > 0):
+            raise ValueError(
+                "All batches had zero total weight (every target ignored): the mean loss is "
+                "undefined. Check ignore_index / the labels of the dataloader."
+            )
+        return total.div_(weight.to(total.dtype))
 
     def _flat_product(
         self, batch: Any, vs: Sequence[torch.Tensor], like: torch.Tensor
