@@ -158,6 +158,7 @@ class LanczosState:
             processed coordinates) such that ``||M s||`` bounds the part of ``A V_q s`` that
             the stored relation no longer represents.
         reference: Wanted Ritz values when the last verification vector was added.
+        since_verification: Products since that vector was added (-1: none yet).
     """
 
     basis: torch.Tensor
@@ -170,6 +171,7 @@ class LanczosState:
     generator: torch.Generator
     dropped: list[torch.Tensor] = field(default_factory=list)
     reference: torch.Tensor | None = None
+    since_verification: int = -1
 
 
 @dataclass
@@ -438,7 +440,6 @@ class _Lanczos:
     def run(self, callback: Callable[[LanczosProgress], None] | None) -> EigenResult:
         st = self.state
         k = self.k
-        since_injection = -1  # products since the last verification vector; -1: none
         while True:
             steps = min(
                 self.m - st.num_processed,
@@ -446,8 +447,8 @@ class _Lanczos:
                 self.check_every,
             )
             log = self._expand(steps) if steps > 0 else []
-            if since_injection >= 0:
-                since_injection += len(log)
+            if st.since_verification >= 0:
+                st.since_verification += len(log)
             self._handle_breakdown(log)
             if st.num_processed < k:
                 if st.num_matvecs >= self.max_matvecs:
@@ -467,7 +468,7 @@ class _Lanczos:
                         ritz_values=ritz.values[:k].clone(),
                         residuals=ritz.residuals[:k].clone(),
                         converged=conv.clone(),
-                        verifying=since_injection >= 0,
+                        verifying=st.since_verification >= 0,
                     )
                 )
             exhausted = st.num_processed >= self.n
@@ -481,9 +482,9 @@ class _Lanczos:
                         if st.num_processed >= self.m:
                             self._restart(ritz)
                         self._add_random_vector()
-                    since_injection = 0
+                    st.since_verification = 0
                     continue
-                if since_injection >= self.verify_steps or st.num_basis >= self.n:
+                if st.since_verification >= self.verify_steps or st.num_basis >= self.n:
                     return self._result(ritz, conv)
             if st.num_processed >= self.m:
                 self._restart(ritz)
