@@ -147,6 +147,8 @@ class OutputJVP:
     def _forward_mode(self, batch: Any, vs: Sequence[torch.Tensor]) -> torch.Tensor:
         try:
             return self._dual_forward(batch, vs)
+        except torch.OutOfMemoryError:
+            raise
         except (NotImplementedError, RuntimeError) as err:
             with torch.no_grad():
                 self.fn(self.model, batch)  # a plain forward failing too: not a forward-AD issue
