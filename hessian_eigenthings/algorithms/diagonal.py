@@ -35,7 +35,10 @@ since ``Y e_i - Q R e_i = 0``: only the left-out direction ``Q s_i`` remains of
 ``(I - \Pi_(i)) A omega_i``.
 
 The per-entry error estimate is the standard error of the mean of the ``\hat d^{(i)}``
-(the diagonal analogue of XTrace's error estimate).
+(the diagonal analogue of XTrace's error estimate). If the sketch is numerically rank
+deficient (singular values of ``R`` below ``s * eps * sigma_max``), the leave-one-out
+projectors are ill-defined and XDiag falls back to the deflated Hutchinson diagonal
+``diag(Q_r Q_r^T A)`` plus fresh probes on the residual, with the same budget.
 """
 
 from __future__ import annotations
@@ -191,31 +194,63 @@ def _xdiag(
     ).to(store)
     Y = apply_columns(operator, omega, block_size)
     Q, R = torch.linalg.qr(Y)
+    del Y
     R64 = R.to(torch.float64)
     svals = torch.linalg.svdvals(R64)
     tol = s * float(torch.finfo(dtype).eps) * float(svals[0])
     rank = int((svals > tol).sum())
     if rank < s:
-        # range(A) is captured by the rank-r basis: diag(Q_r Q_r^T A) plus the residual
-        # Hutchinson terms omega_i * (I - Q_r Q_r^T) A omega_i (at rounding level).
-        U, _, _ = torch.linalg.svd(R64)
-        Qr = Q @ U[:, :rank].to(Q.dtype)
-        Zr = apply_columns(operator, Qr, block_size)
-        low = (Qr * Zr).sum(dim=1).to(torch.float64)
-        D = (omega * (Y - Qr @ (Qr.T @ Y))).to(torch.float64) + low[:, None]
-        used = s + rank
-    else:
-        Z = apply_columns(operator, Q, block_size)
-        S = loo_directions(R64).to(Q.dtype)
-        QS = Q @ S
-        ZS = Z @ S
-        dQZ = (Q * Z).sum(dim=1)
-        coef = (S.to(torch.float64) * R64).sum(0).to(Q.dtype)  # s_i^T R e_i
-        del Z
-        # Y e_i - Q R e_i vanishes (Y = Q R): only the left-out direction Q s_i remains.
-        D = (omega * (QS * coef) + dQZ[:, None] - QS * ZS).to(torch.float64)
-        used = 2 * s
-    del Y
+        del omega
+        return _xdiag_rank_deficient(operator, backend, Q, R64, rank, gen, distribution, block_size)
+    Z = apply_columns(operator, Q, block_size)
+    S = loo_directions(R64).to(Q.dtype)
+    QS = Q @ S
+    ZS = Z @ S
+    dQZ = (Q * Z).sum(dim=1)
+    coef = (S.to(torch.float64) * R64).sum(0).to(Q.dtype)  # s_i^T R e_i
+    del Z
+    # Y e_i - Q R e_i vanishes (Y = Q R): only the left-out direction Q s_i remains.
+    D = (omega * (QS * coef) + dQZ[:, None] - QS * ZS).to(torch.float64)
+    used = 2 * s
     estimate = D.mean(dim=1)
     stderr = D.std(dim=1, correction=1) / math.sqrt(s)
+    return estimate, stderr, used, {"sketch_size": s, "sketch_rank": rank}
+
+
+def _xdiag_rank_deficient(
+    operator: CurvatureOperator,
+    backend: LinAlgBackend,
+    Q: torch.Tensor,
+    R64: torch.Tensor,
+    rank: int,
+    gen: torch.Generator,
+    distribution: str,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, int]]:
+    """Deflated Hutchinson diagonal on a numerically rank-deficient sketch.
+
+    As in XTrace's fallback: with ``r' = min(r, s - 2)`` leading directions ``Q_r`` of the
+    sketch, ``diag(A) = diag(Q_r Q_r^T A) + diag((I - Q_r Q_r^T) A)``; the first term is
+    exact (``r'`` products), the second is estimated with the ``s - r'`` remaining products
+    on fresh probes, ``g * (I - Q_r Q_r^T) A g``, whose per-entry spread gives the error.
+    """
+    s = R64.shape[0]
+    keep = min(rank, s - 2)
+    U, _, _ = torch.linalg.svd(R64)
+    Qr = Q @ U[:, :keep].to(Q.dtype)
+    Zr = apply_columns(operator, Qr, block_size)
+    low = (Qr * Zr).sum(dim=1).to(torch.float64)
+    del Zr
+    fresh = s - keep
+    X = torch.empty((Q.shape[0], fresh), dtype=torch.float64, device=Q.device)
+    for start in range(0, fresh, block_size):
+        b = min(block_size, fresh - start)
+        G = draw_columns(
+            backend, operator, b, generator=gen, dtype=Q.dtype, distribution=distribution
+        ).to(Q.device)
+        AG = operator.matmat(G.to(operator.device)).to(Q.device)
+        X[:, start : start + b] = (G * (AG - Qr @ (Qr.T @ AG))).to(torch.float64)
+    estimate = low + X.mean(dim=1)
+    stderr = X.std(dim=1, correction=1) / math.sqrt(fresh)
+    used = s + keep + fresh
     return estimate, stderr, used, {"sketch_size": s, "sketch_rank": rank}

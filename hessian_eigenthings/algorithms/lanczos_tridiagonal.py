@@ -162,7 +162,7 @@ def lanczos_tridiagonal(
     alphas = torch.zeros(m, dtype=torch.float64, device=device)
     # resid[j] = beta_{j+1}: norm of the residual after step j (off-diagonal j, j+1).
     resid = torch.zeros(m, dtype=torch.float64, device=device)
-    # scale[j] = ||A q_j|| + beta_j: the size of the vector being orthogonalised at step j.
+    # scale[j] = ||A q_j|| + beta_{j-1}: the size of what is orthogonalised at step j.
     scale = torch.zeros(m, dtype=torch.float64, device=device)
     basis = torch.empty((m, n_local), dtype=dtype, device=device) if reorthogonalize else None
     q_prev: torch.Tensor | None = None

@@ -102,11 +102,14 @@ def xtrace(
     most that size; the estimate is the mean of the batch estimates and
     ``stderr = sqrt(sum_b se_b^2) / B``.
 
-    Numerically rank-deficient sketches (``rank(A Omega) = r < s``, e.g. ``s >= n`` or a
-    low-rank ``A``): the range of ``A`` is then captured by the rank-``r`` basis ``Q_r``,
-    the estimate is ``tr(Q_r^T A Q_r)`` (``r`` products) plus the mean of the residual
-    forms ``omega_i^T (I - Q_r Q_r^T) A (I - Q_r Q_r^T) omega_i`` (at rounding level), and
-    ``details["sketch_rank"]`` reports ``r``.
+    Numerically rank-deficient sketches (singular values of ``R`` below
+    ``s * eps * sigma_max`` in the working dtype: a low-rank ``A``, or a steeply decaying
+    spectrum in float32): the leave-one-out projectors are then ill-defined, and the
+    batch falls back to Hutch++ on the sketch's numerical range: ``tr(Q_r^T A Q_r)`` with
+    ``r' = min(r, s - 2)`` directions plus Hutchinson with the ``s - r'`` remaining
+    products on fresh probes projected off ``Q_r`` (unbiased given ``Q_r``, standard error
+    as in Hutch++; exact when ``A`` has rank ``r``). ``details["sketch_rank"]`` reports
+    ``r``; ``samples`` then holds the fallback's per-probe estimates.
 
     Memory: ``Omega``, ``Y`` and ``Q`` hold about ``3 n s = 1.5 n m`` numbers at peak on
     the sketch device, plus one block of products. Bound it with ``max_sketch_size`` and/or
@@ -144,9 +147,9 @@ def xtrace(
     gen = backend.generator(seed, operator.device)
 
     estimates, variances, samples = [], [], []
-    used, ranks = 0, []
+    used, ranks, dofs = 0, [], []
     for s in _split(min(m // 2, n), cap):
-        t, var, t_i, spent, rank = _xtrace_batch(
+        t, var, t_i, spent, rank, dof = _xtrace_batch(
             operator, backend, s, gen, distribution, store, block_size
         )
         estimates.append(t)
@@ -154,6 +157,7 @@ def xtrace(
         samples.append(t_i)
         used += spent
         ranks.append(rank)
+        dofs.append(dof)
     num_batches = len(estimates)
     estimate = float(np.mean(estimates))
     stderr = float(math.sqrt(sum(variances)) / num_batches)
@@ -170,7 +174,7 @@ def xtrace(
             "sketch_size": min(m // 2, n),
             "num_batches": num_batches,
             "sketch_rank": int(sum(ranks)),
-            "dof": min(m // 2, n) - num_batches,
+            "dof": int(sum(dofs)),
         },
     )
 
@@ -183,8 +187,8 @@ def _xtrace_batch(
     distribution: str,
     store: torch.device,
     block_size: int,
-) -> tuple[float, float, np.ndarray, int, int]:
-    """One XTrace run with ``s`` probes: ``(estimate, stderr^2, t_i, matvecs, rank)``."""
+) -> tuple[float, float, np.ndarray, int, int, int]:
+    """One XTrace run with ``s`` probes: ``(estimate, se^2, t_i, matvecs, rank, dof)``."""
     n = operator.size
     dtype = working_dtype(operator)
     improved = distribution == "gaussian"
@@ -205,7 +209,8 @@ def _xtrace_batch(
     tol = s * float(torch.finfo(dtype).eps) * float(svals[0]) if s > 0 else 0.0
     rank = int((svals > tol).sum())
     if rank < s:
-        return _rank_deficient(operator, backend, Q, R64, omega, quad, rank, block_size)
+        del omega
+        return _rank_deficient(operator, backend, Q, R64, rank, gen, distribution, block_size)
 
     H = _projected(operator, backend, Q, block_size)
     S = loo_directions(R64)
@@ -219,7 +224,7 @@ def _xtrace_batch(
     t_i = (low + resid).cpu().numpy()
     estimate = float(t_i.mean())
     var = float(t_i.var(ddof=1) / s)
-    return estimate, var, t_i, 2 * s, s
+    return estimate, var, t_i, 2 * s, s, s - 1
 
 
 def _projected(
@@ -240,26 +245,40 @@ def _rank_deficient(
     backend: LinAlgBackend,
     Q: torch.Tensor,
     R64: torch.Tensor,
-    omega: torch.Tensor,
-    quad: torch.Tensor,
     rank: int,
+    gen: torch.Generator,
+    distribution: str,
     block_size: int,
-) -> tuple[float, float, np.ndarray, int, int]:
-    """``tr(Q_r^T A Q_r)`` + mean residual form, for a sketch of numerical rank ``r``."""
-    s = omega.shape[1]
+) -> tuple[float, float, np.ndarray, int, int, int]:
+    """Hutch++ on the rank-``r`` range of a numerically rank-deficient sketch.
+
+    The leave-one-out projectors need an invertible ``R``; without one, the probes cannot
+    serve as their own residual probes either (they lie in the sketch). So the remaining
+    budget goes to fresh probes: with ``r' = min(r, s - 2)`` leading left singular vectors
+    ``Q_r = Q U_{:r'}`` of ``Y``, the estimate is ``tr(Q_r^T A Q_r)`` (``r'`` products) plus
+    Hutchinson on ``(I - Q_r Q_r^T) A (I - Q_r Q_r^T)`` with ``s - r'`` fresh probes, which
+    is unbiased given ``Q_r`` and whose standard error is the usual one (as in Hutch++).
+    Total products: ``2 s``, as for the full-rank path.
+    """
+    s = R64.shape[0]
+    n = operator.size
+    keep = min(rank, s - 2)
     U, _, _ = torch.linalg.svd(R64)
-    Qr = Q @ U[:, :rank].to(Q.dtype)
-    H = _projected(operator, backend, Qr, block_size) if rank > 0 else None
-    if H is None:
-        low = torch.zeros((), dtype=torch.float64, device=Q.device)
-        resid = quad
-    else:
-        B = (Qr.T @ omega).to(torch.float64)  # Q_r^T omega_i
-        C = U[:, :rank].T @ R64  # Q_r^T A omega_i = Q_r^T Y e_i
-        low = torch.trace(H)
-        resid = quad - 2.0 * (B * C).sum(0) + (B * (H @ B)).sum(0)
-    forms = resid.cpu().numpy()
-    t_i = float(low) + forms
+    Qr = Q @ U[:, :keep].to(Q.dtype)
+    low = torch.trace(_projected(operator, backend, Qr, block_size)) if keep > 0 else 0.0
+    fresh = s - keep
+    forms = torch.empty(fresh, dtype=torch.float64, device=Q.device)
+    for start in range(0, fresh, block_size):
+        b = min(block_size, fresh - start)
+        G = draw_columns(
+            backend, operator, b, generator=gen, dtype=Q.dtype, distribution=distribution
+        ).to(Q.device)
+        G = G - Qr @ (Qr.T @ G)
+        G = G - Qr @ (Qr.T @ G)
+        AG = operator.matmat(G.to(operator.device)).to(Q.device)
+        forms[start : start + b] = paired_dots(backend, n, G, AG)
+    samples = forms.cpu().numpy()
+    t_i = float(low) + samples
     estimate = float(t_i.mean())
-    var = float(forms.var(ddof=1) / s)
-    return estimate, var, t_i, s + rank, rank
+    var = float(samples.var(ddof=1) / fresh)
+    return estimate, var, t_i, s + keep + fresh, rank, fresh - 1
