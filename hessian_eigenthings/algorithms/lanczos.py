@@ -51,8 +51,10 @@ repeats the check otherwise. This is a probabilistic safeguard, not a proof: a c
 eigenvalue is barely separated from the ``(k+1)``-th can need more than one cycle.
 
 Breakdown: when a product lies in the span of the basis (an invariant subspace, e.g.
-``k == n``), the residual direction is dropped (its tiny norm is recorded in the residual
-bound) and a new random vector orthogonal to the basis continues the run.
+``k == n``), detected as ``||w_orth|| <= eps_vec^(3/4) ||A v_j||`` at the next check, the
+residual direction is dropped (its tiny norm is recorded in the residual bound), products
+made after it in the same check interval are discarded (still counted in
+``num_matvecs``), and a new random vector orthogonal to the basis continues the run.
 
 Host synchronisation happens once per convergence check (to read ``H``): every
 ``max(4, m // 8)`` products and at each restart, never per basis vector; the per-vector
