@@ -43,7 +43,7 @@ def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
     return mean, float(np.std(samples, ddof=1) / math.sqrt(samples.size))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TraceResult:
     """A stochastic estimate of ``tr(A)`` (or ``tr(f(A))``) with its standard error.
 
@@ -119,7 +119,7 @@ class TraceResult:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DiagonalResult:
     """A stochastic estimate of ``diag(A)`` with a per-entry standard error.
 
@@ -181,7 +181,7 @@ class DiagonalResult:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SpectralDensityResult:
     r"""Stochastic Lanczos Quadrature estimate of the spectral density of ``A``.
 

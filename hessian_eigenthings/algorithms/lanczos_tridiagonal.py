@@ -39,7 +39,7 @@ _CHECK_EVERY = 8
 _BREAKDOWN_FACTOR = 100.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LanczosTridiag:
     """Result of :func:`lanczos_tridiagonal`.
 
