@@ -152,6 +152,21 @@ def test_finite_difference_jvp_matches_oracle() -> None:
     assert_unchanged(model, snap)  # parameters restored bit for bit
 
 
+def test_analytical_path_never_differentiates_the_loss() -> None:
+    """The default path only calls .hvp: the loss value itself is never evaluated."""
+    ce = cross_entropy_loss_of_output()
+
+    def forbidden(o: torch.Tensor, b: Batch) -> torch.Tensor:
+        raise AssertionError("the loss was evaluated (a double backward path)")
+
+    loss = loss_of_output(forbidden, hvp=ce.hvp, batch_weight=ce.batch_weight)
+    model = _mlp(5)
+    data = _class_data()
+    op = GGNOperator(model, data, supervised_forward, loss, check_determinism=False)
+    want = oracle_ggn(model, data, supervised_forward, _ce, _samples)
+    assert rel_err(dense(op), want) <= 1e-9
+
+
 def test_default_path_equals_autograd_path() -> None:
     model = _mlp(3)
     data = _class_data()
