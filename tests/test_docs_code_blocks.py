@@ -3,11 +3,14 @@
 Blocks of one page run in order in one shared namespace (later blocks may use names
 defined earlier), in a temporary working directory, with matplotlib's Agg backend. A block
 is skipped only when the line right before its opening fence is an HTML comment giving
-the reason, e.g. ``<!-- skip: needs a GPU -->``; the reason is shown in the test report.
+the reason, e.g. ``<!-- skip: needs a GPU -->`` (the reason is shown in the test report),
+or ``<!-- requires: transformer_lens -->``, which runs the block when the named modules are
+importable and skips it, naming them, when they are not.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^\n`]*)$")
 SKIP = re.compile(r"^\s*<!--\s*skip:\s*(?P<reason>.+?)\s*-->\s*$")
+REQUIRES = re.compile(r"^\s*<!--\s*requires:\s*(?P<modules>[\w., ]+?)\s*-->\s*$")
 
 
 @dataclass
@@ -53,10 +57,14 @@ def extract_blocks(path: Path) -> list[Block]:
         if not _is_python(info):
             continue
         prev = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
-        skip = SKIP.match(prev)
-        blocks.append(
-            Block(path, start + 1, "\n".join(body) + "\n", skip["reason"] if skip else None)
-        )
+        reason = None
+        if skip := SKIP.match(prev):
+            reason = skip["reason"]
+        elif requires := REQUIRES.match(prev):
+            mods = [m.strip() for m in requires["modules"].split(",") if m.strip()]
+            missing = [m for m in mods if importlib.util.find_spec(m) is None]
+            reason = f"needs {', '.join(missing)} (not installed)" if missing else None
+        blocks.append(Block(path, start + 1, "\n".join(body) + "\n", reason))
     return blocks
 
 
@@ -81,6 +89,17 @@ def test_extractor_finds_and_skips(tmp_path: Path) -> None:
     assert [b.code for b in blocks] == ["x = 1\n", "raise SystemExit\n", "y = x + 1\n"]
     assert [b.skip_reason for b in blocks] == [None, "needs a GPU", None]
     assert [b.line for b in blocks] == [3, 8, 18]
+
+
+def test_requires_marker(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- requires: json -->\n```python\na = 1\n```\n"
+        "<!-- requires: json, surely_not_a_module_xyz -->\n```python\nb = 2\n```\n",
+        encoding="utf-8",
+    )
+    reasons = [b.skip_reason for b in extract_blocks(page)]
+    assert reasons == [None, "needs surely_not_a_module_xyz (not installed)"]
 
 
 def test_readme_has_a_runnable_block() -> None:
