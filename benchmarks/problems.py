@@ -122,7 +122,7 @@ def _train(model: nn.Module, batches: list[Batch], steps: int, lr: float) -> Non
 
 
 def _mlp(smoke: bool, dtype: torch.dtype, ragged: bool) -> Problem:
-    n, hidden, bs = (512, 16, 256) if smoke else (1536, 32, 512)
+    n, hidden, bs = (512, 16, 256) if smoke else (1024, 32, 512)
     if ragged:  # same model, batches of 512 with a short last one
         n, bs = (448, 192) if smoke else (1797, 512)
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def _mlp(smoke: bool, dtype: torch.dtype, ragged: bool) -> Problem:
 
 
 def _cnn(smoke: bool, dtype: torch.dtype) -> Problem:
-    n, c1, c2, bs = (512, 2, 4, 256) if smoke else (1536, 4, 8, 512)
+    n, c1, c2, bs = (512, 2, 4, 256) if smoke else (512, 4, 8, 256)
     torch.manual_seed(1)
     x, y = _digits(n, torch.float64)
     x = x.reshape(n, 1, 8, 8)

@@ -308,3 +308,17 @@ def test_render_markdown_from_partial_results():
     assert "| mlp_digits | 1.0e-09 / 40 | not installed |" in md
     assert "| mlp_digits | 2.50 | not installed |" in md
     assert "gpt2_tiny skipped" in md
+
+
+def test_self_check_flags_our_errors_and_out_of_bound_numbers():
+    good = {"kind": "hvp", "op": "hessian", "status": "ok", "rel_err_vs_fd": 1e-12}
+    data = {"problems": {"p": {"peers": {"peer_ours": {"available": None, "tasks": [good]}}}}}
+    assert C.self_check(data) == []
+    bad = {"kind": "eig", "status": "ok", "max_rel_err": 0.3}
+    broken = {"kind": "slq", "status": "error", "error": "ValueError: boom"}
+    data["problems"]["p"]["peers"]["peer_ours"]["tasks"] += [bad, broken]
+    # a peer's bad numbers are reported, never checked
+    data["problems"]["p"]["peers"]["peer_curvlinops"] = {"available": None, "tasks": [bad]}
+    failures = C.self_check(data)
+    assert len(failures) == 2
+    assert "max_rel_err" in failures[0] and "boom" in failures[1]

@@ -188,7 +188,8 @@ def _run_one(adapter: ModuleType, problem: P.Problem, task: dict[str, Any]) -> d
         return {"peak_rss_delta_mib": peak_rss_delta_mib(lambda: mv(v))}
     if kind == "eig":
         t0 = time.perf_counter()
-        out = adapter.top_eigs(problem, task["k"], task["tol"], task["seed"])
+        extra = {"max_iter": task["max_iter"]} if "max_iter" in task else {}
+        out = adapter.top_eigs(problem, task["k"], task["tol"], task["seed"], **extra)
         out["seconds"] = time.perf_counter() - t0
         return out
     if kind == "trace":
