@@ -64,11 +64,11 @@ class LossOfOutput:
         """``H_loss u`` for the loss Hessian with respect to the output.
 
         Raises:
-            NotImplementedError: This loss has no closed form; build the GGN with
+            TypeError: This loss has no closed form; build the GGN with
                 ``loss_hvp="autograd"``.
         """
         if self._hvp is None:
-            raise NotImplementedError(
+            raise TypeError(
                 f"Loss {self.name!r} has no analytical .hvp. Use GGNOperator(..., "
                 "loss_hvp='autograd'), or attach one with loss_of_output(fn, hvp=...)."
             )

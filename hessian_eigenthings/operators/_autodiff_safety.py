@@ -148,10 +148,11 @@ def _hvp_of(
     direction: list[torch.Tensor],
 ) -> torch.Tensor:
     xs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    loss = (weights * call(fn, *xs).square()).sum()
-    grads = torch.autograd.grad(loss, xs, create_graph=True)
-    dot = torch.stack([(g * d).sum() for g, d in zip(grads, direction)]).sum()
-    hv = torch.autograd.grad(dot, xs)
+    with torch.enable_grad():  # the probe may first run inside the caller's no_grad()
+        loss = (weights * call(fn, *xs).square()).sum()
+        grads = torch.autograd.grad(loss, xs, create_graph=True)
+        dot = torch.stack([(g * d).sum() for g, d in zip(grads, direction)]).sum()
+        hv = torch.autograd.grad(dot, xs)
     return torch.cat([h.reshape(-1) for h in hv])
 
 

@@ -208,7 +208,7 @@ class DataCurvatureOperator(CurvatureOperator):
                     flat = self._flat_product(mb, vs, vec)
                     if isinstance(w, torch.Tensor):
                         # zero-weight pieces (all tokens ignored) may produce NaN: drop them
-                        flat = torch.where(w > 0, flat * w.to(vec.dtype), torch.zeros_like(flat))
+                        flat.mul_(w.to(flat.dtype)).masked_fill_(w <= 0, 0.0)
                     elif w != 1:
                         flat.mul_(w)
                     total = flat if total is None else total.add_(flat)
