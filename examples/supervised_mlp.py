@@ -17,8 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from hessian_eigenthings import HessianOperator, trace
-from hessian_eigenthings.algorithms.lanczos import lanczos
+from hessian_eigenthings import HessianOperator, lanczos, trace
 
 
 def make_data(num_samples: int, dim: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
