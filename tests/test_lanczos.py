@@ -119,28 +119,39 @@ def test_hessian_like_top_k_by_magnitude(
         assert torch.linalg.vector_norm(space.T @ vec) > 1 - 1e-8
 
 
-@pytest.mark.parametrize("k", [4, 5, 6])
+@pytest.mark.parametrize("k", [4, 5, 6, 10])
 def test_triple_eigenvalue_found_with_its_multiplicity(
     hessian_like: tuple[torch.Tensor, np.ndarray], k: int
 ) -> None:
-    """k cuts through / covers the eigenvalue 30 of multiplicity 3: every copy appears."""
+    """k cuts through / covers the eigenvalue 30 of multiplicity 3: every copy appears.
+
+    The callback shows the mechanism: when all k Ritz pairs first converge, copies of 30
+    are still missing (a single-vector Krylov space sees one direction of the eigenspace,
+    the others only through rounding); the verification vectors find them. ARPACK
+    misses them here (see docs/benchmarks/lanczos_vs_arpack.md).
+    """
     a, evals = hessian_like
-    res = lanczos(_op(a), k=k, which="LM", seed=3)
+    first: list[int] = []
+
+    def count(p: LanczosProgress) -> None:
+        if bool(p.converged.all()) and not first:
+            first.append(int(np.isclose(p.ritz_values.numpy(), 30.0, rtol=1e-8).sum()))
+
+    res = lanczos(_op(a), k=k, which="LM", seed=0, callback=count)
     expected = _top(evals, k, "LM")
     _check_pairs(a, res, expected, rtol=1e-8)
-    assert int(np.sum(np.isclose(res.eigenvalues.numpy(), 30.0, rtol=1e-8))) == k - 3
+    copies = int(np.isclose(res.eigenvalues.numpy(), 30.0, rtol=1e-8).sum())
+    assert copies == min(3, k - 3)
+    assert first[0] <= copies
+    if k >= 5:
+        assert first[0] < copies  # found by the verification cycle
     # The copies are distinct directions (no duplicate vectors).
     v = res.eigenvectors.to(F64)
     assert torch.allclose(v @ v.T, torch.eye(k, dtype=F64), atol=1e-10)
 
 
-def test_exact_multiplicity_needs_verification() -> None:
-    """A diagonal operator: Krylov spaces see one direction per eigenvalue exactly.
-
-    Without the verification restarts a single-vector Krylov method returns each
-    repeated eigenvalue once (exact arithmetic on a diagonal matrix has no rounding
-    noise to seed the other copies). The answer must still be [5, 5, 5, 4, 4].
-    """
+def test_exact_multiplicity_small_diagonal() -> None:
+    """Repeated eigenvalues of a diagonal operator (exact products): [5, 5, 5, 4, 4]."""
     lam = torch.cat(
         [torch.full((3,), 5.0), torch.full((4,), 4.0), torch.linspace(0.0, 1.0, 193)]
     ).to(F64)
