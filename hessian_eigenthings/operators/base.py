@@ -7,6 +7,8 @@ normalises precision; subclasses implement the private :meth:`_matvec` only.
 
 from __future__ import annotations
 
+import functools
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +23,10 @@ if TYPE_CHECKING:
 __all__ = ["CurvatureOperator"]
 
 
+@functools.cache
 def _precision_rank(dtype: torch.dtype) -> int:
     """Number of mantissa bits, used to order floating dtypes by precision."""
-    return int(-torch.log2(torch.tensor(torch.finfo(dtype).eps, dtype=torch.float64)))
+    return round(-math.log2(torch.finfo(dtype).eps))
 
 
 class CurvatureOperator(ABC):
