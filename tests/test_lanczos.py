@@ -344,3 +344,18 @@ def test_single_pass_orthogonalisation_still_accurate(
     res = lanczos(_op(a), k=5, seed=0, reorthogonalize=False)
     _check_pairs(a, res, _top(evals, 5, "LM"), rtol=1e-6)
     assert res.all_converged
+
+
+def test_rank_one_and_zero_operators() -> None:
+    """Immediate breakdowns: the Krylov space of a rank-one operator has dimension 2."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(40, generator=g, dtype=F64)
+    u = u / u.norm()
+    rank1 = LambdaOperator(lambda v: 7.0 * u * (u @ v), 40, dtype=F64)
+    res = lanczos(rank1, k=3, seed=0)
+    assert res.all_converged
+    np.testing.assert_allclose(res.eigenvalues.numpy(), [7.0, 0.0, 0.0], atol=1e-12)
+    assert abs(abs(float(res.eigenvectors[0] @ u)) - 1.0) < 1e-12
+    zero = LambdaOperator(lambda v: 0.0 * v, 40, dtype=F64)
+    res = lanczos(zero, k=2, seed=0)
+    assert res.all_converged and torch.equal(res.eigenvalues, torch.zeros(2, dtype=F64))
