@@ -10,8 +10,8 @@ restarting of the Davidson, and the implicitly restarted Arnoldi methods", SISC 
 1. Keep an orthonormal basis ``V = [v_1, ..., v_p]`` (rows of one matrix). The first ``q``
    vectors have been multiplied by ``A``; the remaining ``p - q`` are *pending* (the
    residual directions still to be expanded). Every product is orthogonalised against the
-   whole basis by classical Gram-Schmidt, twice ("twice is enough": Kahan, in Parlett,
-   *The Symmetric Eigenvalue Problem*, 1998, sec. 6.9; Giraud, Langou & Rozloznik 2005),
+   whole basis by classical Gram-Schmidt, twice ("twice is enough": Kahan, reported in
+   Parlett, *The Symmetric Eigenvalue Problem*, 1998; Giraud, Langou & Rozloznik 2005),
    which keeps ``V`` orthonormal to working precision and so rules out the ghost copies
    of plain Lanczos. The coefficients form ``H = V_p^T A V_q`` (``p x q``), and
 
