@@ -422,3 +422,27 @@ def test_analyze_psd_operators(
     assert all(eig["converged"]) and min(eig["eigenvalues"]) > 0  # PSD, nonzero top pairs
     assert results["trace"]["estimate"] >= sum(eig["eigenvalues"]) - 5 * results["trace"]["stderr"]
     assert f"Top-2 {'GGN' if operator == 'ggn' else 'Fisher'} eigenvalues" in captured.out
+
+
+def test_missing_matplotlib_fails_before_computing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name == "matplotlib" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert main(["demo", "--out", str(tmp_path / "d")]) == EXIT_BAD_INPUT
+    assert "pip install 'hessian-eigenthings[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing was computed or written
+
+
+def test_analyze_nothing_to_compute_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["analyze", "--model", str(tmp_path), "--text", "t.txt", "--k", "0"]
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "nothing to compute" in capsys.readouterr().err

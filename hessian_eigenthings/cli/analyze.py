@@ -267,13 +267,19 @@ def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> dict[str, An
     from hessian_eigenthings.algorithms.lanczos import lanczos
     from hessian_eigenthings.algorithms.spectral_density import spectral_density
     from hessian_eigenthings.algorithms.trace import trace
-    from hessian_eigenthings.cli.figures import save_eigenvalue_figure, save_spectrum_figure
+    from hessian_eigenthings.cli.figures import (
+        require_matplotlib,
+        save_eigenvalue_figure,
+        save_spectrum_figure,
+    )
 
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {str(out_dir)!r} exists and is not a directory")
     if args.k == 0 and not args.trace and not args.density:
         raise BadInput("nothing to compute: --k 0 without --trace or --density")
+    if args.k > 0 or args.density:
+        require_matplotlib()
     device = resolve_device(args.device)
     dtype = _DTYPES[args.dtype]
     text = read_text(args.text)

@@ -159,11 +159,12 @@ def _run(out_dir: Path, k: int, seed: int, reporter: Reporter) -> dict[str, Any]
     from hessian_eigenthings.algorithms.lanczos import lanczos
     from hessian_eigenthings.algorithms.spectral_density import spectral_density
     from hessian_eigenthings.algorithms.trace import trace
-    from hessian_eigenthings.cli.figures import save_spectrum_figure
+    from hessian_eigenthings.cli.figures import require_matplotlib, save_spectrum_figure
     from hessian_eigenthings.loss_fns.standard import cross_entropy_loss_of_output
     from hessian_eigenthings.operators.ggn import GGNOperator
     from hessian_eigenthings.operators.hessian import HessianOperator
 
+    require_matplotlib()
     data = load_digits_data(seed)
     t0 = time.perf_counter()
     model = train_classifier(data, seed)

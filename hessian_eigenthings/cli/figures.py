@@ -6,6 +6,7 @@ backend is ever selected: the command works on headless machines and in CI.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,25 @@ import torch
 
 from hessian_eigenthings.cli.errors import BadInput
 
-__all__ = ["save_eigenvalue_figure", "save_spectrum_figure"]
+__all__ = ["require_matplotlib", "save_eigenvalue_figure", "save_spectrum_figure"]
 
 _MARK_COLORS = ("tab:red", "tab:orange", "tab:green", "tab:purple")
 
 
+def require_matplotlib() -> None:
+    """Fail early (before any computation) when matplotlib is missing.
+
+    Raises:
+        BadInput: matplotlib is not installed.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BadInput("figures need matplotlib: pip install 'hessian-eigenthings[plot]'")
+
+
 def _figure(width: float = 7.0, height: float = 4.2) -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise BadInput("figures need matplotlib: pip install 'hessian-eigenthings[plot]'") from err
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), layout="constrained")
 
 
