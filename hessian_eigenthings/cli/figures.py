@@ -7,7 +7,8 @@ backend is ever selected: the command works on headless machines and in CI.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,12 @@ def save_spectrum_figure(
     fig = _figure()
     ax = fig.add_subplot()
     density.plot(ax=ax)
+    log_axis = getattr(density, "scale", "linear") == "log"
     for (label, values), color in zip((eigenvalues or {}).items(), _MARK_COLORS):
-        for j, lam in enumerate(_values(values)):
+        marks = _values(values)
+        if log_axis:  # the density's axis is log10|lambda|
+            marks = [math.log10(abs(lam)) for lam in marks if lam != 0.0]
+        for j, lam in enumerate(marks):
             ax.axvline(
                 lam, color=color, ls="--", lw=1.0, alpha=0.8, label=label if j == 0 else None
             )
@@ -99,14 +104,16 @@ def save_eigenvalue_figure(
     Returns:
         ``path``.
     """
+    from matplotlib.ticker import MaxNLocator
+
+    from hessian_eigenthings.plotting import plot_eigenvalues
+
     fig = _figure()
     ax = fig.add_subplot()
-    offsets: Sequence[float] = [0.0] if len(series) == 1 else [-0.1, 0.1, 0.0, 0.2]
-    for (label, (vals, errs)), dx in zip(series.items(), offsets):
-        v, e = _values(vals), _values(errs)
-        idx = [i + 1 + dx for i in range(len(v))]
-        ax.errorbar(idx, v, yerr=e, fmt="o", capsize=4, label=label)
-    ax.set_xlabel("index (largest first)")
+    for label, (vals, errs) in series.items():
+        plot_eigenvalues(_values(vals), _values(errs), ax=ax, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("index (0 = largest)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
