@@ -347,6 +347,10 @@ def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> dict[str, An
             "residuals": eig.residuals,
             "converged": eig.converged,
             "iterations": eig.iterations,
+            "num_matvecs": eig.num_matvecs,
+            "which": eig.which,
+            "tol": eig.tol,
+            "seed": eig.seed,
         }
         save_eigenvalue_figure(
             {label: (eig.eigenvalues, eig.residuals)},

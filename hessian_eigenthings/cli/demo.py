@@ -126,6 +126,10 @@ def _eigen_dict(result: Any) -> dict[str, Any]:
         "residuals": result.residuals,
         "converged": result.converged,
         "iterations": result.iterations,
+        "num_matvecs": result.num_matvecs,
+        "which": result.which,
+        "tol": result.tol,
+        "seed": result.seed,
     }
 
 
