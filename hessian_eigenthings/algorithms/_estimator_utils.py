@@ -14,6 +14,7 @@ from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = [
     "DISTRIBUTIONS",
+    "agree_seed",
     "apply_columns",
     "check_block_size",
     "check_distribution",
@@ -92,6 +93,16 @@ def resolve_seed(seed: object) -> int:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
     return seed
+
+
+def agree_seed(seed: int, backend: LinAlgBackend, device: torch.device) -> int:
+    """The seed every process of a distributed backend uses: rank 0's (``seed`` alone).
+
+    With ``seed=None`` each process draws its own fresh seed; passing it through
+    ``backend.all_agree`` (a broadcast for distributed backends, the identity otherwise)
+    makes every rank draw the same probes and record the same ``result.seed``.
+    """
+    return int(backend.all_agree(torch.tensor(seed, dtype=torch.int64, device=device)))
 
 
 def working_dtype(operator: CurvatureOperator) -> torch.dtype:

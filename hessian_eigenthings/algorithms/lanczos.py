@@ -56,6 +56,17 @@ residual direction is dropped (its tiny norm is recorded in the residual bound),
 made after it in the same check interval are discarded (still counted in
 ``num_matvecs``), and a new random vector orthogonal to the basis continues the run.
 
+Long runs (see ``docs/concepts/long-runs.md``): ``checkpoint=`` writes the whole
+:class:`LanczosState` (basis, projected matrix, counters, residual-bound terms, generator
+state) at the top of the run's loop, at most every ``checkpoint_every`` products or
+``checkpoint_seconds`` seconds; a resumed call continues with exactly the same
+floating-point operations, so its result equals the uninterrupted run's bit for bit.
+``time_limit=`` stops at the next check and returns the current Ritz pairs with honest
+flags (``stop_reason="time_limit"``). A non-finite product is detected at the next check
+(or at once by data operators); the state is rolled back to the products before it and a
+:class:`~hessian_eigenthings.algorithms.errors.NonFiniteError` carrying the Ritz pairs of
+that clean state (``err.partial``) is raised.
+
 Host synchronisation happens once per convergence check (to read ``H``): every
 ``max(4, m // 8)`` products and at each restart, never per basis vector; the per-vector
 work (matvec, Gram-Schmidt, norms) stays on the device.
@@ -64,11 +75,21 @@ work (matvec, Gram-Schmidt, norms) stays on the device.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from hessian_eigenthings.algorithms._deadline import Deadline
+from hessian_eigenthings.algorithms._estimator_utils import agree_seed
+from hessian_eigenthings.algorithms.checkpoint import (
+    Checkpointer,
+    generator_state,
+    restore_generator,
+)
+from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.results import EigenResult
 from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -175,6 +196,36 @@ class LanczosState:
     reference: torch.Tensor | None = None
     since_verification: int = -1
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as CPU tensors and plain numbers (what a checkpoint stores)."""
+        return {
+            "basis": self.basis.cpu(),
+            "projected": self.projected.cpu(),
+            "num_processed": self.num_processed,
+            "num_basis": self.num_basis,
+            "num_matvecs": self.num_matvecs,
+            "restarts": self.restarts,
+            "seed": self.seed,
+            "generator": generator_state(self.generator),
+            "dropped": [t.clone() for t in self.dropped],
+            "reference": None if self.reference is None else self.reference.clone(),
+            "since_verification": self.since_verification,
+        }
+
+    def load_dict(self, data: dict[str, Any]) -> None:
+        """Restore the fields saved by :meth:`to_dict` (tensors onto this state's devices)."""
+        self.basis = data["basis"].to(self.basis.device)
+        self.projected = data["projected"].to(self.projected.device)
+        self.num_processed = int(data["num_processed"])
+        self.num_basis = int(data["num_basis"])
+        self.num_matvecs = int(data["num_matvecs"])
+        self.restarts = int(data["restarts"])
+        self.seed = int(data["seed"])
+        restore_generator(self.generator, data["generator"])
+        self.dropped = list(data["dropped"])
+        self.reference = data["reference"]
+        self.since_verification = int(data["since_verification"])
+
 
 @dataclass
 class _Ritz:
@@ -257,6 +308,7 @@ class _Lanczos:
         seed: int,
         vector_dtype: torch.dtype,
         reorthogonalize: bool,
+        basis_device: torch.device,
     ) -> None:
         self.op = operator
         self.backend = backend
@@ -276,7 +328,8 @@ class _Lanczos:
         self.eps = eps
         self.breakdown_tol = eps**0.75
         self.floor_factor = eps ** (1.0 / 3.0)
-        device = operator.device
+        device = basis_device
+        self.basis_device = basis_device
         n_local = backend.local_size(self.n)
         capacity = self.m + 2
         self.state = LanczosState(
@@ -287,7 +340,7 @@ class _Lanczos:
             num_matvecs=0,
             restarts=0,
             seed=seed,
-            generator=backend.generator(seed, device),
+            generator=backend.generator(seed, operator.device),
         )
         self._add_random_vector()
 
@@ -322,7 +375,7 @@ class _Lanczos:
         self._ensure_capacity(p + 1)
         r = self.backend.random(
             self.n, generator=st.generator, dtype=self.dtype, device=self.op.device
-        )
+        ).to(self.basis_device)
         if p > 0:
             r, _ = self._orthogonalize(r, p)
             r, _ = self._orthogonalize(r, p)
@@ -330,14 +383,23 @@ class _Lanczos:
         st.projected[p].zero_()
         st.num_basis = p + 1
 
-    def _expand(self, steps: int) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """Multiply the next ``steps`` pending vectors; return per-step breakdown data."""
+    def _expand(
+        self, steps: int
+    ) -> tuple[list[tuple[int, int, torch.Tensor, torch.Tensor]], NonFiniteError | None]:
+        """Multiply the next ``steps`` pending vectors; return per-step breakdown data.
+
+        A :class:`NonFiniteError` raised by the operator stops the expansion and is
+        returned (the state holds the products before it).
+        """
         st = self.state
-        log = []
+        log: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         for _ in range(steps):
             j, p = st.num_processed, st.num_basis
             self._ensure_capacity(p + 1)
-            w = self.op.matvec(st.basis[j])
+            try:
+                w = self.op.matvec(st.basis[j].to(self.op.device)).to(self.basis_device)
+            except NonFiniteError as err:
+                return log, err
             st.num_matvecs += 1
             w_norm = self.backend.norm(w)
             w, coef = self._orthogonalize(w, p)
@@ -349,20 +411,31 @@ class _Lanczos:
             st.basis[p] = w / beta.clamp_min(tiny)
             st.num_processed, st.num_basis = j + 1, p + 1
             log.append((j, p, beta, w_norm))
-        return log
+        return log, None
 
     # -- host side (float64, once per check) --------------------------------------------
 
-    def _handle_breakdown(self, log: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
-        """Truncate the cycle at the first product that lay in the span of the basis."""
+    def _handle_breakdown(
+        self,
+        log: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+        operator_error: NonFiniteError | None = None,
+    ) -> None:
+        """Truncate the cycle at the first product that lay in the span of the basis.
+
+        A non-finite product (or ``operator_error``) rolls the state back to the
+        products before it and raises :class:`NonFiniteError` with the partial result.
+        """
         if not log:
+            if operator_error is not None:
+                self._raise_non_finite(operator_error, None)
             return
         norms = torch.stack([torch.stack([b, a]) for _, _, b, a in log]).to("cpu", torch.float64)
-        if not torch.isfinite(norms).all():
-            raise FloatingPointError(
-                f"{type(self.op).__name__}.matvec produced non-finite values (inf/nan) during "
-                "Lanczos; check the model's loss and parameters for overflow at this point."
-            )
+        finite = torch.isfinite(norms).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            self._raise_non_finite(operator_error, log[bad], len(log) - bad)
+        if operator_error is not None:
+            self._raise_non_finite(operator_error, None)
         broken = (norms[:, 0] <= self.breakdown_tol * norms[:, 1]).nonzero()
         if broken.numel() == 0:
             return
@@ -381,12 +454,53 @@ class _Lanczos:
         if st.num_basis == st.num_processed and st.num_basis < self.n:
             self._add_random_vector()
 
+    def _raise_non_finite(
+        self,
+        operator_error: NonFiniteError | None,
+        bad_step: tuple[int, int, torch.Tensor, torch.Tensor] | None,
+        discarded: int = 0,
+    ) -> None:
+        st = self.state
+        if bad_step is not None:
+            # Products from the bad one on never reach the result: roll back to before it.
+            j, p = bad_step[0], bad_step[1]
+            first_bad = st.num_matvecs - discarded + 1
+            st.num_processed, st.num_basis = j, p
+            st.projected[p:].zero_()
+            st.projected[:, j:].zero_()
+            cause = (
+                f"{type(self.op).__name__}.matvec returned non-finite values (inf/nan) at "
+                f"product {first_bad} of this Lanczos run"
+            )
+        else:
+            first_bad = st.num_matvecs + 1
+            cause = f"Lanczos product {first_bad} failed: {operator_error}"
+        partial = None
+        if st.num_processed >= self.k:
+            ritz = self._ritz()
+            conv = ritz.residuals[: self.k] <= self.tol * ritz.scale[: self.k]
+            partial = self._result(ritz, conv, "non_finite")
+        where = (
+            f"err.partial holds the Ritz pairs of the {st.num_processed} clean products before "
+            "it (converged flags as computed)"
+            if partial is not None
+            else f"fewer than k = {self.k} clean products were made, so err.partial is None"
+        )
+        raise NonFiniteError(
+            f"{cause}; {where}. Check the model's loss and parameters for overflow (e.g. a "
+            "bf16 model) or a bad batch.",
+            partial=partial,
+            matvec=first_bad,
+            batch_index=None if operator_error is None else operator_error.batch_index,
+            param_names=() if operator_error is None else operator_error.param_names,
+        ) from operator_error
+
     def _ritz(self) -> _Ritz:
         st = self.state
         q, p = st.num_processed, st.num_basis
         h = st.projected[:p, :q].to("cpu")
         if not torch.isfinite(h).all():
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"{type(self.op).__name__}.matvec produced non-finite values (inf/nan) during "
                 "Lanczos; check the model's loss and parameters for overflow at this point."
             )
@@ -439,19 +553,44 @@ class _Lanczos:
             out.append(padded)
         return out
 
-    def run(self, callback: Callable[[LanczosProgress], None] | None) -> EigenResult:
+    def run(
+        self,
+        callback: Callable[[LanczosProgress], None] | None,
+        checkpointer: Checkpointer | None = None,
+        deadline: Deadline | None = None,
+    ) -> EigenResult:
+        result = self._loop(callback, checkpointer, deadline)
+        if checkpointer is not None and result.stop_reason != "time_limit":
+            checkpointer.finish()
+        return result
+
+    def _loop(
+        self,
+        callback: Callable[[LanczosProgress], None] | None,
+        checkpointer: Checkpointer | None,
+        deadline: Deadline | None,
+    ) -> EigenResult:
         st = self.state
         k = self.k
         while True:
+            # Top of the loop: the whole run is in self.state (saved and resumed here).
+            if deadline is not None and st.num_processed >= k and deadline.expired(self.op.device):
+                if checkpointer is not None:
+                    checkpointer.save(st.num_matvecs, st.to_dict())
+                ritz = self._ritz()
+                conv = ritz.residuals[:k] <= self.tol * ritz.scale[:k]
+                return self._result(ritz, conv, "time_limit")
+            if checkpointer is not None:
+                checkpointer.maybe_save(st.num_matvecs, st.to_dict)
             steps = min(
                 self.m - st.num_processed,
                 self.max_matvecs - st.num_matvecs,
                 self.check_every,
             )
-            log = self._expand(steps) if steps > 0 else []
+            log, operator_error = self._expand(steps) if steps > 0 else ([], None)
             if st.since_verification >= 0:
                 st.since_verification += len(log)
-            self._handle_breakdown(log)
+            self._handle_breakdown(log, operator_error)
             if st.num_processed < k:
                 if st.num_matvecs >= self.max_matvecs:
                     raise RuntimeError(
@@ -475,7 +614,8 @@ class _Lanczos:
                 )
             exhausted = st.num_processed >= self.n
             if exhausted or st.num_matvecs >= self.max_matvecs:
-                return self._result(ritz, conv)
+                reason = "converged" if bool(conv.all()) else "max_iter"
+                return self._result(ritz, conv, "exhausted" if exhausted else reason)
             if bool(conv.all()):
                 if st.reference is None or not self._unchanged(ritz, st.reference):
                     # (Re)start verification: a fresh random direction joins the basis.
@@ -487,7 +627,7 @@ class _Lanczos:
                     st.since_verification = 0
                     continue
                 if st.since_verification >= self.verify_steps or st.num_basis >= self.n:
-                    return self._result(ritz, conv)
+                    return self._result(ritz, conv, "converged")
             if st.num_processed >= self.m:
                 self._restart(ritz)
 
@@ -495,7 +635,7 @@ class _Lanczos:
         delta = (ritz.values[: self.k] - reference).abs()
         return bool((delta <= 2 * self.tol * ritz.scale[: self.k]).all())
 
-    def _result(self, ritz: _Ritz, conv: torch.Tensor) -> EigenResult:
+    def _result(self, ritz: _Ritz, conv: torch.Tensor, stop_reason: str) -> EigenResult:
         st = self.state
         q, k = st.num_processed, self.k
         s_k = ritz.vectors[:, :k].to(device=st.basis.device, dtype=self.dtype)
@@ -511,6 +651,7 @@ class _Lanczos:
             tol=self.tol,
             seed=st.seed,
             method="lanczos",
+            stop_reason=stop_reason,
         )
 
 
@@ -527,6 +668,11 @@ def lanczos(
     callback: Callable[[LanczosProgress], None] | None = None,
     basis_size: int | None = None,
     vector_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
+    time_limit: float | None = None,
 ) -> EigenResult:
     r"""Top-``k`` eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -560,7 +706,27 @@ def lanczos(
             ``k + 0.7 (m - k)`` Ritz vectors.
         vector_dtype: Dtype of the Lanczos vectors; default the operator's dtype, or
             float32 for bfloat16/float16 operators (vectors in higher precision than the
-            model, the products are taken in the operator's dtype).
+            model, the products are taken in the operator's dtype). A dtype less precise
+            than the operator's is refused: Gram-Schmidt against a rounded basis leaves it
+            orthonormal only to that precision, and the residual bounds would not hold.
+        basis_device: Device that holds the basis (and the projected matrix); default
+            the operator's. ``"cpu"`` with a GPU operator keeps the ``(m + 2) n`` basis in
+            host memory; cost per product: one vector copied to the GPU and one back
+            (``2 n`` entries over PCIe) and the Gram-Schmidt work (``4 p n`` flops for two
+            passes) done on the CPU. Eigenvectors are returned on this device.
+        checkpoint: Path of a checkpoint file (see
+            :mod:`~hessian_eigenthings.algorithms.checkpoint`). If it exists and matches
+            this operator and these arguments, the run resumes from it (bit for bit the
+            same result as an uninterrupted run); it is deleted when the run finishes and
+            kept when ``time_limit`` stops it.
+        checkpoint_every: Write the checkpoint every this many products (rounded up to
+            the next convergence check).
+        checkpoint_seconds: Write it when this many seconds passed since the last write
+            (default 300 when neither interval is given).
+        time_limit: Wall-clock seconds; when passed (checked at every convergence check,
+            once ``k`` products exist), the current Ritz pairs are returned with their
+            honest ``converged`` flags and ``stop_reason="time_limit"`` (and the
+            checkpoint, if any, is written so that calling again continues).
 
     Returns:
         An :class:`~hessian_eigenthings.algorithms.results.EigenResult` ordered by
@@ -575,7 +741,10 @@ def lanczos(
         TypeError: ``operator`` is not a CurvatureOperator, or ``seed`` not an int.
         ValueError: Non-symmetric operator, ``k`` outside ``[1, n]``, unknown ``which``,
             ``max_iter < k``, or ``tol`` outside ``(0, 1)``.
-        FloatingPointError: The operator produced inf/nan.
+        NonFiniteError: The operator produced inf/nan (a ``FloatingPointError`` and
+            ``ValueError``); ``err.partial`` holds the Ritz pairs computed before it.
+        CheckpointMismatchError: ``checkpoint`` belongs to another operator or arguments.
+        CorruptCheckpointError: ``checkpoint`` is truncated or corrupt.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
@@ -593,16 +762,44 @@ def lanczos(
         )
     n = operator.size
     m = basis_size if basis_size is not None else default_basis_size(k, n)
+    backend = backend or operator.backend
+    deadline = Deadline(time_limit)
+    tol_ = float(tol) if tol is not None else default_tol(operator.dtype, vdtype)
+    max_matvecs = max_iter if max_iter is not None else 100 * m
+    bdevice = operator.device if basis_device is None else torch.device(basis_device)
+    checkpointer = Checkpointer.create(
+        checkpoint,
+        checkpoint_every,
+        checkpoint_seconds,
+        algorithm="lanczos",
+        operator=operator,
+        backend=backend,
+        config={
+            "k": k,
+            "which": which,
+            "max_iter": max_matvecs,
+            "tol": tol_,
+            "seed": seed,
+            "reorthogonalize": reorthogonalize,
+            "basis_size": m,
+            "vector_dtype": vdtype,
+        },
+    )
     solver = _Lanczos(
         operator,
-        backend or operator.backend,
+        backend,
         k=k,
         which=which,
         basis_size=m,
-        max_matvecs=max_iter if max_iter is not None else 100 * m,
-        tol=float(tol) if tol is not None else default_tol(operator.dtype, vdtype),
-        seed=fresh_seed() if seed is None else seed,
+        max_matvecs=max_matvecs,
+        tol=tol_,
+        seed=agree_seed(fresh_seed() if seed is None else seed, backend, operator.device),
         vector_dtype=vdtype,
         reorthogonalize=reorthogonalize,
+        basis_device=bdevice,
     )
-    return solver.run(callback)
+    if checkpointer is not None:
+        saved = checkpointer.load()
+        if saved is not None:
+            solver.state.load_dict(saved)
+    return solver.run(callback, checkpointer, deadline)

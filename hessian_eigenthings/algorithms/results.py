@@ -53,6 +53,11 @@ class EigenResult:
         tol: Relative-residual tolerance the flags refer to.
         seed: Seed of the random start vector(s); reruns with it reproduce the result.
         method: Name of the solver that produced the result.
+        stop_reason: Why the run stopped: ``"converged"``, ``"max_iter"`` (matvec budget
+            spent), ``"exhausted"`` (the basis spans the whole space), ``"time_limit"``
+            (``time_limit=`` passed; partial result), ``"non_finite"`` (the partial result
+            carried by a :class:`~hessian_eigenthings.algorithms.errors.NonFiniteError`),
+            or ``""`` when the solver does not record it.
     """
 
     eigenvalues: torch.Tensor
@@ -65,6 +70,7 @@ class EigenResult:
     tol: float | None = None
     seed: int | None = None
     method: str = ""
+    stop_reason: str = ""
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Unpack as ``eigenvalues, eigenvectors = result``."""

@@ -1,0 +1,366 @@
+r"""Checkpoint files of long algorithm runs: atomic, self-describing, checksummed.
+
+A run with ``checkpoint="run.ckpt"`` writes its complete state every
+``checkpoint_every`` products and/or every ``checkpoint_seconds`` seconds; a later call
+with the same arguments and the same path resumes from it and returns the same result,
+bit for bit, as an uninterrupted run (the state holds every tensor the run reads later and
+the random generator's state, and the run continues with the same floating-point
+operations). A run that finishes deletes its checkpoint; a run stopped by ``time_limit``
+leaves it, so calling again continues it.
+
+File layout (format version 1)::
+
+    b"HETCKPT1"                    8 bytes magic
+    header length                  8 bytes, little-endian unsigned
+    header                         UTF-8 JSON: format, algorithm, operator identity,
+                                   configuration, num_matvecs, payload_bytes, payload_sha256
+    payload                        torch.save of a dict of tensors/ints/floats/lists
+
+Writes are atomic: the file is written to a temporary file in the same directory,
+flushed and fsync'ed, renamed over the old one with :func:`os.replace`, and the directory
+is fsync'ed, so a kill at any instant leaves either the previous or the new checkpoint.
+Reading checks the magic, the lengths and the SHA-256 of the payload before anything is
+used: a truncated or corrupt file raises :class:`CorruptCheckpointError`, never silently
+restarts or resumes from garbage.
+
+Identity: the header records the operator's class, size, dtype and device type; for data
+operators (anything with ``named_params``) a SHA-256 of the selected parameters' names,
+shapes, dtypes and bytes; and ``operator.fingerprint`` if the user set one (e.g. a
+LambdaOperator built from a matrix: ``op.fingerprint = "A-v3"``). The data are not hashed.
+The configuration is every argument that changes the numbers (``k``, ``which``, ``tol``,
+``seed`` *as passed*, ``max_iter``, ``method``, ``num_matvecs``, ...); ``time_limit`` and the
+checkpoint options are not part of it. A mismatch raises :class:`CheckpointMismatchError`
+listing expected vs found.
+
+Distributed runs (``torch.distributed`` initialised): every rank computes the same state
+(replicated vectors), rank 0 writes, and all ranks wait at a barrier after each write;
+on resume every rank reads the same file, so the path must be on a file system shared by
+the ranks. Sharded vectors (a backend whose ``local_size(n) < n``) are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hessian_eigenthings.algorithms._deadline import agree_flag
+from hessian_eigenthings.algorithms.errors import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+)
+from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.operators.base import CurvatureOperator
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpointer",
+    "generator_state",
+    "operator_identity",
+    "restore_generator",
+]
+
+FORMAT_VERSION = 1
+_MAGIC = b"HETCKPT1"
+_LEN = struct.Struct("<Q")
+# Default interval when a path is given without checkpoint_every / checkpoint_seconds.
+_DEFAULT_SECONDS = 300.0
+
+
+def _dist_rank() -> tuple[int, bool]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), True
+    return 0, False
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _parameters_sha256(named_params: Any) -> str:
+    h = hashlib.sha256()
+    for name, p in named_params:
+        t = p.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
+        flat = t.reshape(-1).contiguous().cpu()
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def operator_identity(operator: CurvatureOperator) -> dict[str, Any]:
+    """What a checkpoint records about the operator (see the module docstring).
+
+    Cost for data operators: one pass over the selected parameters' bytes (moved to the
+    CPU and hashed with SHA-256; about a second per GB), once per call.
+    """
+    ident: dict[str, Any] = {
+        "class": type(operator).__qualname__,
+        "size": int(operator.size),
+        "dtype": str(operator.dtype),
+        "device_type": operator.device.type,
+    }
+    named = getattr(operator, "named_params", None)
+    if named is not None:
+        ident["parameters_sha256"] = _parameters_sha256(named)
+    fingerprint = getattr(operator, "fingerprint", None)
+    if fingerprint is not None:
+        ident["fingerprint"] = str(fingerprint)
+    return ident
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return repr(value)  # exact round trip, also for inf/nan
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def _diff(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    lines = []
+    for key in sorted(set(expected) | set(found)):
+        e, f = expected.get(key, "<absent>"), found.get(key, "<absent>")
+        if e != f:
+            lines.append(f"  {key}: this call has {e!r}, the checkpoint has {f!r}")
+    return lines
+
+
+class Checkpointer:
+    """Writes and reads the checkpoint of one algorithm call.
+
+    Args:
+        path: Checkpoint file; its directory must exist.
+        algorithm: Name of the algorithm (recorded and checked).
+        operator: The operator (its identity is recorded and checked).
+        backend: The vector backend (sharded backends are refused).
+        config: Arguments that determine the result (recorded and checked).
+        every: Write every this many products (at the next point where the algorithm's
+            state is complete: a convergence check, a probe block, a run).
+        seconds: Write when this many seconds passed since the last write. With
+            neither ``every`` nor ``seconds``, every 300 seconds.
+
+    Raises:
+        ValueError: Bad interval, missing directory, or a sharded backend.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        algorithm: str,
+        operator: CurvatureOperator,
+        backend: LinAlgBackend,
+        config: dict[str, Any],
+        every: int | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        if every is not None and (
+            not isinstance(every, int) or isinstance(every, bool) or every < 1
+        ):
+            raise ValueError(f"checkpoint_every must be a positive int (matvecs), got {every!r}.")
+        if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
+            raise ValueError(f"checkpoint_seconds must be a positive number, got {seconds!r}.")
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise ValueError(
+                f"The directory of checkpoint={str(self.path)!r} does not exist; create it first."
+            )
+        if backend.local_size(operator.size) != operator.size:
+            raise ValueError(
+                f"checkpoint= needs whole vectors on every process, but the backend {backend!r} "
+                "shards them; checkpointing sharded runs is not supported (drop checkpoint=)."
+            )
+        self.every = every
+        self.seconds = seconds if seconds is not None or every is not None else _DEFAULT_SECONDS
+        self.algorithm = algorithm
+        self.identity = operator_identity(operator)
+        self.config = {key: _jsonable(v) for key, v in config.items()}
+        self.rank, self.distributed = _dist_rank()
+        self.device = operator.device
+        self._last_matvecs = 0
+        self._last_time = time.monotonic()
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str] | None,
+        every: int | None,
+        seconds: float | None,
+        **kwargs: Any,
+    ) -> Checkpointer | None:
+        """A :class:`Checkpointer`, or ``None`` when ``path`` is ``None``."""
+        if path is None:
+            if every is not None or seconds is not None:
+                raise ValueError(
+                    "checkpoint_every / checkpoint_seconds were given without checkpoint=; "
+                    "pass checkpoint='path/to/file' to enable checkpointing."
+                )
+            return None
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"checkpoint must be a path (str or PathLike), got {type(path).__name__}."
+            )
+        return cls(path, every=every, seconds=seconds, **kwargs)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or ``None`` if the file does not exist.
+
+        Raises:
+            CorruptCheckpointError: The file is truncated, corrupt or not a checkpoint.
+            CheckpointMismatchError: It belongs to another algorithm, operator or
+                configuration.
+        """
+        if not self.path.exists():
+            return None
+        raw = self.path.read_bytes()
+        where = f"checkpoint file {str(self.path)!r}"
+        fix = "Delete it to start the run over."
+        if len(raw) < len(_MAGIC) + _LEN.size or raw[: len(_MAGIC)] != _MAGIC:
+            raise CorruptCheckpointError(
+                f"The {where} is not a hessian_eigenthings checkpoint (bad magic bytes or "
+                f"shorter than a header: {len(raw)} bytes). {fix}"
+            )
+        (hlen,) = _LEN.unpack_from(raw, len(_MAGIC))
+        start = len(_MAGIC) + _LEN.size
+        try:
+            header = json.loads(raw[start : start + hlen].decode("utf-8"))
+            payload_len = int(header["payload_bytes"])
+            digest = str(header["payload_sha256"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(
+                f"The {where} has an unreadable header ({exc}); it is truncated or corrupt. {fix}"
+            ) from exc
+        payload = raw[start + hlen :]
+        if len(payload) != payload_len:
+            raise CorruptCheckpointError(
+                f"The {where} is truncated: expected a payload of {payload_len} bytes, found "
+                f"{len(payload)}. {fix}"
+            )
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise CorruptCheckpointError(
+                f"The {where} is corrupt: the SHA-256 of its payload does not match its "
+                f"header. {fix}"
+            )
+        if header.get("format") != FORMAT_VERSION:
+            raise CheckpointMismatchError(
+                f"The {where} has format version {header.get('format')!r}; this library reads "
+                f"version {FORMAT_VERSION}. {fix}"
+            )
+        problems = []
+        if header.get("algorithm") != self.algorithm:
+            problems.append(
+                f"  algorithm: this call is {self.algorithm!r}, the checkpoint is from "
+                f"{header.get('algorithm')!r}"
+            )
+        problems += [
+            f"  operator.{line.strip()}"
+            for line in _diff(self.identity, header.get("operator", {}))
+        ]
+        problems += _diff(self.config, header.get("config", {}))
+        if problems:
+            raise CheckpointMismatchError(
+                f"The {where} does not match this call:\n"
+                + "\n".join(problems)
+                + f"\nDelete {str(self.path)!r} to start over, or call with the operator and "
+                "arguments it was written with."
+            )
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError(f"The {where} holds no state dict. {fix}")
+        self._last_matvecs = int(header.get("num_matvecs", 0))
+        self._last_time = time.monotonic()
+        return state
+
+    # -- writing --------------------------------------------------------------------------
+
+    def due(self, num_matvecs: int) -> bool:
+        """Whether the interval since the last write has passed (rank 0's clock decides)."""
+        if self.every is not None and num_matvecs - self._last_matvecs >= self.every:
+            return True
+        if self.seconds is None:
+            return False
+        return agree_flag(time.monotonic() - self._last_time >= self.seconds, self.device)
+
+    def save(self, num_matvecs: int, state: dict[str, Any]) -> None:
+        """Write ``state`` atomically (rank 0 only; a barrier follows under torchrun)."""
+        if self.rank == 0:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            payload = buf.getvalue()
+            header = {
+                "format": FORMAT_VERSION,
+                "algorithm": self.algorithm,
+                "operator": self.identity,
+                "config": self.config,
+                "num_matvecs": int(num_matvecs),
+                "payload_bytes": len(payload),
+                "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                "torch": torch.__version__,
+            }
+            hbytes = json.dumps(header, sort_keys=True).encode("utf-8")
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(_MAGIC + _LEN.pack(len(hbytes)) + hbytes + payload)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            _fsync_dir(self.path.parent)
+        if self.distributed:
+            _barrier()
+        self._last_matvecs = num_matvecs
+        self._last_time = time.monotonic()
+
+    def maybe_save(self, num_matvecs: int, make_state: Any) -> None:
+        """``save(num_matvecs, make_state())`` if :meth:`due`."""
+        if self.due(num_matvecs):
+            self.save(num_matvecs, make_state())
+
+    def finish(self) -> None:
+        """Delete the checkpoint of a completed run (rank 0; barrier under torchrun)."""
+        if self.rank == 0 and self.path.exists():
+            self.path.unlink()
+        if self.distributed:
+            _barrier()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def generator_state(gen: torch.Generator) -> torch.Tensor:
+    """The generator's state as a CPU byte tensor (what :func:`restore_generator` takes)."""
+    return gen.get_state().clone()
+
+
+def restore_generator(gen: torch.Generator, state: torch.Tensor) -> None:
+    """Set ``gen`` to a state saved by :func:`generator_state`."""
+    gen.set_state(state.to("cpu", torch.uint8))
