@@ -61,6 +61,12 @@ class TraceResult:
             Hutch++ residual quadratic forms, XTrace leave-one-out estimates, or SLQ
             per-run estimates.
         details: Method-specific sizes (sketch size, number of residual probes, ...).
+        stop_reason: ``"completed"`` (the whole budget was spent as planned),
+            ``"time_limit"`` (``time_limit=`` cut the run short: the estimate and stderr
+            use only the products made, ``num_matvecs`` counts them, and ``details``
+            says which partial estimator was used), ``"non_finite"`` (the partial result
+            carried by a :class:`~hessian_eigenthings.algorithms.errors.NonFiniteError`),
+            or ``""`` when not recorded (e.g. results derived from an SLQ quadrature).
     """
 
     estimate: float
@@ -72,6 +78,7 @@ class TraceResult:
     seed: int | None
     samples: np.ndarray
     details: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str = ""
 
     def interval(self, z: float = 3.0) -> tuple[float, float]:
         """``(estimate - z * stderr, estimate + z * stderr)``."""
@@ -93,6 +100,7 @@ class TraceResult:
             "seed": self.seed,
             "samples": np.asarray(self.samples, dtype=np.float64).tolist(),
             "details": dict(self.details),
+            "stop_reason": self.stop_reason,
         }
 
     @classmethod
@@ -109,6 +117,7 @@ class TraceResult:
             seed=None if d["seed"] is None else int(d["seed"]),
             samples=np.asarray(d["samples"], dtype=np.float64),
             details=dict(d.get("details", {})),
+            stop_reason=str(d.get("stop_reason", "")),
         )
 
     def __repr__(self) -> str:
@@ -223,6 +232,10 @@ class SpectralDensityResult:
         zero_mass: Mass of those nodes (0 on the linear scale).
         negative_mass: Mass of nodes ``< -zero_tol`` (``< 0`` on the linear scale).
         negative_density: Log scale only: the part of ``density`` from negative nodes.
+        stop_reason: ``"completed"``, ``"time_limit"`` (fewer runs than requested:
+            ``num_runs`` says how many), ``"non_finite"`` (the partial result of a
+            :class:`~hessian_eigenthings.algorithms.errors.NonFiniteError`: the runs
+            completed before the bad product), or ``""`` when not recorded.
     """
 
     grid: np.ndarray
@@ -243,6 +256,7 @@ class SpectralDensityResult:
     zero_mass: float
     negative_mass: float
     negative_density: np.ndarray | None = None
+    stop_reason: str = ""
 
     @classmethod
     def from_quadrature(
@@ -261,6 +275,7 @@ class SpectralDensityResult:
         sigma: float | None = None,
         grid: np.ndarray | Sequence[float] | None = None,
         num_grid_points: int = 1024,
+        stop_reason: str = "",
     ) -> SpectralDensityResult:
         """Smooth per-run quadrature rules into a density (no operator products).
 
@@ -280,6 +295,7 @@ class SpectralDensityResult:
             grid: Evaluation points; default ``num_grid_points`` uniform points over
                 ``[min - 5 sigma, max + 5 sigma]`` of the (transformed) nodes.
             num_grid_points: Size of the default grid.
+            stop_reason: Why the run stopped (recorded).
 
         Raises:
             ValueError: Unknown scale, non-positive ``sigma``, a grid that is not a
@@ -353,6 +369,7 @@ class SpectralDensityResult:
             zero_mass=zero_mass,
             negative_mass=negative_mass,
             negative_density=negative_density,
+            stop_reason=stop_reason,
         )
 
     def resmooth(
@@ -389,6 +406,7 @@ class SpectralDensityResult:
             sigma=sigma,
             grid=grid,
             num_grid_points=self.grid.size if num_grid_points is None else num_grid_points,
+            stop_reason=self.stop_reason,
         )
 
     def integral(self) -> float:
@@ -481,6 +499,7 @@ class SpectralDensityResult:
             "negative_density": (
                 None if self.negative_density is None else self.negative_density.tolist()
             ),
+            "stop_reason": self.stop_reason,
         }
 
     @classmethod
@@ -507,6 +526,7 @@ class SpectralDensityResult:
             zero_mass=float(d["zero_mass"]),
             negative_mass=float(d["negative_mass"]),
             negative_density=None if neg is None else np.asarray(neg, dtype=np.float64),
+            stop_reason=str(d.get("stop_reason", "")),
         )
 
     def __repr__(self) -> str:

@@ -28,18 +28,28 @@ The same rules estimate ``tr(f(A)) ~ (1/R) sum_r ||v_r||^2 sum_j tau_{rj} f(thet
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from hessian_eigenthings.algorithms._deadline import Deadline
 from hessian_eigenthings.algorithms._density_smoothing import check_scale
 from hessian_eigenthings.algorithms._estimator_utils import (
+    agree_seed,
     check_distribution,
     check_operator,
     resolve_seed,
     working_dtype,
 )
+from hessian_eigenthings.algorithms.checkpoint import (
+    Checkpointer,
+    generator_state,
+    restore_generator,
+)
+from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.estimator_results import SpectralDensityResult
 from hessian_eigenthings.algorithms.lanczos_tridiagonal import lanczos_tridiagonal
 from hessian_eigenthings.backends.base import LinAlgBackend
@@ -71,6 +81,10 @@ def spectral_density(
     reorthogonalize: bool = True,
     seed: int | None = None,
     backend: LinAlgBackend | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
+    time_limit: float | None = None,
 ) -> SpectralDensityResult:
     """Estimate the eigenvalue density of ``A`` with Stochastic Lanczos Quadrature.
 
@@ -115,7 +129,19 @@ def spectral_density(
             under loss of orthogonality; Greenbaum 1989, Knizhnerman 1996), but the
             individual nodes are no longer distinct eigenvalue estimates.
         seed: ``None`` draws a fresh seed (recorded in the result); an int reproduces.
+            Under a distributed backend every rank uses rank 0's seed.
         backend: Vector arithmetic; default ``operator.backend``.
+        checkpoint: Path of a checkpoint file (see
+            :mod:`~hessian_eigenthings.algorithms.checkpoint`): the completed runs'
+            quadrature rules and the generator state are saved between runs, and a call
+            with the same arguments resumes from it (bit for bit the same result). Deleted
+            when all runs are done; kept when ``time_limit`` stops the call.
+        checkpoint_every: Write every this many products (rounded up to whole runs).
+        checkpoint_seconds: Write when this many seconds passed since the last write
+            (default 300 when neither interval is given).
+        time_limit: Wall-clock seconds, checked between runs; when passed (and at least
+            one run is done), the density of the runs done so far is returned with
+            ``stop_reason="time_limit"`` (``num_runs`` says how many).
 
     Returns:
         A :class:`SpectralDensityResult`, including ``trace`` (``tr(A)`` with a standard
@@ -125,6 +151,9 @@ def spectral_density(
     Raises:
         ValueError: Non-positive ``num_runs``/``lanczos_steps``, unknown ``scale`` or
             ``distribution``, bad ``sigma``/``grid``/``zero_tol``.
+        NonFiniteError: A product was inf/nan; ``err.partial`` is the density of the
+            runs completed before it (``None`` if none was).
+        CheckpointMismatchError, CorruptCheckpointError: ``checkpoint`` cannot be used.
 
     Example:
         >>> from hessian_eigenthings import LambdaOperator
@@ -141,16 +170,102 @@ def spectral_density(
     distribution = check_distribution(distribution)
     if zero_tol is not None and not (isinstance(zero_tol, (int, float)) and zero_tol >= 0):
         raise ValueError(f"zero_tol must be None or a number >= 0, got {zero_tol!r}.")
-    seed = resolve_seed(seed)
     backend = backend if backend is not None else operator.backend
+    seed_ = agree_seed(resolve_seed(seed), backend, operator.device)
     dtype = working_dtype(operator)
-    gen = backend.generator(seed, operator.device)
+    deadline = Deadline(time_limit)
+    checkpointer = Checkpointer.create(
+        checkpoint,
+        checkpoint_every,
+        checkpoint_seconds,
+        algorithm="spectral_density",
+        operator=operator,
+        backend=backend,
+        config={
+            "num_runs": num_runs,
+            "lanczos_steps": lanczos_steps,
+            "distribution": distribution,
+            "reorthogonalize": reorthogonalize,
+            "seed": seed,
+            "vector_dtype": dtype,
+        },
+    )
+    gen = backend.generator(seed_, operator.device)
 
     nodes: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     norms_sq: list[torch.Tensor] = []
     num_matvecs = 0
-    for _ in range(num_runs):
+    if checkpointer is not None:
+        saved = checkpointer.load()
+        if saved is not None:
+            nodes = [t.numpy() for t in saved["nodes"]]
+            weights = [t.numpy() for t in saved["weights"]]
+            norms_sq = list(saved["norms_sq"])
+            num_matvecs = int(saved["num_matvecs"])
+            seed_ = int(saved["seed"])
+            restore_generator(gen, saved["generator"])
+
+    def state() -> dict[str, Any]:
+        return {
+            "nodes": [torch.from_numpy(t) for t in nodes],
+            "weights": [torch.from_numpy(t) for t in weights],
+            "norms_sq": norms_sq,
+            "num_matvecs": num_matvecs,
+            "seed": seed_,
+            "generator": generator_state(gen),
+        }
+
+    def result(stop_reason: str) -> SpectralDensityResult:
+        tol = zero_tol
+        if tol is None:
+            max_abs = max(float(np.max(np.abs(t))) for t in nodes)
+            tol = _ZERO_TOL_FACTOR * float(torch.finfo(dtype).eps) * max_abs
+        return SpectralDensityResult.from_quadrature(
+            nodes,
+            weights,
+            torch.stack(norms_sq).numpy(),
+            lanczos_steps=lanczos_steps,
+            operator_size=operator.size,
+            num_matvecs=num_matvecs,
+            distribution=distribution,
+            seed=seed_,
+            zero_tol=float(tol),
+            scale=scale,
+            sigma=sigma,
+            grid=grid,
+            num_grid_points=num_grid_points,
+            stop_reason=stop_reason,
+        )
+
+    def non_finite(first_bad: int, cause: NonFiniteError | None) -> NonFiniteError:
+        partial = result("non_finite") if nodes else None
+        what = (
+            f"Lanczos product {first_bad} of this SLQ run failed: {cause}"
+            if cause is not None
+            else f"{type(operator).__name__}.matvec returned non-finite values (inf/nan) at "
+            f"product {first_bad} of this SLQ run"
+        )
+        return NonFiniteError(
+            f"{what} (during run {len(nodes) + 1} of {num_runs}); err.partial holds the "
+            f"density of the {len(nodes)} runs completed before it"
+            + ("" if nodes else " (None: no run was completed)")
+            + ". Check the model's loss and parameters for overflow or a bad batch.",
+            partial=partial,
+            matvec=first_bad,
+            batch_index=None if cause is None else cause.batch_index,
+            param_names=() if cause is None else cause.param_names,
+        )
+
+    stop_reason = "completed"
+    while len(nodes) < num_runs:
+        if nodes and deadline.expired(operator.device):
+            stop_reason = "time_limit"
+            if checkpointer is not None:
+                checkpointer.save(num_matvecs, state())
+            break
+        if checkpointer is not None:
+            checkpointer.maybe_save(num_matvecs, state)
         v = backend.random(
             operator.size,
             generator=gen,
@@ -158,31 +273,25 @@ def spectral_density(
             device=operator.device,
             distribution=distribution,
         )
-        norms_sq.append(backend.dot(v, v).to(torch.float64))
-        tri = lanczos_tridiagonal(
-            operator, v, lanczos_steps, reorthogonalize=reorthogonalize, backend=backend
-        )
+        norm_sq = backend.dot(v, v).to(torch.float64).cpu()
+        try:
+            tri = lanczos_tridiagonal(
+                operator, v, lanczos_steps, reorthogonalize=reorthogonalize, backend=backend
+            )
+        except NonFiniteError as err:
+            raise non_finite(num_matvecs + 1, err) from err
+        T = tri.matrix().cpu()
+        if not bool(torch.isfinite(T).all()):
+            bad_alpha = (~torch.isfinite(tri.alphas.cpu())).nonzero()
+            j = int(bad_alpha[0, 0]) if bad_alpha.numel() > 0 else 0
+            raise non_finite(num_matvecs + j + 1, None)
         num_matvecs += tri.num_matvecs
-        theta, vecs = torch.linalg.eigh(tri.matrix().cpu())
+        theta, vecs = torch.linalg.eigh(T)
         nodes.append(theta.numpy())
         weights.append((vecs[0] ** 2).numpy())
-    probe_norms_sq = torch.stack(norms_sq).cpu().numpy()
+        norms_sq.append(norm_sq)
 
-    if zero_tol is None:
-        max_abs = max(float(np.max(np.abs(t))) for t in nodes)
-        zero_tol = _ZERO_TOL_FACTOR * float(torch.finfo(dtype).eps) * max_abs
-    return SpectralDensityResult.from_quadrature(
-        nodes,
-        weights,
-        probe_norms_sq,
-        lanczos_steps=lanczos_steps,
-        operator_size=operator.size,
-        num_matvecs=num_matvecs,
-        distribution=distribution,
-        seed=seed,
-        zero_tol=float(zero_tol),
-        scale=scale,
-        sigma=sigma,
-        grid=grid,
-        num_grid_points=num_grid_points,
-    )
+    out = result(stop_reason)
+    if checkpointer is not None and stop_reason == "completed":
+        checkpointer.finish()
+    return out
