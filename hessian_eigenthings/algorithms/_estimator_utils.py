@@ -23,7 +23,9 @@ __all__ = [
     "check_single_device",
     "check_sketch_options",
     "draw_columns",
+    "first_non_finite",
     "loo_directions",
+    "non_finite_error",
     "paired_dots",
     "resolve_seed",
     "working_dtype",
@@ -103,6 +105,43 @@ def agree_seed(seed: int, backend: LinAlgBackend, device: torch.device) -> int:
     makes every rank draw the same probes and record the same ``result.seed``.
     """
     return int(backend.all_agree(torch.tensor(seed, dtype=torch.int64, device=device)))
+
+
+def first_non_finite(values: torch.Tensor) -> int | None:
+    """Index of the first column (last dim) with a non-finite entry, or ``None`` (one sync)."""
+    bad = ~torch.isfinite(values)
+    if values.dim() > 1:
+        bad = bad.reshape(-1, values.shape[-1]).any(dim=0)
+    hits = bad.nonzero()
+    return None if hits.numel() == 0 else int(hits[0, 0])
+
+
+def non_finite_error(
+    who: str,
+    operator: CurvatureOperator,
+    first_bad: int,
+    cause: Exception | None,
+    partial: object,
+    partial_note: str,
+) -> Exception:
+    """The :class:`NonFiniteError` an estimator raises for product number ``first_bad``."""
+    from hessian_eigenthings.algorithms.errors import NonFiniteError
+
+    what = (
+        f"a product (number {first_bad} or one after it in the same block) of this {who} "
+        f"run failed: {cause}"
+        if cause is not None
+        else f"{type(operator).__name__}.matvec returned non-finite values (inf/nan) at "
+        f"product {first_bad} of this {who} run"
+    )
+    return NonFiniteError(
+        f"{what}; {partial_note}. Check the model's loss and parameters for overflow (e.g. "
+        "a bf16 model) or a bad batch.",
+        partial=partial,
+        matvec=first_bad,
+        batch_index=getattr(cause, "batch_index", None),
+        param_names=getattr(cause, "param_names", ()),
+    )
 
 
 def working_dtype(operator: CurvatureOperator) -> torch.dtype:

@@ -24,11 +24,15 @@ contribution to the Hutchinson variance dominates.
 from __future__ import annotations
 
 import math
+import os
+from typing import Any
 
+import numpy as np
 import torch
 
+from hessian_eigenthings.algorithms._deadline import Deadline
 from hessian_eigenthings.algorithms._estimator_utils import (
-    apply_columns,
+    agree_seed,
     check_block_size,
     check_distribution,
     check_num_matvecs,
@@ -36,10 +40,18 @@ from hessian_eigenthings.algorithms._estimator_utils import (
     check_single_device,
     check_sketch_options,
     draw_columns,
+    first_non_finite,
+    non_finite_error,
     paired_dots,
     resolve_seed,
     working_dtype,
 )
+from hessian_eigenthings.algorithms.checkpoint import (
+    Checkpointer,
+    generator_state,
+    restore_generator,
+)
+from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -60,6 +72,10 @@ def hutch_plus_plus(
     sketch_device: torch.device | str | None = None,
     block_size: int = 32,
     backend: LinAlgBackend | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
+    time_limit: float | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` with Hutch++ and an honest standard error.
 
@@ -99,59 +115,227 @@ def hutch_plus_plus(
         sketch_device: Device that holds the sketch; default the operator's device.
         block_size: Probes per ``operator.matmat`` call.
         backend: Vector arithmetic; default ``operator.backend`` (whole vectors needed).
+        checkpoint: Path of a checkpoint file, written between blocks (it holds the
+            sketch: ``O(n k)`` numbers); a call with the same arguments resumes from it,
+            bit for bit. Deleted when done, kept when ``time_limit`` stops the call.
+        checkpoint_every: Write every this many products (rounded up to whole blocks).
+        checkpoint_seconds: Write when this many seconds passed since the last write.
+        time_limit: Wall-clock seconds, checked between blocks. Once passed, the partial
+            estimate is returned with ``stop_reason="time_limit"``: with at least 2
+            residual probes done, Hutch++ with those probes (``details["residual_probes"]``
+            says how many); before that, Hutchinson on the sketch probes done so far
+            (``omega_i^T A omega_i`` from the sketch products, unbiased;
+            ``details["partial_estimator"] = "hutchinson_on_sketch"``).
 
     Returns:
         A :class:`TraceResult`; ``samples`` are the ``l`` residual quadratic forms and
         ``details`` holds ``sketch_size``, ``residual_probes`` and ``low_rank_trace``.
+
+    Raises:
+        NonFiniteError: A product was inf/nan; ``err.partial`` is the partial estimate
+            from the products before it (as for ``time_limit``), or ``None``.
     """
     operator = check_operator(operator, "hutch_plus_plus")
     m = check_num_matvecs(num_matvecs, MIN_MATVECS_HUTCH_PLUS_PLUS, "hutch++")
     distribution = check_distribution(distribution)
     block_size = check_block_size(block_size)
     cap, store = check_sketch_options(max_sketch_size, sketch_device, operator)
-    seed = resolve_seed(seed)
     backend = backend if backend is not None else operator.backend
     check_single_device(backend, operator, "hutch_plus_plus")
+    seed_ = agree_seed(resolve_seed(seed), backend, operator.device)
     dtype = working_dtype(operator)
     n = operator.size
-    gen = backend.generator(seed, operator.device)
-
+    deadline = Deadline(time_limit)
     k = min(m // 3, n if cap is None else min(cap, n))
     num_resid = m - 2 * k
+    checkpointer = Checkpointer.create(
+        checkpoint,
+        checkpoint_every,
+        checkpoint_seconds,
+        algorithm="hutch++",
+        operator=operator,
+        backend=backend,
+        config={
+            "num_matvecs": m,
+            "distribution": distribution,
+            "max_sketch_size": cap,
+            "block_size": block_size,
+            "seed": seed,
+            "dtype": dtype,
+        },
+    )
+    gen = backend.generator(seed_, operator.device)
 
     def draw(num: int) -> torch.Tensor:
         return draw_columns(
             backend, operator, num, generator=gen, dtype=dtype, distribution=distribution
         )
 
-    # Sketch: Y = A S, orthonormal basis Q of its range (Householder QR, working dtype).
-    Y = apply_columns(operator, draw(k).to(store), block_size)
-    Q, _ = torch.linalg.qr(Y)
-    del Y
+    # The run is a sequence of phases, each a loop over blocks of columns:
+    #   "sketch":   Y = A S (S drawn up front), and the sketch forms s_i^T y_i;
+    #   "low_rank": tr(Q^T A Q) with Q R = Y;
+    #   "residual": Hutchinson on P A P with fresh probes P g_j.
+    # Between blocks the state below is complete (saved / resumed there).
+    phase, col = "sketch", 0
+    empty = torch.empty(0, dtype=dtype, device=store)
+    S, Y, Q = empty, empty, empty
+    sketch_forms = torch.empty(k, dtype=torch.float64, device=store)
     low_rank = torch.zeros((), dtype=torch.float64, device=store)
-    for start in range(0, k, block_size):
-        Qb = Q[:, start : start + block_size]
-        AQb = operator.matmat(Qb.to(operator.device)).to(store)
-        low_rank = low_rank + paired_dots(backend, n, Qb, AQb).sum()
-
-    # Hutchinson on the deflated residual P A P with fresh probes.
     forms = torch.empty(num_resid, dtype=torch.float64, device=store)
-    for start in range(0, num_resid, block_size):
-        b = min(block_size, num_resid - start)
-        G = draw(b).to(store)
-        G = G - Q @ (Q.T @ G)
-        G = G - Q @ (Q.T @ G)  # second pass: P G orthogonal to Q to working precision
-        AG = operator.matmat(G.to(operator.device)).to(store)
-        forms[start : start + b] = paired_dots(backend, n, G, AG)
+    saved = checkpointer.load() if checkpointer is not None else None
+    if saved is not None:
+        phase, col, seed_ = str(saved["phase"]), int(saved["col"]), int(saved["seed"])
+        restore_generator(gen, saved["generator"])
+        sketch_forms.copy_(saved["sketch_forms"])
+        low_rank = saved["low_rank"].to(store)
+        forms[: saved["forms"].shape[0]] = saved["forms"].to(store)
+        if phase == "sketch":
+            S, Y = saved["S"].to(store), saved["Y"].to(store)
+        else:
+            Q = saved["Q"].to(store)
+    else:
+        S = draw(k).to(store)
+        Y = torch.empty_like(S)
 
-    samples = forms.cpu().numpy()
-    low = float(low_rank)
-    estimate = low + float(samples.mean())
-    stderr = float(samples.std(ddof=1) / math.sqrt(num_resid))
-    return TraceResult(
-        estimate=estimate,
-        stderr=stderr,
+    def used() -> int:
+        return {"sketch": col, "low_rank": k + col, "residual": 2 * k + col}[phase]
+
+    def state() -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "phase": phase,
+            "col": col,
+            "seed": seed_,
+            "generator": generator_state(gen),
+            "sketch_forms": sketch_forms.cpu(),
+            "low_rank": low_rank.cpu(),
+            "forms": forms[: col if phase == "residual" else 0].cpu(),
+        }
+        if phase == "sketch":
+            out["S"], out["Y"] = S.cpu(), Y.cpu()
+        else:
+            out["Q"] = Q.cpu()
+        return out
+
+    def partial(stop_reason: str) -> TraceResult | None:
+        if phase == "residual" and col >= 2:
+            return _result(
+                float(low_rank),
+                forms[:col].cpu().numpy(),
+                k,
+                n,
+                distribution,
+                seed_,
+                stop_reason,
+                num_matvecs=2 * k + col,
+            )
+        done = col if phase == "sketch" else k
+        if done < 2:
+            return None
+        samples = sketch_forms[:done].cpu().numpy()
+        return TraceResult(
+            estimate=float(samples.mean()),
+            stderr=float(samples.std(ddof=1) / math.sqrt(done)),
+            num_matvecs=used(),
+            operator_size=n,
+            method="hutch++",
+            distribution=distribution,
+            seed=seed_,
+            samples=samples,
+            details={
+                "partial_estimator": "hutchinson_on_sketch",
+                "num_probes": done,
+                "dof": done - 1,
+                "sketch_size": k,
+            },
+            stop_reason=stop_reason,
+        )
+
+    def product(X: torch.Tensor) -> torch.Tensor:
+        try:
+            out = operator.matmat(X.to(operator.device)).to(store)
+        except NonFiniteError as err:
+            p = partial("non_finite")
+            raise non_finite_error("Hutch++", operator, used() + 1, err, p, _note(p)) from err
+        bad = first_non_finite(out)
+        if bad is not None:
+            p = partial("non_finite")
+            raise non_finite_error("Hutch++", operator, used() + bad + 1, None, p, _note(p))
+        return out
+
+    while True:
+        if phase == "sketch" and col >= k:
+            Q, _ = torch.linalg.qr(Y)
+            S = Y = empty  # free the sketch
+            phase, col = "low_rank", 0
+        if phase == "low_rank" and col >= k:
+            phase, col = "residual", 0
+        if phase == "residual" and col >= num_resid:
+            break
+        cut = partial("time_limit") if deadline.expired(operator.device) else None
+        if cut is not None:
+            if checkpointer is not None:
+                checkpointer.save(used(), state())
+            return cut
+        if checkpointer is not None:
+            checkpointer.maybe_save(used(), state)
+        if phase == "sketch":
+            b = min(block_size, k - col)
+            Sb = S[:, col : col + b]
+            Yb = product(Sb)
+            Y[:, col : col + b] = Yb
+            sketch_forms[col : col + b] = paired_dots(backend, n, Sb, Yb)
+        elif phase == "low_rank":
+            Qb = Q[:, col : col + block_size]
+            b = Qb.shape[1]
+            low_rank = low_rank + paired_dots(backend, n, Qb, product(Qb)).sum()
+        else:
+            b = min(block_size, num_resid - col)
+            G = draw(b).to(store)
+            G = G - Q @ (Q.T @ G)
+            G = G - Q @ (Q.T @ G)  # P G orthogonal to Q
+            forms[col : col + b] = paired_dots(backend, n, G, product(G))
+        col += b
+
+    out = _result(
+        float(low_rank),
+        forms.cpu().numpy(),
+        k,
+        n,
+        distribution,
+        seed_,
+        "completed",
         num_matvecs=2 * k + num_resid,
+    )
+    if checkpointer is not None:
+        checkpointer.finish()
+    return out
+
+
+def _note(partial: TraceResult | None) -> str:
+    if partial is None:
+        return "err.partial is None (fewer than 2 clean probes)"
+    return (
+        f"err.partial holds the estimate from the {partial.num_matvecs} products before it "
+        f"({partial.details.get('partial_estimator', 'hutch++')})"
+    )
+
+
+def _result(
+    low: float,
+    samples: np.ndarray,
+    k: int,
+    n: int,
+    distribution: str,
+    seed: int,
+    stop_reason: str,
+    *,
+    num_matvecs: int,
+) -> TraceResult:
+    num_resid = samples.size
+    return TraceResult(
+        estimate=low + float(samples.mean()),
+        stderr=float(samples.std(ddof=1) / math.sqrt(num_resid)),
+        num_matvecs=num_matvecs,
         operator_size=n,
         method="hutch++",
         distribution=distribution,
@@ -163,4 +347,5 @@ def hutch_plus_plus(
             "low_rank_trace": low,
             "dof": num_resid - 1,
         },
+        stop_reason=stop_reason,
     )

@@ -17,19 +17,32 @@ decays like ``1 / sqrt(m)`` (Avron & Toledo 2011).
 from __future__ import annotations
 
 import math
+import os
+from typing import Any
 
+import numpy as np
 import torch
 
+from hessian_eigenthings.algorithms._deadline import Deadline
 from hessian_eigenthings.algorithms._estimator_utils import (
+    agree_seed,
     check_block_size,
     check_distribution,
     check_num_matvecs,
     check_operator,
     draw_columns,
+    first_non_finite,
+    non_finite_error,
     paired_dots,
     resolve_seed,
     working_dtype,
 )
+from hessian_eigenthings.algorithms.checkpoint import (
+    Checkpointer,
+    generator_state,
+    restore_generator,
+)
+from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -48,6 +61,10 @@ def hutchinson(
     seed: int | None = None,
     block_size: int = 32,
     backend: LinAlgBackend | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
+    time_limit: float | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` with Hutchinson's estimator and its standard error.
 
@@ -58,8 +75,8 @@ def hutchinson(
     ``details["dof"] = m - 1`` degrees of freedom instead of 3.
 
     Memory: one block of ``block_size`` probes and their products, ``O(n * block_size)``.
-    The probes are drawn on the operator's device; the only host synchronisation is the
-    final transfer of the ``m`` quadratic forms.
+    The probes are drawn on the operator's device; the host synchronises once per block
+    (a finiteness check of the block's quadratic forms).
 
     Args:
         operator: Symmetric operator ``A``.
@@ -68,9 +85,21 @@ def hutchinson(
         seed: ``None`` draws a fresh seed (recorded in the result); an int reproduces.
         block_size: Probes per ``operator.matmat`` call.
         backend: Vector arithmetic; default ``operator.backend``.
+        checkpoint: Path of a checkpoint file (quadratic forms so far and the generator
+            state, written between blocks); a call with the same arguments resumes from
+            it, bit for bit. Deleted when done, kept when ``time_limit`` stops the call.
+        checkpoint_every: Write every this many products (rounded up to whole blocks).
+        checkpoint_seconds: Write when this many seconds passed since the last write.
+        time_limit: Wall-clock seconds, checked between blocks: once passed (with at
+            least 2 forms), the estimate of the forms so far is returned,
+            ``stop_reason="time_limit"`` and ``num_matvecs`` the products used.
 
     Returns:
         A :class:`TraceResult` whose ``samples`` are the ``m`` quadratic forms.
+
+    Raises:
+        NonFiniteError: A product was inf/nan; ``err.partial`` is the estimate from the
+            forms before the first bad one (``None`` with fewer than 2).
 
     Example:
         >>> from hessian_eigenthings import LambdaOperator
@@ -83,31 +112,107 @@ def hutchinson(
     m = check_num_matvecs(num_matvecs, MIN_MATVECS_HUTCHINSON, "hutchinson")
     distribution = check_distribution(distribution)
     block_size = check_block_size(block_size)
-    seed = resolve_seed(seed)
     backend = backend if backend is not None else operator.backend
+    seed_ = agree_seed(resolve_seed(seed), backend, operator.device)
     dtype = working_dtype(operator)
-    gen = backend.generator(seed, operator.device)
+    deadline = Deadline(time_limit)
+    checkpointer = Checkpointer.create(
+        checkpoint,
+        checkpoint_every,
+        checkpoint_seconds,
+        algorithm="hutchinson",
+        operator=operator,
+        backend=backend,
+        config={
+            "num_matvecs": m,
+            "distribution": distribution,
+            "block_size": block_size,
+            "seed": seed,
+            "dtype": dtype,
+        },
+    )
+    gen = backend.generator(seed_, operator.device)
 
     forms = torch.empty(m, dtype=torch.float64, device=operator.device)
-    for start in range(0, m, block_size):
-        b = min(block_size, m - start)
+    done = 0
+    if checkpointer is not None:
+        saved = checkpointer.load()
+        if saved is not None:
+            done = int(saved["done"])
+            forms[:done] = saved["forms"].to(operator.device)
+            seed_ = int(saved["seed"])
+            restore_generator(gen, saved["generator"])
+
+    def state() -> dict[str, Any]:
+        return {
+            "done": done,
+            "forms": forms[:done].cpu(),
+            "seed": seed_,
+            "generator": generator_state(gen),
+        }
+
+    def result(count: int, stop_reason: str) -> TraceResult:
+        return _result(forms[:count].cpu().numpy(), operator.size, distribution, seed_, stop_reason)
+
+    stop_reason = "completed"
+    while done < m:
+        if done >= 2 and deadline.expired(operator.device):
+            stop_reason = "time_limit"
+            if checkpointer is not None:
+                checkpointer.save(done, state())
+            break
+        if checkpointer is not None:
+            checkpointer.maybe_save(done, state)
+        b = min(block_size, m - done)
         omega = draw_columns(
             backend, operator, b, generator=gen, dtype=dtype, distribution=distribution
         )
-        forms[start : start + b] = paired_dots(
-            backend, operator.size, omega, operator.matmat(omega)
-        )
-    samples = forms.cpu().numpy()
+        try:
+            block = paired_dots(backend, operator.size, omega, operator.matmat(omega))
+        except NonFiniteError as err:
+            raise _error(operator, done, err, result) from err
+        bad = first_non_finite(block)
+        if bad is not None:
+            forms[done : done + bad] = block[:bad]
+            raise _error(operator, done + bad, None, result)
+        forms[done : done + b] = block
+        done += b
+    out = result(done, stop_reason)
+    if checkpointer is not None and stop_reason == "completed":
+        checkpointer.finish()
+    return out
+
+
+def _error(
+    operator: CurvatureOperator,
+    clean: int,
+    cause: NonFiniteError | None,
+    result: Any,
+) -> Exception:
+    partial = result(clean, "non_finite") if clean >= 2 else None
+    note = (
+        f"err.partial holds the estimate from the {clean} quadratic forms before it"
+        if partial is not None
+        else "err.partial is None (fewer than 2 clean quadratic forms)"
+    )
+    return non_finite_error("Hutchinson", operator, clean + 1, cause, partial, note)
+
+
+def _result(
+    samples: np.ndarray, n: int, distribution: str, seed: int, stop_reason: str
+) -> TraceResult:
+    m = samples.size
     estimate = float(samples.mean())
     stderr = float(samples.std(ddof=1) / math.sqrt(m))
     return TraceResult(
         estimate=estimate,
         stderr=stderr,
         num_matvecs=m,
-        operator_size=operator.size,
+        operator_size=n,
         method="hutchinson",
         distribution=distribution,
         seed=seed,
         samples=samples,
         details={"num_probes": m, "dof": m - 1},
+        stop_reason=stop_reason,
     )
