@@ -37,12 +37,15 @@ unbiased.
 from __future__ import annotations
 
 import math
+import os
+from typing import Any
 
 import numpy as np
 import torch
 
+from hessian_eigenthings.algorithms._deadline import Deadline
 from hessian_eigenthings.algorithms._estimator_utils import (
-    apply_columns,
+    agree_seed,
     check_block_size,
     check_distribution,
     check_num_matvecs,
@@ -50,11 +53,19 @@ from hessian_eigenthings.algorithms._estimator_utils import (
     check_single_device,
     check_sketch_options,
     draw_columns,
+    first_non_finite,
     loo_directions,
+    non_finite_error,
     paired_dots,
     resolve_seed,
     working_dtype,
 )
+from hessian_eigenthings.algorithms.checkpoint import (
+    Checkpointer,
+    generator_state,
+    restore_generator,
+)
+from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -84,6 +95,10 @@ def xtrace(
     sketch_device: torch.device | str | None = None,
     block_size: int = 32,
     backend: LinAlgBackend | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
+    time_limit: float | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` with XTrace and its leave-one-out standard error.
 
@@ -125,6 +140,19 @@ def xtrace(
         sketch_device: Device that holds the sketch; default the operator's device.
         block_size: Columns per ``operator.matmat`` call.
         backend: Vector arithmetic; default ``operator.backend`` (whole vectors needed).
+        checkpoint: Path of a checkpoint file, written between blocks of products (it
+            holds the batch's probes and sketch: ``O(n s)`` numbers); a call with the same
+            arguments resumes from it, bit for bit. The rank-deficient fallback of a batch
+            runs without intermediate writes. Deleted when done, kept when ``time_limit``
+            stops the call.
+        checkpoint_every: Write every this many products (rounded up to whole blocks).
+        checkpoint_seconds: Write when this many seconds passed since the last write.
+        time_limit: Wall-clock seconds, checked between blocks. Once passed, the partial
+            estimate is returned with ``stop_reason="time_limit"``: the mean of the
+            completed XTrace batches if there are any
+            (``details["partial_estimator"] = "xtrace_completed_batches"``), else
+            Hutchinson on the current batch's probes ``omega_i^T A omega_i`` done so far
+            (``"hutchinson_on_sketch"``); ``num_matvecs`` counts every product made.
 
     Returns:
         A :class:`TraceResult`; ``samples`` are the leave-one-out estimates ``t_i`` (of all
@@ -132,87 +160,253 @@ def xtrace(
 
     Raises:
         ValueError: ``n < 2`` (one probe cannot be left out), plus the usual input checks.
+        NonFiniteError: A product was inf/nan; ``err.partial`` is the partial estimate
+            from the products before it (as for ``time_limit``), or ``None``.
     """
     operator = check_operator(operator, "xtrace")
     m = check_num_matvecs(num_matvecs, MIN_MATVECS_XTRACE, "xtrace")
     distribution = check_distribution(distribution)
     block_size = check_block_size(block_size)
     cap, store = check_sketch_options(max_sketch_size, sketch_device, operator)
-    seed = resolve_seed(seed)
     backend = backend if backend is not None else operator.backend
     check_single_device(backend, operator, "xtrace")
     n = operator.size
     if n < 2:
         raise ValueError(f"xtrace needs an operator of size >= 2, got size {n}.")
-    gen = backend.generator(seed, operator.device)
+    seed_ = agree_seed(resolve_seed(seed), backend, operator.device)
+    dtype = working_dtype(operator)
+    improved = distribution == "gaussian"
+    deadline = Deadline(time_limit)
+    sizes = _split(min(m // 2, n), cap)
+    checkpointer = Checkpointer.create(
+        checkpoint,
+        checkpoint_every,
+        checkpoint_seconds,
+        algorithm="xtrace",
+        operator=operator,
+        backend=backend,
+        config={
+            "num_matvecs": m,
+            "distribution": distribution,
+            "max_sketch_size": cap,
+            "block_size": block_size,
+            "seed": seed,
+            "dtype": dtype,
+        },
+    )
+    gen = backend.generator(seed_, operator.device)
 
-    estimates, variances, samples = [], [], []
-    used, ranks, dofs = 0, [], []
-    for s in _split(min(m // 2, n), cap):
-        t, var, t_i, spent, rank, dof = _xtrace_batch(
-            operator, backend, s, gen, distribution, store, block_size
+    # Completed batches, and the current one: phase "draw" (nothing yet), "sketch"
+    # (Y = A Omega, block by block), "projected" (H = Q^T A Q, block by block).
+    run: dict[str, Any] = {
+        "estimates": [],
+        "variances": [],
+        "samples": [],
+        "ranks": [],
+        "dofs": [],
+        "used": 0,
+        "batch": 0,
+        "phase": "draw",
+        "col": 0,
+    }
+    cur: dict[str, torch.Tensor] = {}
+    saved = checkpointer.load() if checkpointer is not None else None
+    if saved is not None:
+        seed_ = int(saved["seed"])
+        restore_generator(gen, saved["generator"])
+        run = dict(saved["run"])
+        run["samples"] = [t.numpy() for t in run["samples"]]
+        cur = {key: t.to(store) for key, t in saved["cur"].items()}
+
+    def state() -> dict[str, Any]:
+        return {
+            "seed": seed_,
+            "generator": generator_state(gen),
+            "run": {**run, "samples": [torch.from_numpy(t) for t in run["samples"]]},
+            "cur": {key: t.cpu() for key, t in cur.items()},
+        }
+
+    def partial(stop_reason: str) -> TraceResult | None:
+        if run["estimates"]:
+            batches = len(run["estimates"])
+            return TraceResult(
+                estimate=float(np.mean(run["estimates"])),
+                stderr=float(math.sqrt(sum(run["variances"])) / batches),
+                num_matvecs=int(run["used"]),
+                operator_size=n,
+                method="xtrace",
+                distribution=distribution,
+                seed=seed_,
+                samples=np.concatenate(run["samples"]),
+                details={
+                    "partial_estimator": "xtrace_completed_batches",
+                    "num_batches": batches,
+                    "sketch_size": sum(sizes[:batches]),
+                    "sketch_rank": int(sum(run["ranks"])),
+                    "dof": int(sum(run["dofs"])),
+                },
+                stop_reason=stop_reason,
+            )
+        if run["phase"] == "draw":
+            return None
+        done = run["col"] if run["phase"] == "sketch" else cur["quad"].shape[0]
+        if done < 2:
+            return None
+        if run["phase"] == "sketch":
+            forms = paired_dots(backend, n, cur["omega"][:, :done], cur["Y"][:, :done])
+        else:
+            forms = cur["quad"]
+        samples = forms.cpu().numpy()
+        return TraceResult(
+            estimate=float(samples.mean()),
+            stderr=float(samples.std(ddof=1) / math.sqrt(done)),
+            num_matvecs=int(run["used"]),
+            operator_size=n,
+            method="xtrace",
+            distribution=distribution,
+            seed=seed_,
+            samples=samples,
+            details={
+                "partial_estimator": "hutchinson_on_sketch",
+                "num_probes": done,
+                "dof": done - 1,
+            },
+            stop_reason=stop_reason,
         )
-        estimates.append(t)
-        variances.append(var)
-        samples.append(t_i)
-        used += spent
-        ranks.append(rank)
-        dofs.append(dof)
-    num_batches = len(estimates)
-    estimate = float(np.mean(estimates))
-    stderr = float(math.sqrt(sum(variances)) / num_batches)
-    return TraceResult(
-        estimate=estimate,
-        stderr=stderr,
-        num_matvecs=used,
+
+    def product(X: torch.Tensor) -> torch.Tensor:
+        try:
+            out = operator.matmat(X.to(operator.device)).to(store)
+        except NonFiniteError as err:
+            p = partial("non_finite")
+            raise non_finite_error("XTrace", operator, run["used"] + 1, err, p, _note(p)) from err
+        bad = first_non_finite(out)
+        if bad is not None:
+            p = partial("non_finite")
+            raise non_finite_error("XTrace", operator, run["used"] + bad + 1, None, p, _note(p))
+        run["used"] += out.shape[1]
+        return out
+
+    def finish_batch(
+        t: float, var: float, t_i: np.ndarray, spent: int, rank: int, dof: int
+    ) -> None:
+        if not (math.isfinite(t) and math.isfinite(var)):
+            p = partial("non_finite")
+            raise non_finite_error(
+                "XTrace",
+                operator,
+                run["used"] - spent + 1,
+                None,
+                p,
+                f"(a product of batch {run['batch'] + 1}); " + _note(p),
+            )
+        run["estimates"].append(t)
+        run["variances"].append(var)
+        run["samples"].append(t_i)
+        run["ranks"].append(rank)
+        run["dofs"].append(dof)
+        run["batch"] += 1
+        run["phase"], run["col"] = "draw", 0
+        cur.clear()
+
+    while run["batch"] < len(sizes):
+        s = sizes[run["batch"]]
+        if run["phase"] == "draw":
+            omega = draw_columns(
+                backend, operator, s, generator=gen, dtype=dtype, distribution=distribution
+            ).to(store)
+            if improved:
+                omega = omega * (
+                    math.sqrt(n) / torch.linalg.vector_norm(omega, dim=0, keepdim=True)
+                )
+            cur["omega"], cur["Y"] = omega, torch.empty_like(omega)
+            run["phase"], run["col"] = "sketch", 0
+        if run["phase"] == "sketch" and run["col"] >= s:
+            omega, Y = cur["omega"], cur["Y"]
+            quad = paired_dots(backend, n, omega, Y)  # omega_i^T A omega_i
+            norms_sq = paired_dots(backend, n, omega, omega)
+            Q, R = torch.linalg.qr(Y)
+            R64 = R.to(torch.float64)
+            svals = torch.linalg.svdvals(R64)
+            tol = s * float(torch.finfo(dtype).eps) * float(svals[0])
+            rank = int((svals > tol).sum())
+            if rank < s:
+                cur.clear()
+                before = run["used"]
+                t, var, t_i, spent, rank_, dof = _rank_deficient(
+                    operator, backend, Q, R64, rank, gen, distribution, block_size
+                )
+                run["used"] = before + spent - s
+                finish_batch(t, var, t_i, spent, rank_, dof)
+                continue
+            W = (Q.T @ omega).to(torch.float64)  # Q^T Omega
+            cur.clear()
+            cur.update(Q=Q, R64=R64, W=W, quad=quad, norms_sq=norms_sq)
+            cur["H"] = torch.empty((s, s), dtype=torch.float64, device=store)
+            run["phase"], run["col"] = "projected", 0
+        if run["phase"] == "projected" and run["col"] >= s:
+            t, var, t_i = _loo_estimates(cur, n, s, improved)
+            finish_batch(t, var, t_i, 2 * s, s, s - 1)
+            continue
+        cut = partial("time_limit") if deadline.expired(operator.device) else None
+        if cut is not None:
+            if checkpointer is not None:
+                checkpointer.save(run["used"], state())
+            return cut
+        if checkpointer is not None:
+            checkpointer.maybe_save(run["used"], state)
+        col = run["col"]
+        if run["phase"] == "sketch":
+            block = cur["omega"][:, col : col + block_size]
+            cur["Y"][:, col : col + block.shape[1]] = product(block)
+        else:
+            Q = cur["Q"]
+            Qb = Q[:, col : col + block_size]
+            cur["H"][:, col : col + Qb.shape[1]] = backend.block_gram(Q.T, product(Qb).T).to(
+                torch.float64
+            )
+            block = Qb
+        run["col"] = col + block.shape[1]
+
+    batches = len(run["estimates"])
+    out = TraceResult(
+        estimate=float(np.mean(run["estimates"])),
+        stderr=float(math.sqrt(sum(run["variances"])) / batches),
+        num_matvecs=int(run["used"]),
         operator_size=n,
         method="xtrace",
         distribution=distribution,
-        seed=seed,
-        samples=np.concatenate(samples),
+        seed=seed_,
+        samples=np.concatenate(run["samples"]),
         details={
             "sketch_size": min(m // 2, n),
-            "num_batches": num_batches,
-            "sketch_rank": int(sum(ranks)),
-            "dof": int(sum(dofs)),
+            "num_batches": batches,
+            "sketch_rank": int(sum(run["ranks"])),
+            "dof": int(sum(run["dofs"])),
         },
+        stop_reason="completed",
+    )
+    if checkpointer is not None:
+        checkpointer.finish()
+    return out
+
+
+def _note(partial: TraceResult | None) -> str:
+    if partial is None:
+        return "err.partial is None (fewer than 2 clean probes)"
+    return (
+        f"err.partial holds the estimate from the {partial.num_matvecs} products before it "
+        f"({partial.details.get('partial_estimator')})"
     )
 
 
-def _xtrace_batch(
-    operator: CurvatureOperator,
-    backend: LinAlgBackend,
-    s: int,
-    gen: torch.Generator,
-    distribution: str,
-    store: torch.device,
-    block_size: int,
-) -> tuple[float, float, np.ndarray, int, int, int]:
-    """One XTrace run with ``s`` probes: ``(estimate, se^2, t_i, matvecs, rank, dof)``."""
-    n = operator.size
-    dtype = working_dtype(operator)
-    improved = distribution == "gaussian"
-    omega = draw_columns(
-        backend, operator, s, generator=gen, dtype=dtype, distribution=distribution
-    ).to(store)
-    if improved:
-        omega = omega * (math.sqrt(n) / torch.linalg.vector_norm(omega, dim=0, keepdim=True))
-    Y = apply_columns(operator, omega, block_size)
-    quad = paired_dots(backend, n, omega, Y)  # omega_i^T A omega_i
-    norms_sq = paired_dots(backend, n, omega, omega)
-    Q, R = torch.linalg.qr(Y)
-    W = (Q.T @ omega).to(torch.float64)  # Q^T Omega
-    R64 = R.to(torch.float64)
-    del Y
-
-    svals = torch.linalg.svdvals(R64)
-    tol = s * float(torch.finfo(dtype).eps) * float(svals[0]) if s > 0 else 0.0
-    rank = int((svals > tol).sum())
-    if rank < s:
-        del omega
-        return _rank_deficient(operator, backend, Q, R64, rank, gen, distribution, block_size)
-
-    H = _projected(operator, backend, Q, block_size)
+def _loo_estimates(
+    cur: dict[str, torch.Tensor], n: int, s: int, improved: bool
+) -> tuple[float, float, np.ndarray]:
+    """The leave-one-out estimates ``t_i`` of a full-rank batch: ``(mean, se^2, t_i)``."""
+    H = cur["H"]
+    H = 0.5 * (H + H.T)
+    R64, W, quad, norms_sq = cur["R64"], cur["W"], cur["quad"], cur["norms_sq"]
     S = loo_directions(R64)
     dSW = (S * W).sum(0)  # s_i^T W e_i
     Aw = W - S * dSW  # columns a_i
@@ -222,9 +416,7 @@ def _xtrace_batch(
         resid_norm_sq = norms_sq - (W * W).sum(0) + dSW * dSW
         resid = resid * ((n - s + 1) / resid_norm_sq)
     t_i = (low + resid).cpu().numpy()
-    estimate = float(t_i.mean())
-    var = float(t_i.var(ddof=1) / s)
-    return estimate, var, t_i, 2 * s, s, s - 1
+    return float(t_i.mean()), float(t_i.var(ddof=1) / s), t_i
 
 
 def _projected(
