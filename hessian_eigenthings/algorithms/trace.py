@@ -18,6 +18,8 @@ sharded operators.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
@@ -44,6 +46,10 @@ def trace(
     sketch_device: torch.device | str | None = None,
     block_size: int = 32,
     backend: LinAlgBackend | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
+    time_limit: float | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` with a standard error, using ``num_matvecs`` operator products.
 
@@ -61,9 +67,18 @@ def trace(
         sketch_device: Device that holds the Hutch++ / XTrace sketch (e.g. ``"cpu"``).
         block_size: Probes per ``operator.matmat`` call.
         backend: Vector arithmetic; default ``operator.backend``.
+        checkpoint: Path of a checkpoint file; a call with the same arguments resumes
+            from it and returns the same result bit for bit (see the method's function).
+        checkpoint_every: Write the checkpoint every this many products.
+        checkpoint_seconds: Write it when this many seconds passed since the last write.
+        time_limit: Wall-clock seconds; once passed, the estimate from the products made
+            so far is returned with ``stop_reason="time_limit"``.
 
     Returns:
         A :class:`TraceResult`.
+
+    Raises:
+        NonFiniteError: A product was inf/nan (``err.partial``: the partial estimate).
 
     Raises:
         ValueError: Unknown ``method`` or ``distribution``, or ``num_matvecs`` below the
@@ -89,6 +104,10 @@ def trace(
             seed=seed,
             block_size=block_size,
             backend=backend,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            checkpoint_seconds=checkpoint_seconds,
+            time_limit=time_limit,
         )
     sketched = hutch_plus_plus if method == "hutch++" else xtrace
     return sketched(
@@ -100,4 +119,8 @@ def trace(
         sketch_device=sketch_device,
         block_size=block_size,
         backend=backend,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        checkpoint_seconds=checkpoint_seconds,
+        time_limit=time_limit,
     )
