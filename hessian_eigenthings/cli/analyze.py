@@ -351,6 +351,7 @@ def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> dict[str, An
             "which": eig.which,
             "tol": eig.tol,
             "seed": eig.seed,
+            "stop_reason": eig.stop_reason,
         }
         save_eigenvalue_figure(
             {label: (eig.eigenvalues, eig.residuals)},

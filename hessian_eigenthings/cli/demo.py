@@ -130,6 +130,7 @@ def _eigen_dict(result: Any) -> dict[str, Any]:
         "which": result.which,
         "tol": result.tol,
         "seed": result.seed,
+        "stop_reason": result.stop_reason,
     }
 
 
