@@ -10,6 +10,12 @@ tokens) and per-batch mean-loss curvature ``C_b``, every data operator computes
 the curvature of the mean loss over all samples used, never a plain mean over batches.
 Subclasses supply only ``C_b v`` (:meth:`DataCurvatureOperator._batch_product`);
 distributed subclasses override :meth:`DataCurvatureOperator._reduce`.
+
+Non-finite products (an overflowing bf16 model, a bad batch) are refused: the loop keeps
+one on-device finiteness flag per (micro)batch, and after the reduction one host sync per
+matvec checks the sum; if it is not finite, a
+:class:`~hessian_eigenthings.algorithms.errors.NonFiniteError` names the operator, the
+batch index (and microbatch) and the parameters whose blocks went non-finite.
 """
 
 from __future__ import annotations
@@ -192,6 +198,8 @@ class DataCurvatureOperator(CurvatureOperator):
         vs = [v.view(p.shape) for v, p in zip(vs, self.params)]
         total: torch.Tensor | None = None
         weight: int | torch.Tensor = 0
+        # (batch index, microbatch index, on-device "all finite" flag) per product.
+        flags: list[tuple[int, int, torch.Tensor]] = []
         with (
             preserve_model_state(
                 self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
@@ -201,7 +209,7 @@ class DataCurvatureOperator(CurvatureOperator):
             for batch in self.source.batches():
                 pieces = self.source.microbatches(batch)
                 self._check_microbatch_split(pieces)
-                for mb in pieces:
+                for mb_index, mb in enumerate(pieces):
                     w = self._weight(mb)
                     if isinstance(w, int) and w == 0:
                         continue
@@ -211,11 +219,15 @@ class DataCurvatureOperator(CurvatureOperator):
                         flat.mul_(w.to(flat.dtype)).masked_fill_(w <= 0, 0.0)
                     elif w != 1:
                         flat.mul_(w)
+                    flags.append((self.source.batch_index, mb_index, torch.isfinite(flat).all()))
                     total = flat if total is None else total.add_(flat)
                     weight = weight + w
         if total is None:
             total = torch.zeros(self.size, dtype=vec.dtype, device=vec.device)
         total, weight = self._reduce(total, weight)
+        # One host sync per matvec (after the reduction, so that every rank agrees).
+        if not bool(torch.isfinite(total).all()):
+            self._raise_non_finite(total, flags, self.source.microbatch_size is not None)
         if isinstance(weight, int):
             if weight == 0:
                 raise ValueError(
@@ -230,6 +242,37 @@ class DataCurvatureOperator(CurvatureOperator):
                 "undefined. Check ignore_index / the labels of the dataloader."
             )
         return total.div_(weight.to(total.dtype))
+
+    def _raise_non_finite(
+        self,
+        total: torch.Tensor,
+        flags: list[tuple[int, int, torch.Tensor]],
+        split: bool,
+    ) -> None:
+        from hessian_eigenthings.algorithms.errors import NonFiniteError
+
+        bad = [(b, m) for b, m, ok in flags if not bool(ok)]
+        sizes = [p.numel() for p in self.params]
+        names = tuple(
+            name
+            for (name, _), block in zip(self.named_params, torch.split(total, sizes))
+            if not bool(torch.isfinite(block).all())
+        )
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        if bad:
+            where = ", ".join(f"{b}" + (f" (microbatch {m})" if split else "") for b, m in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            what = f"the product on batch index {where}{more} (loader order)"
+        else:
+            what = "the product summed over another process's batches (this rank's are finite)"
+        raise NonFiniteError(
+            f"{type(self).__name__}: {what} is non-finite (inf/nan) in the blocks of the "
+            f"parameters {shown}. The loss or its curvature overflowed there (e.g. a bf16 "
+            "model, a diverged loss, or bad inputs in that batch); inspect that batch, or "
+            "evaluate the model in higher precision.",
+            batch_index=bad[0][0] if bad else None,
+            param_names=names,
+        )
 
     def _flat_product(
         self, batch: Any, vs: Sequence[torch.Tensor], like: torch.Tensor
