@@ -34,14 +34,33 @@ of the iterate, as with a shuffling ``DataLoader``.
 
 For ``k > 1``, pairs are found one after another; each later iterate is kept orthogonal to
 the vectors found before (projection deflation, two Gram-Schmidt passes).
+
+Long runs: every 16 iterations the samples are checked for inf/nan (one host sync), the
+``time_limit`` is checked, and the state (iterates, samples, pairs found, generator) is
+written to ``checkpoint`` when due; a call with the same arguments resumes from it with
+the same floating-point operations. The result is bit for bit the same as an
+uninterrupted run when the operator's products are deterministic given the iterate
+(``full_dataset=True``, or a LambdaOperator): the position of a ``full_dataset=False``
+operator in its dataloader is not part of the checkpoint, so a resumed stochastic run
+continues with other batches (statistically equivalent, not identical).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from typing import Any
 
 import torch
 
+from hessian_eigenthings.algorithms._deadline import Deadline
+from hessian_eigenthings.algorithms._estimator_utils import agree_seed
+from hessian_eigenthings.algorithms.checkpoint import (
+    Checkpointer,
+    generator_state,
+    restore_generator,
+)
+from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.lanczos import default_vector_dtype
 from hessian_eigenthings.algorithms.power_iteration import _check_common, _project_out
 from hessian_eigenthings.algorithms.results import StochasticEigenResult
@@ -49,6 +68,9 @@ from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["stochastic_power_iteration"]
+
+# Iterations between finiteness / time-limit / checkpoint checks (one host sync each).
+_CHECK_EVERY = 16
 
 
 def stochastic_power_iteration(
@@ -61,6 +83,10 @@ def stochastic_power_iteration(
     seed: int | None = None,
     backend: LinAlgBackend | None = None,
     num_average: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
+    time_limit: float | None = None,
 ) -> StochasticEigenResult:
     r"""Top-``k`` eigenpairs of a stochastic operator by (accelerated) power iteration.
 
@@ -80,6 +106,15 @@ def stochastic_power_iteration(
         backend: Vector backend; default ``operator.backend``.
         num_average: Number of final iterations whose samples are averaged; default
             ``max(1, max_iter // 4)``.
+        checkpoint: Path of a checkpoint file, written every 16 iterations when due; a
+            call with the same arguments resumes from it (see the module docstring for
+            when that is bit for bit). Deleted when done, kept when ``time_limit`` stops.
+        checkpoint_every: Write every this many products (rounded up to 16 iterations).
+        checkpoint_seconds: Write when this many seconds passed since the last write.
+        time_limit: Wall-clock seconds, checked every 16 iterations; once passed, the
+            pairs found so far plus the current one are returned (the current one
+            averages the last ``min(num_average, t)`` of its ``t`` samples), with
+            ``stop_reason="time_limit"`` and ``converged`` judged by the same rule.
 
     Returns:
         A :class:`~hessian_eigenthings.algorithms.results.StochasticEigenResult`:
@@ -91,8 +126,9 @@ def stochastic_power_iteration(
 
     Raises:
         TypeError, ValueError: Bad operator, ``k``, budget, momentum, window or seed.
-        FloatingPointError: The operator produced inf/nan (or ``momentum`` made the
-            iterates overflow).
+        NonFiniteError: The operator produced inf/nan (or ``momentum`` made the
+            iterates overflow); a ``FloatingPointError``. ``err.partial`` holds the pairs
+            found before it (``None`` if none).
     """
     _check_common(operator, max_iter, tol, seed)
     n = operator.size
@@ -107,58 +143,189 @@ def stochastic_power_iteration(
         )
     backend = backend or operator.backend
     vdtype = default_vector_dtype(operator.dtype)
-    seed_ = fresh_seed() if seed is None else seed
+    seed_ = agree_seed(fresh_seed() if seed is None else seed, backend, operator.device)
+    deadline = Deadline(time_limit)
+    checkpointer = Checkpointer.create(
+        checkpoint,
+        checkpoint_every,
+        checkpoint_seconds,
+        algorithm="stochastic_power_iteration",
+        operator=operator,
+        backend=backend,
+        config={
+            "k": k,
+            "max_iter": max_iter,
+            "momentum": float(momentum),
+            "tol": float(tol),
+            "num_average": window,
+            "seed": seed,
+            "dtype": vdtype,
+        },
+    )
     gen = backend.generator(seed_, operator.device)
     device = operator.device
     found = torch.zeros((k, backend.local_size(n)), dtype=vdtype, device=device)
-    means, stds, residuals = [], [], []
+    means: list[torch.Tensor] = []
+    stds: list[torch.Tensor] = []
+    residuals: list[torch.Tensor] = []
+    windows: list[int] = []
     beta = float(momentum)
-    for i in range(k):
+    resume: dict[str, Any] | None = None
+    if checkpointer is not None:
+        saved = checkpointer.load()
+        if saved is not None:
+            means, stds = list(saved["means"]), list(saved["stds"])
+            residuals, windows = list(saved["residuals"]), list(saved["windows"])
+            found[: len(means)] = saved["found"].to(device)
+            seed_ = int(saved["seed"])
+            restore_generator(gen, saved["generator"])
+            resume = saved["current"]
+
+    lists: dict[str, list[Any]] = {
+        "means": means,
+        "stds": stds,
+        "residuals": residuals,
+        "windows": windows,
+    }
+
+    def result(
+        stop_reason: str, pairs: int | None = None, spent: int | None = None
+    ) -> StochasticEigenResult:
+        count = len(means) if pairs is None else pairs
+        mean = torch.stack(means[:count])
+        std = torch.stack(stds[:count])
+        used = torch.tensor(windows[:count], dtype=torch.float64)
+        stderr = std / used.sqrt()
+        spent = count * max_iter if spent is None else spent
+        return StochasticEigenResult(
+            eigenvalues=mean,
+            eigenvectors=found[:count].clone(),
+            residuals=torch.stack(residuals[:count]),
+            converged=stderr <= tol * mean.abs(),
+            iterations=spent,
+            num_matvecs=spent,
+            which="LM",
+            tol=float(tol),
+            seed=seed_,
+            method="stochastic_power_iteration",
+            eigenvalue_std=std,
+            eigenvalue_stderr=stderr,
+            num_samples=window if len(set(windows[:count])) <= 1 else min(windows[:count]),
+            momentum=beta,
+            stop_reason=stop_reason,
+        )
+
+    def non_finite(i: int, first_bad: int, cause: NonFiniteError | None) -> NonFiniteError:
+        partial = result("non_finite", i) if i > 0 else None
+        what = (
+            f"product {first_bad} of this stochastic power iteration failed: {cause}"
+            if cause is not None
+            else f"{type(operator).__name__}.matvec produced non-finite values (inf/nan) at or "
+            f"before product {first_bad} of this stochastic power iteration (or momentum is "
+            "too large: it must stay below lambda_1^2 / 4)"
+        )
+        return NonFiniteError(
+            f"{what}; err.partial holds the {i} pairs found before it"
+            + ("" if partial is not None else " (None: no pair was finished)")
+            + ".",
+            partial=partial,
+            matvec=first_bad,
+            batch_index=None if cause is None else cause.batch_index,
+            param_names=() if cause is None else cause.param_names,
+        )
+
+    for i in range(len(means), k):
         deflate = found[:i] if i > 0 else None
-        w = backend.random(n, generator=gen, dtype=vdtype, device=device)
-        w = _project_out(backend, deflate, w)
-        w = w / backend.norm(w)
-        w_prev = torch.zeros_like(w)
         samples = torch.zeros(max_iter, dtype=torch.float64, device=device)
         res = torch.zeros(max_iter, dtype=torch.float64, device=device)
-        v = w
-        for t in range(max_iter):
+        if resume is not None:
+            t0 = int(resume["t"])
+            w, w_prev = resume["w"].to(device), resume["w_prev"].to(device)
+            v = resume["v"].to(device)
+            samples[:t0] = resume["samples"].to(device)
+            res[:t0] = resume["res"].to(device)
+            resume = None
+        else:
+            t0 = 0
+            w = backend.random(n, generator=gen, dtype=vdtype, device=device)
+            w = _project_out(backend, deflate, w)
+            w = w / backend.norm(w)
+            w_prev = torch.zeros_like(w)
+            v = w
+        stopped_at = None
+        for t in range(t0, max_iter):
+            if t > t0 and t % _CHECK_EVERY == 0:
+                lo = t - _CHECK_EVERY
+                if not bool((torch.isfinite(samples[lo:t]) & torch.isfinite(res[lo:t])).all()):
+                    raise non_finite(i, i * max_iter + t, None)
+                if deadline.expired(device):
+                    stopped_at = t
+                    break
+                if checkpointer is not None and checkpointer.due(i * max_iter + t):
+                    checkpointer.save(
+                        i * max_iter + t,
+                        _state(lists, found[:i], seed_, gen, t, w, w_prev, v, samples, res),
+                    )
             w_norm = backend.norm(w)
             v = w / w_norm
-            y = operator.matvec(v)
+            try:
+                y = operator.matvec(v)
+            except NonFiniteError as err:
+                raise non_finite(i, i * max_iter + t + 1, err) from err
             theta = backend.dot(v, y)
             samples[t] = theta.to(torch.float64)
             res[t] = backend.norm(y - theta * v).to(torch.float64)
             w_next = _project_out(backend, deflate, y) * w_norm - beta * w_prev
             scale = backend.norm(w_next).clamp_min(torch.finfo(vdtype).tiny)
             w_prev, w = w / scale, w_next / scale
-        tail = samples[max_iter - window :].cpu()
-        if not (torch.isfinite(tail).all() and torch.isfinite(res).all()):
-            raise FloatingPointError(
-                f"{type(operator).__name__}.matvec produced non-finite values (inf/nan) in "
-                "stochastic power iteration (or momentum is too large: it must stay below "
-                "lambda_1^2 / 4)."
+        done = max_iter if stopped_at is None else stopped_at
+        if stopped_at is not None and checkpointer is not None:
+            # The resume point is iteration ``done`` of pair i, saved before the partial pair.
+            checkpointer.save(
+                i * max_iter + done,
+                _state(lists, found[:i], seed_, gen, done, w, w_prev, v, samples, res),
             )
+        win = min(window, done)
+        tail = samples[done - win : done].cpu()
+        if not (torch.isfinite(tail).all() and torch.isfinite(res[:done]).all()):
+            raise non_finite(i, i * max_iter + done, None)
         means.append(tail.mean())
-        stds.append(tail.std() if window > 1 else torch.tensor(0.0, dtype=torch.float64))
-        residuals.append(res[max_iter - window :].mean().cpu())
+        stds.append(tail.std() if win > 1 else torch.tensor(0.0, dtype=torch.float64))
+        residuals.append(res[done - win : done].mean().cpu())
+        windows.append(win)
         found[i] = v
-    mean = torch.stack(means)
-    std = torch.stack(stds)
-    stderr = std / math.sqrt(window)
-    return StochasticEigenResult(
-        eigenvalues=mean,
-        eigenvectors=found,
-        residuals=torch.stack(residuals),
-        converged=stderr <= tol * mean.abs(),
-        iterations=k * max_iter,
-        num_matvecs=k * max_iter,
-        which="LM",
-        tol=float(tol),
-        seed=seed_,
-        method="stochastic_power_iteration",
-        eigenvalue_std=std,
-        eigenvalue_stderr=stderr,
-        num_samples=window,
-        momentum=beta,
-    )
+        if stopped_at is not None:
+            return result("time_limit", spent=i * max_iter + done)
+    out = result("completed")
+    if checkpointer is not None:
+        checkpointer.finish()
+    return out
+
+
+def _state(
+    lists: dict[str, list[Any]],
+    found: torch.Tensor,
+    seed: int,
+    gen: torch.Generator,
+    t: int,
+    w: torch.Tensor,
+    w_prev: torch.Tensor,
+    v: torch.Tensor,
+    samples: torch.Tensor,
+    res: torch.Tensor,
+) -> dict[str, Any]:
+    """Checkpoint state before iteration ``t`` of the current pair."""
+    return {
+        **lists,
+        "found": found.cpu(),
+        "seed": seed,
+        "generator": generator_state(gen),
+        "current": {
+            "t": t,
+            "w": w.cpu(),
+            "w_prev": w_prev.cpu(),
+            "v": v.cpu(),
+            "samples": samples[:t].cpu(),
+            "res": res[:t].cpu(),
+        },
+    }
