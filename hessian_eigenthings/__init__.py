@@ -7,10 +7,14 @@ and Fisher of a model on a dataset, without ever forming the matrix.
 # Eigensolvers (Lanczos, power iteration, stochastic power iteration) and their results;
 # stochastic estimators with error bars, and Lanczos tridiagonalisation (SLQ)
 from hessian_eigenthings.algorithms import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
     DiagonalResult,
     EigenResult,
     LanczosProgress,
     LanczosTridiag,
+    NonFiniteError,
     SpectralDensityResult,
     StochasticEigenResult,
     TraceResult,
@@ -115,6 +119,11 @@ __all__ = [
     "spectral_density",
     "trace",
     "xtrace",
+    # long runs: non-finite products, checkpoints
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "NonFiniteError",
     # language-model losses and fused cross-entropy HVP
     "fused_ce_hvp",
     "hf_lm_forward",

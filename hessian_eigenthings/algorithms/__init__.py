@@ -3,6 +3,14 @@
 # Stochastic estimators with error bars (trace, diagonal, SLQ spectral density) and the
 # plain Lanczos tridiagonalisation that SLQ is built on
 from hessian_eigenthings.algorithms.diagonal import diagonal
+
+# Long runs: errors of non-finite products and unusable checkpoints
+from hessian_eigenthings.algorithms.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    NonFiniteError,
+)
 from hessian_eigenthings.algorithms.estimator_results import (
     DiagonalResult,
     SpectralDensityResult,
@@ -49,4 +57,9 @@ __all__ = [
     "DiagonalResult",
     "SpectralDensityResult",
     "TraceResult",
+    # long runs: non-finite products, checkpoints
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "NonFiniteError",
 ]
