@@ -200,6 +200,8 @@ def hutch_plus_plus(
     def used() -> int:
         return {"sketch": col, "low_rank": k + col, "residual": 2 * k + col}[phase]
 
+    used_at_start = used()
+
     def state() -> dict[str, Any]:
         out: dict[str, Any] = {
             "phase": phase,
@@ -271,7 +273,10 @@ def hutch_plus_plus(
             phase, col = "residual", 0
         if phase == "residual" and col >= num_resid:
             break
-        cut = partial("time_limit") if deadline.expired(operator.device) else None
+        # The limit is checked only after this call made products (a resumed call that
+        # finds the limit passed at once still advances by one block).
+        expired = used() > used_at_start and deadline.expired(operator.device)
+        cut = partial("time_limit") if expired else None
         if cut is not None:
             if checkpointer is not None:
                 checkpointer.save(used(), state())

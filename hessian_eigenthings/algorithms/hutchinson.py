@@ -155,8 +155,10 @@ def hutchinson(
         return _result(forms[:count].cpu().numpy(), operator.size, distribution, seed_, stop_reason)
 
     stop_reason = "completed"
+    done_at_start = done
     while done < m:
-        if done >= 2 and deadline.expired(operator.device):
+        # Checked only after this call made products (a resumed call advances a block).
+        if done >= 2 and done > done_at_start and deadline.expired(operator.device):
             stop_reason = "time_limit"
             if checkpointer is not None:
                 checkpointer.save(done, state())

@@ -572,9 +572,16 @@ class _Lanczos:
     ) -> EigenResult:
         st = self.state
         k = self.k
+        progressed = False
         while True:
             # Top of the loop: the whole run is in self.state (saved and resumed here).
-            if deadline is not None and st.num_processed >= k and deadline.expired(self.op.device):
+            # Checked only after this call made products (a resumed call always advances).
+            if (
+                deadline is not None
+                and progressed
+                and st.num_processed >= k
+                and deadline.expired(self.op.device)
+            ):
                 if checkpointer is not None:
                     checkpointer.save(st.num_matvecs, st.to_dict())
                 ritz = self._ritz()
@@ -588,6 +595,7 @@ class _Lanczos:
                 self.check_every,
             )
             log, operator_error = self._expand(steps) if steps > 0 else ([], None)
+            progressed = progressed or bool(log)
             if st.since_verification >= 0:
                 st.since_verification += len(log)
             self._handle_breakdown(log, operator_error)

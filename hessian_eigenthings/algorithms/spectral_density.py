@@ -258,8 +258,10 @@ def spectral_density(
         )
 
     stop_reason = "completed"
+    runs_at_start = len(nodes)
     while len(nodes) < num_runs:
-        if nodes and deadline.expired(operator.device):
+        # Checked only after this call completed a run (a resumed call always advances).
+        if len(nodes) > runs_at_start and deadline.expired(operator.device):
             stop_reason = "time_limit"
             if checkpointer is not None:
                 checkpointer.save(num_matvecs, state())

@@ -309,6 +309,7 @@ def xtrace(
         run["phase"], run["col"] = "draw", 0
         cur.clear()
 
+    used_at_start = run["used"]
     while run["batch"] < len(sizes):
         s = sizes[run["batch"]]
         if run["phase"] == "draw":
@@ -348,7 +349,9 @@ def xtrace(
             t, var, t_i = _loo_estimates(cur, n, s, improved)
             finish_batch(t, var, t_i, 2 * s, s, s - 1)
             continue
-        cut = partial("time_limit") if deadline.expired(operator.device) else None
+        # Checked only after this call made products (a resumed call always advances).
+        expired = run["used"] > used_at_start and deadline.expired(operator.device)
+        cut = partial("time_limit") if expired else None
         if cut is not None:
             if checkpointer is not None:
                 checkpointer.save(run["used"], state())
