@@ -210,7 +210,7 @@ def stochastic_power_iteration(
             method="stochastic_power_iteration",
             eigenvalue_std=std,
             eigenvalue_stderr=stderr,
-            num_samples=window if len(set(windows[:count])) <= 1 else min(windows[:count]),
+            num_samples=min(windows[:count], default=window),  # smaller for a cut pair
             momentum=beta,
             stop_reason=stop_reason,
         )
