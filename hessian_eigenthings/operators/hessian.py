@@ -37,17 +37,17 @@ class HessianOperator(DataCurvatureOperator):
     where ``L_b = loss_fn(model, batch_b)`` is the mean loss of batch ``b`` and ``w_b``
     its number of samples (or tokens), so ragged batches are weighted exactly.
 
-    Methods:
-        ``"autograd"`` (default): exact Hessian-vector product by double backward,
-        ``H v = \nabla_\theta \langle \nabla_\theta L, v \rangle``. Runs inside
-        :func:`~hessian_eigenthings.operators._autodiff_safety.curvature_mode`, so
-        attention and normalisation layers are differentiated exactly.
+    The product is computed in one of two ways (``method``):
 
-        ``"finite_difference"``: central difference of exact gradients along the unit
-        direction ``u = v / ||v||``,
-        ``H v ~ ||v|| (g(\theta + h u) - g(\theta - h u)) / (2h)``. Linear in ``v`` and
-        exact up to ``O(h^2)``; needs only first-order autograd (works with any layer and
-        with sharded parameters). Parameters are restored bit for bit afterwards.
+    - ``"autograd"`` (default): exact Hessian-vector product by double backward,
+      ``H v = \nabla_\theta \langle \nabla_\theta L, v \rangle``. Runs inside
+      :func:`~hessian_eigenthings.operators._autodiff_safety.curvature_mode`, so
+      attention and normalisation layers are differentiated exactly.
+    - ``"finite_difference"``: central difference of exact gradients along the unit
+      direction ``u = v / ||v||``,
+      ``H v ~ ||v|| (g(\theta + h u) - g(\theta - h u)) / (2h)``. Linear in ``v`` and
+      exact up to ``O(h^2)``; needs only first-order autograd (works with any layer and
+      with sharded parameters). Parameters are restored bit for bit afterwards.
 
     Args:
         model: The model; never modified.
