@@ -297,3 +297,55 @@ def test_bad_checkpoint_options(tmp_path: Path) -> None:
         )
     with pytest.raises(TypeError, match="checkpoint must be a path"):
         spectral_density(operator(), 2, 4, seed=0, checkpoint=3)  # type: ignore[arg-type]
+
+
+# -- torchrun: rank 0 writes, every rank resumes, seeds agree ------------------------------
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs gloo",
+)
+def test_torchrun_ranks_agree_on_seed_and_resume_from_rank0s_file(tmp_path: Path) -> None:
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests._long_run_dist_worker", str(tmp_path)],
+            cwd=repo,
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+            },
+        )
+        for rank in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    # One checkpoint file (written by rank 0 only), no temporary files, removed when done.
+    assert r0["files_after_kill"] == ["lanczos.ckpt"] == r1["files_after_kill"]
+    assert not r0["checkpoint_left"] and not r1["checkpoint_left"]
+    # seed=None resolved through the backend: every rank records and uses rank 0's seed.
+    for key in ("seed", "eigenvalues", "num_matvecs", "trace_seed", "trace", "slq_seed"):
+        assert r0[key] == r1[key], key
+    assert r0["resumed_products"] < r0["num_matvecs"]  # resumed, did not start over
+    reference = lanczos(operator(), k=3, basis_size=12, seed=r0["seed"])
+    assert r0["eigenvalues"] == reference.eigenvalues.tolist()
+    assert r0["num_matvecs"] == reference.num_matvecs
