@@ -16,6 +16,10 @@ File layout (format version 1)::
                                    configuration, num_matvecs, payload_bytes, payload_sha256
     payload                        torch.save of a dict of tensors/ints/floats/lists
 
+Memory: a write serialises the state in host memory first (the payload's length and hash
+go into the header), so it holds the state's CPU copy plus its serialised bytes; for a
+Lanczos basis of ``(m + 2) n`` entries that is twice the basis in RAM during the write.
+
 Writes are atomic: the file is written to a temporary file in the same directory,
 flushed and fsync'ed, renamed over the old one with :func:`os.replace`, and the directory
 is fsync'ed, so a kill at any instant leaves either the previous or the new checkpoint.
@@ -331,9 +335,9 @@ class Checkpointer:
         self._last_time = time.monotonic()
 
     def maybe_save(self, num_matvecs: int, make_state: Any) -> None:
-        """``save(num_matvecs, make_state())`` if :meth:`due`."""
+        """``save(num_matvecs, make_state())`` if :meth:`due` (state built on rank 0 only)."""
         if self.due(num_matvecs):
-            self.save(num_matvecs, make_state())
+            self.save(num_matvecs, make_state() if self.rank == 0 else {})
 
     def finish(self) -> None:
         """Delete the checkpoint of a completed run (rank 0; barrier under torchrun)."""
