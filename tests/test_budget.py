@@ -18,7 +18,9 @@ import torch
 
 from hessian_eigenthings import (
     EigenResult,
+    LambdaOperator,
     deflated_power_iteration,
+    diagonal,
     lanczos,
     power_iteration_one,
     spectral_density,
@@ -86,6 +88,28 @@ def test_slq_time_limit_returns_the_completed_runs() -> None:
     assert cut.num_runs == 1 and cut.num_matvecs == 12
     assert np.array_equal(cut.nodes[0], full.nodes[0])
     assert abs(cut.integral() - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_diagonal_time_limit_returns_the_estimate_of_the_products_made(method: str) -> None:
+    seen: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return A @ x
+
+    rec = LambdaOperator(record, 60, dtype=torch.float64, matmat_fn=record)
+    full = diagonal(operator(), 60, method=method, seed=2, block_size=4)
+    cut = diagonal(rec, 60, method=method, seed=2, block_size=4, time_limit=TINY)
+    assert cut.stop_reason == "time_limit" and full.stop_reason == "completed"
+    assert cut.num_matvecs == 4 < full.num_matvecs
+    # Exactly the mean of omega * A omega over the probes the operator received.
+    omega = torch.cat(seen, dim=1)
+    assert omega.shape == (60, 4)
+    expected = (omega * (A @ omega)).mean(dim=1)
+    assert torch.allclose(cut.estimate, expected, rtol=0, atol=1e-12)
+    if method == "xdiag":
+        assert cut.details["partial_estimator"] == "hutchinson_on_sketch"
 
 
 def test_power_iterations_time_limit() -> None:

@@ -26,6 +26,7 @@ from hessian_eigenthings import (
     HessianOperator,
     LambdaOperator,
     deflated_power_iteration,
+    diagonal,
     lanczos,
     power_iteration_one,
     spectral_density,
@@ -53,6 +54,10 @@ def assert_same(a: Any, b: Any) -> None:
             assert np.array_equal(x, y)
         assert np.array_equal(a.density, b.density)
         assert a.trace.estimate == b.trace.estimate
+        assert a.num_matvecs == b.num_matvecs
+    elif isinstance(a.estimate, torch.Tensor):  # DiagonalResult
+        assert torch.equal(a.estimate, b.estimate)
+        assert torch.equal(a.stderr, b.stderr)
         assert a.num_matvecs == b.num_matvecs
     else:
         assert a.estimate == b.estimate
@@ -82,7 +87,8 @@ def test_sigkill_mid_run_resumes_to_the_identical_result(name: str, tmp_path: Pa
     reference = RUNS[name](operator(lambda c: counted.__setitem__(0, c)))
     total = counted[0]
     rng = random.Random()
-    kill_at = rng.randint(8, total - 12)
+    # After the first checkpoint (SLQ writes between runs of 12 products), before the end.
+    kill_at = rng.randint(14 if name == "slq" else 8, total - 12)
     path = tmp_path / "run.ckpt"
     child = subprocess.Popen(
         [sys.executable, str(CHILD), name, str(path), str(torch.get_num_threads())],
@@ -134,6 +140,8 @@ IN_PROCESS: dict[str, Callable[..., Any]] = {
     ),
     "deflated_power": lambda op, **kw: deflated_power_iteration(op, 2, max_iter=120, seed=1, **kw),
     "power_one": lambda op, **kw: power_iteration_one(op, max_iter=90, seed=1, **kw),
+    "diagonal-hutchinson": lambda op, **kw: diagonal(op, 40, seed=2, block_size=3, **kw),
+    "diagonal-xdiag": lambda op, **kw: diagonal(op, 60, method="xdiag", seed=2, block_size=4, **kw),
     "stochastic_power": lambda op, **kw: stochastic_power_iteration(
         op, 2, max_iter=70, momentum=0.3, seed=1, **kw
     ),

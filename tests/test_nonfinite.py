@@ -21,6 +21,7 @@ from hessian_eigenthings import (
     LambdaOperator,
     NonFiniteError,
     deflated_power_iteration,
+    diagonal,
     lanczos,
     spectral_density,
     stochastic_power_iteration,
@@ -125,6 +126,17 @@ def test_trace_names_the_product_and_keeps_the_clean_estimate(method: str, bad: 
         assert partial.details["partial_estimator"] == "hutchinson_on_sketch"
         sketch = {"hutch++": 60 // 3, "xtrace": 60 // 2}[method]
         assert partial.details["num_probes"] == min(bad - 1, sketch)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_diagonal_names_the_product_and_keeps_the_clean_estimate(method: str) -> None:
+    with pytest.raises(NonFiniteError) as info:
+        diagonal(poisoned(13), 40, method=method, seed=3, block_size=4)
+    err = info.value
+    assert err.matvec == 13 and "LambdaOperator" in str(err)
+    partial = err.partial
+    assert partial.stop_reason == "non_finite" and partial.num_matvecs == 12
+    assert bool(torch.isfinite(partial.estimate).all())
 
 
 def test_slq_returns_the_runs_completed_before_the_bad_product() -> None:

@@ -142,6 +142,10 @@ class DiagonalResult:
         distribution: Probe distribution.
         seed: Seed that reproduces the run.
         details: Method-specific sizes.
+        stop_reason: ``"completed"``, ``"time_limit"`` (the estimate of the products made;
+            ``details["partial_estimator"]`` says which), ``"non_finite"`` (the partial
+            result of a :class:`~hessian_eigenthings.algorithms.errors.NonFiniteError`),
+            or ``""`` when not recorded.
     """
 
     estimate: torch.Tensor
@@ -152,6 +156,7 @@ class DiagonalResult:
     distribution: str
     seed: int | None
     details: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (the vectors become lists: ``O(n)`` entries)."""
@@ -165,6 +170,7 @@ class DiagonalResult:
             "distribution": self.distribution,
             "seed": self.seed,
             "details": dict(self.details),
+            "stop_reason": self.stop_reason,
         }
 
     @classmethod
@@ -180,6 +186,7 @@ class DiagonalResult:
             distribution=str(d["distribution"]),
             seed=None if d["seed"] is None else int(d["seed"]),
             details=dict(d.get("details", {})),
+            stop_reason=str(d.get("stop_reason", "")),
         )
 
     def __repr__(self) -> str:
