@@ -63,7 +63,7 @@ LABELS = {
 # What each mode measures. Budgets are matrix-vector products of the full-data operator.
 CONFIGS: dict[str, dict[str, Any]] = {
     "full": {
-        "problems": ["mlp_digits", "cnn_digits", "gpt2_tiny"],
+        "problems": ["mlp_digits", "cnn_digits", "gpt2_tiny", "mlp_wide"],
         "dense": ["mlp_digits", "cnn_digits", "gpt2_tiny"],
         "dense_ggn": ["mlp_digits", "cnn_digits", "gpt2_tiny"],
         "eig": {"problems": ["mlp_digits", "cnn_digits", "gpt2_tiny"], "k": 5, "tol": 1e-6},
@@ -80,8 +80,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
             "steps": 80,
             "seed": 0,
         },
-        "time": {"problems": ["mlp_digits", "cnn_digits", "gpt2_tiny"], "repeats": 15},
-        "memory": ["mlp_digits", "cnn_digits", "gpt2_tiny"],
+        "time": {
+            "problems": ["mlp_digits", "cnn_digits", "gpt2_tiny", "mlp_wide"],
+            "repeats": 15,
+        },
+        "memory": ["mlp_digits", "cnn_digits", "gpt2_tiny", "mlp_wide"],
         "ragged": True,
     },
     "smoke": {
@@ -664,8 +667,10 @@ def render_markdown(data: dict[str, Any]) -> str:
         "Peak memory of one product (MiB of RSS added)",
         "float32; each measurement in a forked child of a process that has built the model, "
         "data and operator but run no product yet: peak RSS added by one product, next to "
-        "that of one gradient in the same setting. On these small problems a few MiB is "
-        "allocator noise.",
+        "that of one gradient in the same setting (one unmeasured gradient runs first so "
+        "autograd's one-time setup is not counted, and `malloc_trim` returns freed heap to the "
+        "OS before each probe). The small problems sit on a ~20 MiB floor of per-process "
+        "overhead; `mlp_wide` is the meaningful row.",
         mem_rows,
     )
     eig_rows = []
@@ -725,7 +730,9 @@ def render_markdown(data: dict[str, Any]) -> str:
     table(
         "Trace: relative RMS error over seeds",
         f"`sqrt(mean((est - tr H)^2)) / |tr H|` over {len(cfg['trace']['seeds'])} seeds at a "
-        "budget of 30 and 100 matvecs (Rademacher probes).",
+        "budget of 30 and 100 matvecs (Rademacher probes; curvlinops' Hutch++ needs a multiple "
+        "of 3 and gets 99). With 10 seeds an RMS error is itself uncertain by about +-25% "
+        "(relative standard error ~1/sqrt(2 x seeds)): differences below ~1.5x are noise.",
         [row for row in trows if not all(c in ("—", "n/a") for c in row[1])],
     )
     srows = []

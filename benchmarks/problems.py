@@ -11,6 +11,7 @@ Problems:
     ``mlp_digits``: scikit-learn's bundled 8x8 digits (no download), 64 -> h -> 10 MLP with a
         LayerNorm (where HVP mistakes in normalisation layers show), trained a few steps.
     ``cnn_digits``: the same digits as 1x8x8 images, two 3x3 convolutions and a linear head.
+    ``mlp_wide``: a 1.1M-parameter MLP on all digits in one batch, for time and memory only.
     ``gpt2_tiny``: a one-layer GPT-2 built from a config (transformers; no hub), a batch of
         sequences of different lengths, right-padded, labels ``-100`` on the padding. ``X``
         stacks ``input_ids`` and ``attention_mask`` into one ``(B, 2, T)`` tensor so that every
@@ -147,6 +148,35 @@ def _mlp(smoke: bool, dtype: torch.dtype, ragged: bool) -> Problem:
     )
 
 
+def _mlp_wide(dtype: torch.dtype) -> Problem:
+    """All 1797 digits in one batch through a 64-1024(LayerNorm)-1024-10 tanh MLP.
+
+    About 1.1M parameters and 7 MiB per activation layer: big enough that time and memory
+    measure the products themselves rather than per-call overheads. No dense truth.
+    """
+    torch.manual_seed(4)
+    x, y = _digits(1797, torch.float64)
+    model = nn.Sequential(
+        nn.Linear(64, 1024),
+        nn.LayerNorm(1024),
+        nn.Tanh(),
+        nn.Linear(1024, 1024),
+        nn.Tanh(),
+        nn.Linear(1024, 10),
+    ).double()
+    batches = [(x, y)]
+    _train(model, batches, steps=5, lr=1e-3)
+    model = model.to(dtype)
+    return Problem(
+        name="mlp_wide",
+        model=model,
+        batches=[(x.to(dtype), y)],
+        criterion=nn.CrossEntropyLoss(),
+        description="digits MLP 64-1024(LayerNorm, tanh)-1024(tanh)-10, 1797 samples, one batch",
+        config={"samples": 1797, "batch_size": 1797, "hidden": [1024, 1024], "train_steps": 5},
+    )
+
+
 def _cnn(smoke: bool, dtype: torch.dtype) -> Problem:
     n, c1, c2, bs = (512, 2, 4, 256) if smoke else (512, 4, 8, 256)
     torch.manual_seed(1)
@@ -249,7 +279,8 @@ def build(name: str, *, smoke: bool, dtype: torch.dtype = torch.float64) -> Prob
     """Build problem ``name`` deterministically (same weights and data on every call).
 
     Args:
-        name: One of :data:`PROBLEMS`, or ``"mlp_digits_ragged"``.
+        name: One of :data:`PROBLEMS`, ``"mlp_digits_ragged"`` or ``"mlp_wide"`` (the same
+            at either size).
         smoke: The reduced size used by ``--smoke`` (CI).
         dtype: Floating dtype of the model and inputs.
 
@@ -263,6 +294,8 @@ def build(name: str, *, smoke: bool, dtype: torch.dtype = torch.float64) -> Prob
         return _mlp(smoke, dtype, ragged=True)
     if name == "cnn_digits":
         return _cnn(smoke, dtype)
+    if name == "mlp_wide":
+        return _mlp_wide(dtype)
     if name == "gpt2_tiny":
         return _gpt2(smoke, dtype)
     raise ValueError(f"Unknown problem {name!r}; expected one of {PROBLEMS}.")

@@ -22,6 +22,7 @@ fresh subprocess per measurement (peak RSS of one cold product versus one cold g
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import re
@@ -81,9 +82,10 @@ def peak_rss_delta_mib(fn: Callable[[], Any]) -> float:
 
     Runs ``fn`` in a forked child, so every measurement starts from the same cold state (no
     allocator caches or lazily built buffers left by an earlier product) without paying for
-    a new interpreter. The child resets the kernel's high-water mark
-    (``/proc/self/clear_refs`` = 5), so the model and data built before do not count; RSS
-    sees torch's CPU allocations, which ``tracemalloc`` does not.
+    a new interpreter. The child returns freed heap memory to the OS (``malloc_trim``) and
+    resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5), so the model and
+    data built before do not count; RSS sees torch's CPU allocations, which ``tracemalloc``
+    does not. Linux only.
     """
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -91,6 +93,9 @@ def peak_rss_delta_mib(fn: Callable[[], Any]) -> float:
         os.close(read_fd)
         code = 0
         try:
+            # Hand freed heap memory back to the OS first: otherwise an allocation served
+            # from memory that earlier work (building, training) left resident adds no RSS.
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
             before = _status_kib("VmRSS")
@@ -120,13 +125,13 @@ def time_interleaved(
     warmup: int = 2,
     min_sample_seconds: float = 0.05,
 ) -> dict[str, float]:
-    """Seconds per call of ``op`` and of ``baseline``, run alternately in the same process.
+    """Seconds per call of ``op`` and of ``baseline``, alternated call by call.
 
-    Each sample times ``inner`` back-to-back calls, with ``inner`` chosen so a baseline
-    sample lasts at least ``min_sample_seconds``; the samples alternate between the two so
-    that load from other processes hits both alike. Reported: the minimum per-call time over
-    ``repeats`` samples of each (the least disturbed measurement, as ``timeit`` advises),
-    the median, and the ratio of the minima.
+    A sample is ``inner`` pairs ``baseline(); op()``, each call timed on its own, with
+    ``inner`` chosen so a sample's baselines last at least ``min_sample_seconds``;
+    alternating every call makes load from other processes hit both alike. Reported: the
+    minimum over ``repeats`` samples of the mean per-call time of each (the least disturbed
+    sample, as ``timeit`` advises), the medians, and the ratio of the minima.
     """
     for _ in range(warmup):
         baseline()
@@ -137,15 +142,17 @@ def time_interleaved(
     inner = max(1, math.ceil(min_sample_seconds / once))
     t_op, t_base = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        s_op = s_base = 0.0
         for _ in range(inner):
+            t0 = time.perf_counter()
             baseline()
-        t1 = time.perf_counter()
-        for _ in range(inner):
+            t1 = time.perf_counter()
             op()
-        t2 = time.perf_counter()
-        t_base.append((t1 - t0) / inner)
-        t_op.append((t2 - t1) / inner)
+            t2 = time.perf_counter()
+            s_base += t1 - t0
+            s_op += t2 - t1
+        t_base.append(s_base / inner)
+        t_op.append(s_op / inner)
     return {
         "seconds": min(t_op),
         "baseline_seconds": min(t_base),
@@ -180,6 +187,9 @@ def _run_one(adapter: ModuleType, problem: P.Problem, task: dict[str, Any]) -> d
         v = P.probe_vector(problem).to(problem.params[0].dtype)
         return time_interleaved(lambda: mv(v), problem.flat_grad, task["repeats"])
     if kind == "memory":
+        # One gradient first (not measured) so autograd's one-time setup is not counted
+        # against whichever probe happens to run first.
+        problem.flat_grad()
         if task["op"] == "gradient":
             return {"peak_rss_delta_mib": peak_rss_delta_mib(problem.flat_grad)}
         # The operator is built (and any construction-time checks run) before the probe.

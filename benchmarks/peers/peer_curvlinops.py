@@ -89,6 +89,10 @@ def trace(problem: P.Problem, num_matvecs: int, method: str, seed: int) -> dict[
     }
     if method not in fns:
         raise Unsupported(f"no trace method {method!r}")
+    if method != "hutchinson":
+        # curvlinops' Hutch++ and XTrace need a multiple of 3 (resp. 2): round down, the
+        # count actually used is reported.
+        num_matvecs -= num_matvecs % (3 if method == "hutch++" else 2)
     op, counter = _op(problem, "hessian")
     start = counter.count
     torch.manual_seed(seed)
