@@ -93,6 +93,11 @@ def peak_rss_delta_mib(fn: Callable[[], Any]) -> float:
         os.close(read_fd)
         code = 0
         try:
+            # OpenMP's thread pool does not survive fork(): a parallel region in the child of
+            # a process that already used it can deadlock. Measure single-threaded.
+            import torch
+
+            torch.set_num_threads(1)
             # Hand freed heap memory back to the OS first: otherwise an allocation served
             # from memory that earlier work (building, training) left resident adds no RSS.
             ctypes.CDLL("libc.so.6").malloc_trim(0)
