@@ -52,9 +52,12 @@ def preserve_model_state(
             for b, saved_b in buffers:
                 if b.shape == saved_b.shape:
                     b.copy_(saved_b)
+        # Assign only what changed: setters of .grad and Module attributes are not free.
         for p, req, g in zip(params, requires, grads):
             if p.requires_grad != req:
                 p.requires_grad_(req)
-            p.grad = g
+            if p.grad is not g:
+                p.grad = g
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training

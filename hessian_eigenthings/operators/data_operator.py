@@ -196,10 +196,15 @@ class DataCurvatureOperator(CurvatureOperator):
             for piece, p in zip(torch.split(vec, [p.numel() for p in self.params]), self.params)
         ]
         vs = [v.view(p.shape) for v, p in zip(vs, self.params)]
+        # ``total`` holds (1/ref) * sum_j w_j C_j v, where ``ref`` is the weight of the first
+        # product: a single batch then needs no scaling pass at all.
         total: torch.Tensor | None = None
+        ref = 1
         weight: int | torch.Tensor = 0
-        # (batch index, microbatch index, on-device "all finite" flag) per product.
-        flags: list[tuple[int, int, torch.Tensor]] = []
+        # (batch index, microbatch index) of every product, and on-device sums of the
+        # products (NaN/inf whenever an entry is), taken only when there are several.
+        where: list[tuple[int, int]] = []
+        sums: list[torch.Tensor] = []
         with (
             preserve_model_state(
                 self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
@@ -217,23 +222,40 @@ class DataCurvatureOperator(CurvatureOperator):
                     if isinstance(w, torch.Tensor):
                         # zero-weight pieces (all tokens ignored) may produce NaN: drop them
                         flat.mul_(w.to(flat.dtype)).masked_fill_(w <= 0, 0.0)
-                    elif w != 1:
-                        flat.mul_(w)
-                    flags.append((self.source.batch_index, mb_index, torch.isfinite(flat).all()))
-                    total = flat if total is None else total.add_(flat)
+                        unit = 1  # flat already carries its weight
+                    else:
+                        unit = w  # flat is the unweighted C_b v
+                    where.append((self.source.batch_index, mb_index))
+                    if total is None:
+                        total, ref = flat, unit
+                    else:
+                        if len(sums) == 0:
+                            sums.append(total.sum())
+                        sums.append(flat.sum())
+                        total.add_(flat, alpha=unit / ref)
                     weight = weight + w
         if total is None:
             total = torch.zeros(self.size, dtype=vec.dtype, device=vec.device)
+        if type(self)._reduce is not DataCurvatureOperator._reduce and ref != 1:
+            total.mul_(ref)  # processes exchange the plain weighted sum
+            ref = 1
         total, weight = self._reduce(total, weight)
-        # One host sync per matvec (after the reduction, so that every rank agrees).
-        if not bool(torch.isfinite(total).all()):
-            self._raise_non_finite(total, flags, self.source.microbatch_size is not None)
+        # One host sync per matvec (after the reduction, so that every rank agrees). A sum is
+        # much cheaper than an elementwise test; if it is not finite (a NaN/inf entry, or
+        # only an overflow of the sum itself), the exact elementwise test decides.
+        if not bool(torch.isfinite(total.sum())) and not bool(torch.isfinite(total).all()):
+            flags = sums or [torch.tensor(float("nan"))] * len(where)
+            self._raise_non_finite(
+                total,
+                [(b, m, f) for (b, m), f in zip(where, flags)],
+                self.source.microbatch_size is not None,
+            )
         if isinstance(weight, int):
             if weight == 0:
                 raise ValueError(
                     "All batches had zero weight (no samples or no non-ignored tokens)."
                 )
-            return total.div_(weight)
+            return total if ref == weight else total.mul_(ref / weight)
         # Token (or class-weight) counts are tensors: one host sync per matvec to refuse an
         # all-ignored dataset, whose mean loss (and so its curvature) is undefined.
         if not bool(weight > 0):
@@ -241,7 +263,11 @@ class DataCurvatureOperator(CurvatureOperator):
                 "All batches had zero total weight (every target ignored): the mean loss is "
                 "undefined. Check ignore_index / the labels of the dataloader."
             )
-        return total.div_(weight.to(total.dtype))
+        return (
+            total.mul_(ref).div_(weight.to(total.dtype))
+            if ref != 1
+            else total.div_(weight.to(total.dtype))
+        )
 
     def _raise_non_finite(
         self,
@@ -251,7 +277,7 @@ class DataCurvatureOperator(CurvatureOperator):
     ) -> None:
         from hessian_eigenthings.algorithms.errors import NonFiniteError
 
-        bad = [(b, m) for b, m, ok in flags if not bool(ok)]
+        bad = [(b, m) for b, m, flag in flags if not bool(torch.isfinite(flag))]
         sizes = [p.numel() for p in self.params]
         names = tuple(
             name
