@@ -31,8 +31,7 @@ from hessian_eigenthings.algorithms import (
     xtrace,
 )
 
-# Operators: the matrices, known through matrix-vector products
-# Vector backends
+# Vector backends (single device, replicated over ranks, sharded over ranks)
 from hessian_eigenthings.backends import (
     LinAlgBackend,
     ReplicatedBackend,
@@ -40,18 +39,27 @@ from hessian_eigenthings.backends import (
     SingleDeviceBackend,
 )
 
-# Language-model losses (HuggingFace, TransformerLens) and fused cross-entropy HVP kernels
+# Losses of the model output with closed-form HVPs: standard, HuggingFace, TransformerLens,
+# and the fused cross-entropy HVP kernels
 from hessian_eigenthings.loss_fns import (
+    LossOfOutput,
+    cross_entropy_loss_of_output,
     fused_ce_hvp,
     hf_lm_forward,
     hf_lm_loss,
     hf_lm_loss_of_output,
     hf_lm_shifted_ce,
     linear_ce_ggn_product,
+    loss_of_output,
+    mse_loss_of_output,
+    supervised_forward,
+    supervised_loss,
     tlens_forward,
     tlens_loss,
     tlens_loss_of_output,
 )
+
+# Operators: the matrices, known through matrix-vector products
 from hessian_eigenthings.operators import (
     CurvatureOperator,
     DataCurvatureOperator,
@@ -124,7 +132,13 @@ __all__ = [
     "CheckpointMismatchError",
     "CorruptCheckpointError",
     "NonFiniteError",
-    # language-model losses and fused cross-entropy HVP
+    # losses of the output with closed-form HVPs, LM losses, fused cross-entropy HVP
+    "LossOfOutput",
+    "cross_entropy_loss_of_output",
+    "loss_of_output",
+    "mse_loss_of_output",
+    "supervised_forward",
+    "supervised_loss",
     "fused_ce_hvp",
     "hf_lm_forward",
     "hf_lm_loss",

@@ -44,6 +44,7 @@ the ranks. Sharded vectors (a backend whose ``local_size(n) < n``) are refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -353,9 +354,8 @@ def _fsync_dir(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+            os.fsync(fd)
     finally:
         os.close(fd)
 
