@@ -3,14 +3,6 @@
 # Stochastic estimators with error bars (trace, diagonal, SLQ spectral density) and the
 # plain Lanczos tridiagonalisation that SLQ is built on
 from hessian_eigenthings.algorithms.diagonal import diagonal
-
-# Long runs: errors of non-finite products and unusable checkpoints
-from hessian_eigenthings.algorithms.errors import (
-    CheckpointError,
-    CheckpointMismatchError,
-    CorruptCheckpointError,
-    NonFiniteError,
-)
 from hessian_eigenthings.algorithms.estimator_results import (
     DiagonalResult,
     SpectralDensityResult,
@@ -31,6 +23,14 @@ from hessian_eigenthings.algorithms.spectral_density import spectral_density
 from hessian_eigenthings.algorithms.stochastic_power_iteration import stochastic_power_iteration
 from hessian_eigenthings.algorithms.trace import trace
 from hessian_eigenthings.algorithms.xtrace import xtrace
+
+# Long runs: errors of non-finite products and unusable checkpoints
+from hessian_eigenthings.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    NonFiniteError,
+)
 
 __all__ = [
     # eigensolvers

@@ -125,7 +125,7 @@ def non_finite_error(
     partial_note: str,
 ) -> Exception:
     """The :class:`NonFiniteError` an estimator raises for product number ``first_bad``."""
-    from hessian_eigenthings.algorithms.errors import NonFiniteError
+    from hessian_eigenthings.errors import NonFiniteError
 
     what = (
         f"a product (number {first_bad} or one after it in the same block) of this {who} "

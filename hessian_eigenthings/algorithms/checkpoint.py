@@ -57,11 +57,11 @@ from typing import Any
 import torch
 
 from hessian_eigenthings.algorithms._deadline import agree_flag
-from hessian_eigenthings.algorithms.errors import (
+from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.errors import (
     CheckpointMismatchError,
     CorruptCheckpointError,
 )
-from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = [

@@ -45,7 +45,7 @@ running mean and sum of squared deviations; XDiag: the probes and the sketch), a
 with the same arguments resumes bit for bit; ``time_limit=`` returns the estimate of the
 products made (Hutchinson: of its probes so far; XDiag: the Hutchinson diagonal of the
 sketch probes made, ``details["partial_estimator"] = "hutchinson_on_sketch"``); a
-non-finite product raises :class:`~hessian_eigenthings.algorithms.errors.NonFiniteError`
+non-finite product raises :class:`~hessian_eigenthings.errors.NonFiniteError`
 with that partial estimate. The rank-deficient XDiag fallback runs without intermediate
 writes or time checks.
 """
@@ -81,9 +81,9 @@ from hessian_eigenthings.algorithms.checkpoint import (
     generator_state,
     restore_generator,
 )
-from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.estimator_results import DiagonalResult
 from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["DIAGONAL_METHODS", "diagonal"]

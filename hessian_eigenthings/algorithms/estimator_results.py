@@ -65,7 +65,7 @@ class TraceResult:
             ``"time_limit"`` (``time_limit=`` cut the run short: the estimate and stderr
             use only the products made, ``num_matvecs`` counts them, and ``details``
             says which partial estimator was used), ``"non_finite"`` (the partial result
-            carried by a :class:`~hessian_eigenthings.algorithms.errors.NonFiniteError`),
+            carried by a :class:`~hessian_eigenthings.errors.NonFiniteError`),
             or ``""`` when not recorded (e.g. results derived from an SLQ quadrature).
     """
 
@@ -144,7 +144,7 @@ class DiagonalResult:
         details: Method-specific sizes.
         stop_reason: ``"completed"``, ``"time_limit"`` (the estimate of the products made;
             ``details["partial_estimator"]`` says which), ``"non_finite"`` (the partial
-            result of a :class:`~hessian_eigenthings.algorithms.errors.NonFiniteError`),
+            result of a :class:`~hessian_eigenthings.errors.NonFiniteError`),
             or ``""`` when not recorded.
     """
 
@@ -241,7 +241,7 @@ class SpectralDensityResult:
         negative_density: Log scale only: the part of ``density`` from negative nodes.
         stop_reason: ``"completed"``, ``"time_limit"`` (fewer runs than requested:
             ``num_runs`` says how many), ``"non_finite"`` (the partial result of a
-            :class:`~hessian_eigenthings.algorithms.errors.NonFiniteError`: the runs
+            :class:`~hessian_eigenthings.errors.NonFiniteError`: the runs
             completed before the bad product), or ``""`` when not recorded.
     """
 

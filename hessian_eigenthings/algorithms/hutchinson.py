@@ -42,9 +42,9 @@ from hessian_eigenthings.algorithms.checkpoint import (
     generator_state,
     restore_generator,
 )
-from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["MIN_MATVECS_HUTCHINSON", "hutchinson"]

@@ -64,7 +64,7 @@ floating-point operations, so its result equals the uninterrupted run's bit for 
 ``time_limit=`` stops at the next check and returns the current Ritz pairs with honest
 flags (``stop_reason="time_limit"``). A non-finite product is detected at the next check
 (or at once by data operators); the state is rolled back to the products before it and a
-:class:`~hessian_eigenthings.algorithms.errors.NonFiniteError` carrying the Ritz pairs of
+:class:`~hessian_eigenthings.errors.NonFiniteError` carrying the Ritz pairs of
 that clean state (``err.partial``) is raised.
 
 Host synchronisation happens once per convergence check (to read ``H``): every
@@ -89,9 +89,9 @@ from hessian_eigenthings.algorithms.checkpoint import (
     generator_state,
     restore_generator,
 )
-from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.results import EigenResult
 from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
+from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["LanczosProgress", "LanczosState", "default_tol", "lanczos"]

@@ -27,7 +27,7 @@ generator state at convergence checks (every 4 products); a call with the same a
 resumes from it with the same floating-point operations (bit for bit the same result).
 ``time_limit=`` returns the pairs found so far plus the current iterate (with its true
 residual and honest ``converged`` flag) once passed. A non-finite product raises
-:class:`~hessian_eigenthings.algorithms.errors.NonFiniteError` whose ``partial`` holds the
+:class:`~hessian_eigenthings.errors.NonFiniteError` whose ``partial`` holds the
 pairs found before it and the last clean iterate of the current pair.
 """
 
@@ -48,10 +48,10 @@ from hessian_eigenthings.algorithms.checkpoint import (
     generator_state,
     restore_generator,
 )
-from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.lanczos import default_tol, default_vector_dtype
 from hessian_eigenthings.algorithms.results import EigenResult
 from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
+from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["deflated_power_iteration", "power_iteration_one"]

@@ -56,7 +56,7 @@ class EigenResult:
         stop_reason: Why the run stopped: ``"converged"``, ``"max_iter"`` (matvec budget
             spent), ``"exhausted"`` (the basis spans the whole space), ``"time_limit"``
             (``time_limit=`` passed; partial result), ``"non_finite"`` (the partial result
-            carried by a :class:`~hessian_eigenthings.algorithms.errors.NonFiniteError`),
+            carried by a :class:`~hessian_eigenthings.errors.NonFiniteError`),
             or ``""`` when the solver does not record it.
     """
 

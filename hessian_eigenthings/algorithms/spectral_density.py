@@ -49,10 +49,10 @@ from hessian_eigenthings.algorithms.checkpoint import (
     generator_state,
     restore_generator,
 )
-from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.estimator_results import SpectralDensityResult
 from hessian_eigenthings.algorithms.lanczos_tridiagonal import lanczos_tridiagonal
 from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["spectral_density"]

@@ -60,11 +60,11 @@ from hessian_eigenthings.algorithms.checkpoint import (
     generator_state,
     restore_generator,
 )
-from hessian_eigenthings.algorithms.errors import NonFiniteError
 from hessian_eigenthings.algorithms.lanczos import default_vector_dtype
 from hessian_eigenthings.algorithms.power_iteration import _check_common, _project_out
 from hessian_eigenthings.algorithms.results import StochasticEigenResult
 from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
+from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["stochastic_power_iteration"]

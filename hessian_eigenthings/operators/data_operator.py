@@ -14,7 +14,7 @@ distributed subclasses override :meth:`DataCurvatureOperator._reduce`.
 Non-finite products (an overflowing bf16 model, a bad batch) are refused: the loop keeps
 one on-device finiteness flag per (micro)batch, and after the reduction one host sync per
 matvec checks the sum; if it is not finite, a
-:class:`~hessian_eigenthings.algorithms.errors.NonFiniteError` names the operator, the
+:class:`~hessian_eigenthings.errors.NonFiniteError` names the operator, the
 batch index (and microbatch) and the parameters whose blocks went non-finite.
 """
 
@@ -30,6 +30,7 @@ from torch import nn
 
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
+from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators._autodiff_safety import curvature_mode
 from hessian_eigenthings.operators._data import BatchSource, WeightFn, leading_dim
 from hessian_eigenthings.operators._guard import preserve_model_state
@@ -275,8 +276,6 @@ class DataCurvatureOperator(CurvatureOperator):
         flags: list[tuple[int, int, torch.Tensor]],
         split: bool,
     ) -> None:
-        from hessian_eigenthings.algorithms.errors import NonFiniteError
-
         bad = [(b, m) for b, m, flag in flags if not bool(torch.isfinite(flag))]
         sizes = [p.numel() for p in self.params]
         names = tuple(
