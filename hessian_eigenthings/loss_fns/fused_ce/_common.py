@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_inputs", "count_valid", "result_dtype"]
+__all__ = ["check_inputs", "count_valid", "normaliser", "result_dtype"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -44,6 +44,37 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor) ->
 def count_valid(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Number of non-ignored rows as an int64 0-d tensor on the target's device (no sync)."""
     return (target != ignore_index).sum()
+
+
+def normaliser(
+    n_valid: int | float | torch.Tensor | None,
+    target: torch.Tensor,
+    ignore_index: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The normaliser ``n`` as a 0-d tensor on ``device``, without a host synchronisation.
+
+    ``None`` counts the non-ignored targets on the device; a Python number becomes a
+    device-side fill (``torch.full``: a kernel argument, not a host-to-device copy from
+    pageable memory, which would wait for the stream); a tensor is moved if it lives
+    elsewhere (a 0-d host tensor costs one small copy: keep counts on the device).
+    """
+    if n_valid is None:
+        return count_valid(target, ignore_index)
+    if isinstance(n_valid, torch.Tensor):
+        if n_valid.numel() != 1:
+            raise ValueError(
+                f"n_valid must be a number or a 1-element tensor, got shape {tuple(n_valid.shape)}."
+            )
+        return n_valid.reshape(()).to(device)
+    if isinstance(n_valid, bool) or not isinstance(n_valid, (int, float)):
+        raise TypeError(
+            f"n_valid must be an int, a float or a 0-d tensor, got {type(n_valid).__name__}."
+        )
+    dtype = torch.int64 if isinstance(n_valid, int) else torch.float64
+    if device.type == "mps" and dtype == torch.float64:
+        dtype = torch.float32
+    return torch.full((), n_valid, dtype=dtype, device=device)
 
 
 def result_dtype(logits: torch.Tensor, u: torch.Tensor) -> torch.dtype:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from hessian_eigenthings.loss_fns.fused_ce._common import check_inputs, count_valid
+from hessian_eigenthings.loss_fns.fused_ce._common import check_inputs, normaliser
 
 __all__ = ["ce_hvp_compiled", "compile_error"]
 
@@ -100,8 +100,7 @@ def ce_hvp_compiled(
             f"fused='compile' cannot run on {logits.device.type}: torch.compile failed with "
             f"{type(err).__name__}: {err}. Use fused='eager' (or 'auto', which falls back)."
         ) from err
-    n = count_valid(target, ignore_index) if n_valid is None else n_valid
-    n_t = torch.as_tensor(n, device=logits.device)
+    n_t = normaliser(n_valid, target, ignore_index, logits.device)
     if logits.dim() != 2:
         # one compiled graph for every rank: rows x vocab (views only, never a copy)
         try:

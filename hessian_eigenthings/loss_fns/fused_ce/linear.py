@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from hessian_eigenthings.loss_fns.fused_ce._common import count_valid
+from hessian_eigenthings.loss_fns.fused_ce._common import normaliser
 from hessian_eigenthings.loss_fns.fused_ce.dispatch import fused_ce_hvp
 
 __all__ = ["LinearCEGGNProduct", "linear_ce_ggn_product"]
@@ -111,7 +111,7 @@ def linear_ce_ggn_product(
     h = hidden.reshape(-1, dim)
     dh = None if d_hidden is None else d_hidden.reshape(-1, dim)
     t = target.reshape(-1)
-    n = count_valid(t, ignore_index) if n_valid is None else n_valid
+    n = normaliser(n_valid, t, ignore_index, t.device)
     acc = torch.promote_types(weight.dtype, torch.float32)
     g_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     g_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=weight.device)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from hessian_eigenthings.loss_fns.fused_ce._common import check_inputs, count_valid, result_dtype
+from hessian_eigenthings.loss_fns.fused_ce._common import check_inputs, normaliser, result_dtype
 
 __all__ = ["ce_hvp_eager"]
 
@@ -57,8 +57,7 @@ def ce_hvp_eager(
     """
     check_inputs(logits, target, u)
     acc = torch.float64 if torch.float64 in (logits.dtype, u.dtype) else torch.float32
-    n = count_valid(target, ignore_index) if n_valid is None else n_valid
-    n_t = torch.as_tensor(n, device=logits.device).to(acc).clamp_min(1)
+    n_t = normaliser(n_valid, target, ignore_index, logits.device).to(acc).clamp_min(1)
     p = torch.softmax(logits.to(acc), dim=-1)
     uu = u.to(acc)
     pu = p * uu

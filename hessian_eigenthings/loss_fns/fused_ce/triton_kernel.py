@@ -19,13 +19,30 @@ One program per row ``r`` (a token) computes
 * pass 2 streams the row again and writes :math:`p_j (u_j - D/S) \cdot m_r / n` with
   :math:`p_j = e^{z_j - M} / S` straight into the output.
 
-Memory traffic per row: pass 1 reads ``z`` and ``u`` (2V elements), pass 2 reads them
-again and writes the output (3V): 5V elements in total, against at least 8V for the
-eager reference (softmax, product, reduction and output each re-read or write ``(N, V)``
-in float32). Accumulation is float32 (float64 for float64 inputs); inputs may be
-float16, bfloat16, float32 or float64 and any strides (no contiguous copies); offsets are
-int64 so ``N * V`` may exceed 2**31; ignored rows write zeros; the normaliser ``n`` is
-read from device memory, so a call never synchronises with the host.
+Memory traffic (elements of the row, DRAM unless L2 still holds the row): a valid row
+costs 5V, pass 1 reads ``z`` and ``u`` (2V) and pass 2 reads them again and writes the
+output (3V); an ignored row costs V, zeros written, nothing read. The compulsory traffic is
+3V per valid row (read each input once, write once); the 2V of re-reads are the price of
+not holding a row on chip (a GPT-2 row of ``z`` and ``u`` in bfloat16 is 200 kB, more
+than a streaming multiprocessor's shared memory). The eager reference moves at least 8V
+(softmax, product, reduction and output each re-read or write ``(N, V)`` in float32).
+Accumulation is float32 (float64 for float64 inputs); inputs may be float16, bfloat16,
+float32 or float64 and any strides (no contiguous copies); offsets are int64 so
+``N * V`` may exceed 2**31; the normaliser ``n`` is read from device memory, so a call
+never synchronises with the host.
+
+Launch configuration (shape-specialised, see :func:`kernel_config`): the block is sized
+so that each thread moves two 16-byte vectors per input per block (8 float32, 16
+bfloat16 elements), with 8 warps for rows of at least that length and fewer warps for
+short rows. Interior blocks are unmasked and aligned to 16 bytes when logits, direction
+and output have unit vocabulary stride and the same row phase (see
+:mod:`~hessian_eigenthings.loss_fns.fused_ce._triton_rows`), so vocabularies that are not
+a multiple of 16 still get 128-bit accesses. ``scripts/gpu_check.py`` measures the table
+against a sweep of blocks and warps on the GPU at hand.
+
+The launch runs under ``torch.cuda.device(logits.device)``: Triton launches on the
+current device and its current stream, so without the guard logits on ``cuda:1`` in a
+process whose current device is ``cuda:0`` would be read through the wrong context.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter; slow, meant for tests). The variable must be set before the process first
@@ -33,17 +50,66 @@ imports Triton (Triton builds its standard library for the interpreter or the GP
 import); the kernel itself is jitted at first launch.
 """
 
+import contextlib
 import functools
 import os
-from typing import Any
+import warnings
+from typing import Any, NamedTuple
 
 import torch
 
-from hessian_eigenthings.loss_fns.fused_ce._common import check_inputs, count_valid, result_dtype
+from hessian_eigenthings.loss_fns.fused_ce._common import check_inputs, normaliser, result_dtype
 
-__all__ = ["DEFAULT_BLOCK", "ce_hvp_triton", "triton_unavailable_reason"]
+__all__ = ["KernelConfig", "ce_hvp_triton", "kernel_config", "triton_unavailable_reason"]
 
-DEFAULT_BLOCK = 4096
+_VECTOR_BYTES = 16  # one 128-bit load or store
+_VECTORS_PER_THREAD = 2  # per input per block
+_MAX_WARPS = 8
+_MIN_BLOCK = 16  # >= the alignment unit of every dtype (16 bytes / 1 byte)
+
+
+class KernelConfig(NamedTuple):
+    """Launch configuration of the Triton kernel: vocabulary block and warps per row."""
+
+    block: int
+    num_warps: int
+
+
+def kernel_config(vocab: int, element_size: int) -> KernelConfig:
+    """The launch configuration for rows of ``vocab`` elements of ``element_size`` bytes.
+
+    Each of the ``32 * num_warps`` threads of a program loads two 16-byte vectors of each
+    input per block, ``per_thread = 32 // element_size`` elements (8 float32, 16 bfloat16,
+    4 float64): enough bytes in flight to hide DRAM latency with several programs per
+    multiprocessor, and few enough registers (``per_thread`` float32 values per input,
+    plus as many exponentials) to keep them resident. Rows shorter than
+    ``32 * 8 * per_thread`` elements get one block of the next power of two and
+    proportionally fewer warps.
+
+    Args:
+        vocab: Row length ``V``.
+        element_size: Bytes per element of the widest of logits, direction and output.
+
+    Returns:
+        ``KernelConfig(block, num_warps)``; ``block`` is a power of two, at least 16.
+    """
+    per_thread = _VECTORS_PER_THREAD * _VECTOR_BYTES // max(element_size, 1)
+    full = 32 * _MAX_WARPS * per_thread
+    block = max(_MIN_BLOCK, min(full, 1 << max(vocab - 1, 0).bit_length()))
+    num_warps = max(1, min(_MAX_WARPS, block // (32 * per_thread)))
+    return KernelConfig(block, num_warps)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEFAULT_BLOCK":
+        warnings.warn(
+            "DEFAULT_BLOCK is deprecated: the Triton kernel's block depends on the vocabulary "
+            "and dtype; use kernel_config(vocab, element_size).block.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return 4096
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
@@ -142,6 +208,40 @@ def _target_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return v, v.stride(0), v.stride(1)
 
 
+def _alignment(
+    strides: list[tuple[int, int, int]], sizes: list[int], vocab: int, block: int
+) -> int:
+    """``ALIGN`` for the kernel: 16 bytes in elements, or 1 if the rows cannot share a frame.
+
+    The aligned frame needs unit vocabulary strides and the same row offset modulo
+    ``ALIGN`` for logits, direction and output (their batch and token strides agree
+    modulo ``ALIGN``), and a block of at least ``ALIGN`` elements.
+    """
+    unit = _VECTOR_BYTES // max(sizes)
+    if vocab > 1 and any(s[2] != 1 for s in strides):
+        return 1
+    if block < unit:
+        return 1
+    first = strides[0]
+    for other in strides[1:]:
+        if (first[0] - other[0]) % unit or (first[1] - other[1]) % unit:
+            return 1
+    return unit
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Make ``device`` the current CUDA device for a launch (no-op off CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _launch(device: torch.device, grid: tuple[int], args: list[Any], meta: dict[str, Any]) -> None:
+    """Launch the kernel on ``device``'s context and current stream."""
+    with _on_device(device):
+        _kernel()[grid](*args, **meta)
+
+
 def ce_hvp_triton(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -149,7 +249,8 @@ def ce_hvp_triton(
     *,
     ignore_index: int = -100,
     n_valid: int | torch.Tensor | None = None,
-    block_size: int = DEFAULT_BLOCK,
+    block_size: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """``H u`` for the mean cross entropy over non-ignored rows, by the Triton kernel.
 
@@ -162,19 +263,22 @@ def ce_hvp_triton(
         ignore_index: Target value of ignored rows.
         n_valid: Normaliser (int or 0-d tensor; default: number of non-ignored rows). Read
             by the kernel from device memory, so no host synchronisation.
-        block_size: Vocabulary columns per step (a power of two; default 4096). Rows
-            longer than the block are streamed in several steps.
+        block_size: Vocabulary positions per step (a power of two); default from
+            :func:`kernel_config`. Rows longer than the block are streamed in several
+            steps.
+        num_warps: Warps per row (a power of two); default from :func:`kernel_config`.
 
     Raises:
         RuntimeError: Triton is missing or cannot run on this device (message says why).
-        ValueError: ``block_size`` is not a power of two.
+        ValueError: ``block_size`` or ``num_warps`` is not a power of two.
     """
     check_inputs(logits, target, u)
     reason = triton_unavailable_reason(logits.device)
     if reason is not None:
         raise RuntimeError(f"fused='triton' cannot run: {reason}")
-    if block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}.")
+    for name, value in (("block_size", block_size), ("num_warps", num_warps)):
+        if value is not None and (value < 1 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two, got {value}.")
     vocab = logits.shape[-1]
     out = torch.empty(logits.shape, dtype=result_dtype(logits, u), device=logits.device)
     rows = out.numel() // max(vocab, 1)
@@ -185,28 +289,20 @@ def ce_hvp_triton(
     o3, os_ = _rows3(out, "out")
     t2, tsb, tst = _target_strides(target)
     tokens = z3.shape[1] if logits.dim() >= 3 else 1
-    n = count_valid(target, ignore_index) if n_valid is None else n_valid
-    n_t = torch.as_tensor(n, device=logits.device).reshape(())
+    n_t = normaliser(n_valid, target, ignore_index, logits.device)
+    wide = torch.float64 in (logits.dtype, u.dtype)
     if n_t.dtype.is_floating_point:
-        n_t = n_t.to(torch.float64 if torch.float64 in (logits.dtype, u.dtype) else torch.float32)
+        n_t = n_t.to(torch.float64 if wide else torch.float32)
+    sizes = [logits.element_size(), u.element_size(), out.element_size()]
+    config = kernel_config(vocab, max(sizes))
+    block = config.block if block_size is None else block_size
     tl = _triton().language
-    acc = tl.float64 if torch.float64 in (logits.dtype, u.dtype) else tl.float32
-    block = min(block_size, 1 << (vocab - 1).bit_length())
-    _kernel()[(rows,)](
-        z3,
-        u3,
-        t2,
-        o3,
-        n_t,
-        tokens,
-        vocab,
-        *zs,
-        *us,
-        tsb,
-        tst,
-        *os_,
-        ignore_index,
-        BLOCK=block,
-        ACC=acc,
-    )
+    args = [z3, u3, t2, o3, n_t, tokens, vocab, *zs, *us, tsb, tst, *os_, ignore_index]
+    meta = {
+        "BLOCK": block,
+        "ALIGN": _alignment([zs, us, os_], sizes, vocab, block),
+        "ACC": tl.float64 if wide else tl.float32,
+        "num_warps": config.num_warps if num_warps is None else num_warps,
+    }
+    _launch(logits.device, (rows,), args, meta)
     return out
