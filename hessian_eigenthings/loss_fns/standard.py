@@ -149,11 +149,16 @@ def cross_entropy_loss_of_output(
     A batch whose targets are all ignored has loss 0 and ``H = 0`` (PyTorch returns NaN
     for that empty mean; here it contributes nothing instead).
 
+    No call synchronises with the device: nothing is read back to the host, constants are
+    device-side fills, and the class weights are copied to a device (and dtype) once, at
+    first use, then reused. They are a snapshot taken when the loss is built: changing
+    ``weight`` in place afterwards does not change the loss.
+
     Args:
         ignore_index: Class target that is ignored (class-index targets only).
         reduction: ``"mean"`` or ``"sum"``.
         label_smoothing: ``\varepsilon`` in ``[0, 1]``.
-        weight: Class weights of shape ``(C,)``, or ``None``.
+        weight: Class weights of shape ``(C,)``, or ``None`` (copied at construction).
         target: Where the target is in the batch (see :func:`get_target`).
 
     Returns:
@@ -178,6 +183,17 @@ def cross_entropy_loss_of_output(
             raise TypeError(f"weight must be a floating tensor, got dtype {weight.dtype}.")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}.")
+    host_weight = None if weight is None else weight.detach().clone()
+    weights_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def weight_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The class weights on ``device`` in ``dtype``, copied once and then reused."""
+        if host_weight is None:
+            return None
+        key = (device, dtype)
+        if key not in weights_on:
+            weights_on[key] = host_weight.to(device=device, dtype=dtype)
+        return weights_on[key]
 
     def class_dim(z: torch.Tensor) -> int:
         return 0 if z.dim() == 1 else 1
@@ -187,10 +203,9 @@ def cross_entropy_loss_of_output(
         cd = class_dim(z)
         num_classes = z.shape[cd]
         wdt = _weight_dtype(z.device)
-        w = None if weight is None else weight.to(device=z.device, dtype=wdt)
-        w_total = (
-            torch.tensor(float(num_classes), dtype=wdt, device=z.device) if w is None else w.sum()
-        )
+        w = weight_on(z.device, wdt)
+        # sum_c w_c: a Python number without weights, so no device constant is made
+        w_total: torch.Tensor | float = float(num_classes) if w is None else w.sum()
         if y.is_floating_point():
             if y.shape != z.shape:
                 raise ValueError(
@@ -203,10 +218,8 @@ def cross_entropy_loss_of_output(
                 shape[cd] = num_classes
                 yt = yt * w.view(shape)
             row = (1.0 - eps) * yt.sum(cd) + (eps / num_classes) * w_total
-            denom = torch.tensor(
-                float(row.numel()) if reduction == "mean" else 1.0, dtype=wdt, device=z.device
-            )
-            return row, denom
+            rows = float(row.numel()) if reduction == "mean" else 1.0
+            return row, torch.full((), rows, dtype=wdt, device=z.device)
         expected = z.shape[:cd] + z.shape[cd + 1 :]
         if y.shape != expected:
             raise ValueError(
@@ -229,7 +242,7 @@ def cross_entropy_loss_of_output(
         total = F.cross_entropy(
             output,
             y,
-            weight=None if weight is None else weight.to(device=output.device, dtype=output.dtype),
+            weight=weight_on(output.device, output.dtype),
             ignore_index=ignore_index,
             reduction="sum",
             label_smoothing=eps,
@@ -240,11 +253,8 @@ def cross_entropy_loss_of_output(
             cd = class_dim(output)
             return total / (output.numel() // output.shape[cd])
         valid = y != ignore_index
-        if weight is None:
-            denom = valid.sum()
-        else:
-            w = weight.to(device=output.device, dtype=_weight_dtype(output.device))
-            denom = (w[y.masked_fill(~valid, 0)] * valid).sum()
+        w = weight_on(output.device, _weight_dtype(output.device))
+        denom = valid.sum() if w is None else (w[y.masked_fill(~valid, 0)] * valid).sum()
         # an all-ignored batch has total == 0: return 0 rather than PyTorch's 0/0 = NaN
         safe = torch.where(denom > 0, denom, torch.ones_like(denom))
         return total / safe.to(total.dtype)
@@ -279,10 +289,8 @@ def cross_entropy_loss_of_output(
             # probability targets of shape (N, C, d1, ...) or (C,): one row per position
             return 1 if y.dim() == 1 else y.numel() // y.shape[1]
         valid = y != ignore_index
-        if weight is None:
-            return valid.sum()
-        w = weight.to(device=y.device, dtype=_weight_dtype(y.device))
-        return (w[y.masked_fill(~valid, 0)] * valid).sum()
+        w = weight_on(y.device, _weight_dtype(y.device))
+        return valid.sum() if w is None else (w[y.masked_fill(~valid, 0)] * valid).sum()
 
     return LossOfOutput(fn, hvp, batch_weight=batch_weight, name="cross_entropy")
 
