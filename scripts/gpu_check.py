@@ -390,7 +390,7 @@ def section_kernel(cfg: dict[str, Any], out: Emitter, clock: Clock) -> None:
 
     device = torch.device(cfg["device"])
     copy_bw = _copy_bandwidth(device, cfg["copy_bytes"], cfg["rounds"])
-    out.note(f"device copy bandwidth {copy_bw / 1e12:.3f} TB/s (read + write)")
+    out.note(f"device copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write)")
     for vocab in cfg["vocabs"]:
         for dtype_name in cfg["dtypes"]:
             if clock.expired():
