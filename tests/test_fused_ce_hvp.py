@@ -318,8 +318,22 @@ def test_triton_leading_neg_inf_blocks_stay_finite(interpret, vocab, neg_inf, bl
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_non_contiguous_rows_in_aligned_and_plain_frames(interpret, dtype):
-    """Rows of a wider buffer at an odd offset; direction in the same or another layout."""
+def test_triton_non_contiguous_rows_in_aligned_and_plain_frames(interpret, monkeypatch, dtype):
+    """Rows of a wider buffer at an odd offset; direction in the same or another layout.
+
+    The logits' frame is aligned; the direction shares it in the first case, not in the
+    second; the (contiguous) output never does, as its row stride differs mod 16 bytes.
+    """
+    from hessian_eigenthings.loss_fns.fused_ce import triton_kernel
+
+    frames = []
+    launch = triton_kernel._launch
+
+    def spy(device, grid, args, meta):
+        frames.append((meta["ALIGN"], meta["U_FRAME"], meta["O_FRAME"]))
+        return launch(device, grid, args, meta)
+
+    monkeypatch.setattr(triton_kernel, "_launch", spy)
     gen = torch.Generator().manual_seed(5)
     vocab = 50257
     big = torch.randn(4, vocab + 11, generator=gen, dtype=torch.float64).to(dtype)
@@ -334,6 +348,8 @@ def test_triton_non_contiguous_rows_in_aligned_and_plain_frames(interpret, dtype
         got = _triton(z, t, u)
         assert rel_err(got, _finite_reference(z, t, u)) <= bound
         assert torch.all(got[2] == 0)
+    align = 16 // z.element_size()
+    assert frames == [(align, True, False), (align, False, False)]
 
 
 def test_triton_rows_all_ignored_default_config(interpret):
@@ -450,6 +466,7 @@ def _compile_for_sm90(z, t, u, monkeypatch, **kw):
     except ImportError as err:
         pytest.skip(f"Triton's compiler internals moved: {err}")
     captured = {}
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated
     monkeypatch.setattr(triton_kernel, "triton_unavailable_reason", lambda device: None)
     monkeypatch.setattr(
         triton_kernel, "_launch", lambda d, g, args, meta: captured.update(args=args, meta=meta)
@@ -499,10 +516,24 @@ def test_kernel_compiles_to_128bit_accesses_for_gpt2_vocab(monkeypatch, dtype, v
     vocab = 50257
     z, t, u = _problem((4,), vocab, dtype=dtype)
     ptx, regs, meta = _compile_for_sm90(z, t, u, monkeypatch)
-    assert meta["ALIGN"] == 16 // z.element_size()
+    assert (meta["ALIGN"], meta["U_FRAME"], meta["O_FRAME"]) == (16 // z.element_size(), True, True)
     assert f"ld.global.{vector}" in ptx and f"st.global.{vector}" in ptx
     if regs is not None:
         assert regs <= 96, regs  # 56 (bfloat16) and 39 (float32) with triton 3.9
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles for a GPU; the interpreter has no compiler")
+def test_kernel_compiles_padded_vocab_logits_to_128bit_loads(monkeypatch):
+    """Logits sliced from a head padded to 50304 columns: the output (contiguous, stride
+    50257) cannot share their frame, but logits and direction still load 16 bytes at a time."""
+    pytest.importorskip("triton")
+    vocab, padded = 50257, 50304
+    z = torch.randn(4, padded).to(torch.bfloat16)[:, :vocab]
+    u = torch.randn(4, padded).to(torch.bfloat16)[:, :vocab]
+    t = torch.randint(0, vocab, (4,))
+    ptx, _, meta = _compile_for_sm90(z, t, u, monkeypatch)
+    assert (meta["ALIGN"], meta["U_FRAME"], meta["O_FRAME"]) == (8, True, False)
+    assert "ld.global.v4.b32" in ptx
 
 
 # ---------------------------------------------------------------- dispatch

@@ -7,16 +7,18 @@ configurations and the mathematics. Compile-time parameters are annotated
 ``tl.constexpr`` literally, because Triton's interpreter reads the annotation from the
 source text.
 
-Blocks and alignment. The row is walked in blocks of ``BLOCK`` positions ``j`` of an
-*aligned* frame: column ``c`` of the row sits at ``j = head + c``, where ``head`` is the
-row's offset modulo ``ALIGN`` elements, so ``base + j`` is 16-byte aligned whenever
-``j`` is a multiple of ``ALIGN`` (``ALIGN = 16 // element size`` when the launcher has
-checked that logits, direction and output share unit vocabulary strides and the same
-row phase; ``ALIGN = 1`` otherwise, which makes ``head = 0`` and the frame the row
-itself). Interior blocks are loaded and stored without a mask, so the compiler can use
-128-bit accesses (a mask compared against a vocabulary size that is not a multiple of 16,
-e.g. GPT-2's 50257, would otherwise force element-wise accesses); only the first block
-and the last partial block are masked.
+Blocks and alignment. The row is walked in blocks of ``BLOCK`` positions ``j`` of the
+logits' *aligned* frame: column ``c`` sits at ``j = head + c``, where ``head`` is the
+logits row's offset modulo ``ALIGN`` elements, so ``base + j`` is 16-byte aligned whenever
+``j`` is a multiple of ``ALIGN`` (``ALIGN = 16 // element size`` of the logits when their
+vocabulary stride is 1; ``ALIGN = 1`` otherwise, which makes ``head = 0`` and the frame
+the row itself). The direction and the output use the same frame, aligned too, when the
+launcher has checked that their rows have the logits' phase (``U_FRAME``, ``O_FRAME``);
+otherwise they are addressed from their own row start, correctly but without the
+alignment the compiler could prove. Interior blocks are loaded and stored without a
+mask, so the compiler can use 128-bit accesses (a mask compared against a vocabulary size
+that is not a multiple of 16, e.g. GPT-2's 50257, would otherwise force element-wise
+accesses); only the first block and the last partial block are masked.
 """
 
 import triton.language as tl
@@ -46,6 +48,8 @@ def ce_hvp_rows(
     ignore_index,
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,
+    U_FRAME: tl.constexpr,
+    O_FRAME: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Write ``(H u)_r = p_r (u_r - <p_r, u_r>) m_r / n`` for the row ``r`` of this program."""
@@ -55,11 +59,12 @@ def ce_hvp_rows(
     z_off = b * z_sb + t * z_st
     u_off = b * u_sb + t * u_st
     o_off = b * o_sb + t * o_st
-    # aligned frame: the launcher guarantees u_off and o_off have z_off's phase mod ALIGN
+    # the logits' aligned frame: position j holds column j - head of every row below
     head = z_off % ALIGN
     z_row = z_ptr + (z_off // ALIGN) * ALIGN
-    u_row = u_ptr + (u_off // ALIGN) * ALIGN
-    o_row = o_ptr + (o_off // ALIGN) * ALIGN
+    # U_FRAME: u_off has z_off's phase mod ALIGN and u_sv == 1 (O_FRAME alike)
+    u_row = u_ptr + (u_off // ALIGN) * ALIGN if U_FRAME else u_ptr + u_off - head * u_sv
+    o_row = o_ptr + (o_off // ALIGN) * ALIGN if O_FRAME else o_ptr + o_off - head * o_sv
     end = head + V
     offs = tl.arange(0, BLOCK)
     target = tl.load(t_ptr + b * t_sb + t * t_st)

@@ -34,8 +34,9 @@ never synchronises with the host.
 Launch configuration (shape-specialised, see :func:`kernel_config`): the block is sized
 so that each thread moves two 16-byte vectors per input per block (8 float32, 16
 bfloat16 elements), with 8 warps for rows of at least that length and fewer warps for
-short rows. Interior blocks are unmasked and aligned to 16 bytes when logits, direction
-and output have unit vocabulary stride and the same row phase (see
+short rows. Interior blocks are unmasked and aligned to 16 bytes in the logits' frame
+when the logits have unit vocabulary stride, and so are the direction and the output
+whenever their rows have the same phase (see
 :mod:`~hessian_eigenthings.loss_fns.fused_ce._triton_rows`), so vocabularies that are not
 a multiple of 16 still get 128-bit accesses. ``scripts/gpu_check.py`` measures the table
 against a sweep of blocks and warps on the GPU at hand.
@@ -208,25 +209,26 @@ def _target_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return v, v.stride(0), v.stride(1)
 
 
-def _alignment(
-    strides: list[tuple[int, int, int]], sizes: list[int], vocab: int, block: int
-) -> int:
-    """``ALIGN`` for the kernel: 16 bytes in elements, or 1 if the rows cannot share a frame.
+def _frames(
+    strides: list[tuple[int, int, int]], logits_size: int, vocab: int, block: int
+) -> tuple[int, bool, bool]:
+    """``(ALIGN, U_FRAME, O_FRAME)`` for the kernel (see ``_triton_rows``).
 
-    The aligned frame needs unit vocabulary strides and the same row offset modulo
-    ``ALIGN`` for logits, direction and output (their batch and token strides agree
-    modulo ``ALIGN``), and a block of at least ``ALIGN`` elements.
+    ``ALIGN`` is 16 bytes in logits elements when the logits have unit vocabulary stride
+    and the block holds at least that many elements, else 1. The direction (output)
+    shares the aligned frame when it also has unit vocabulary stride and batch and token
+    strides congruent to the logits' modulo ``ALIGN``, so its rows have the same phase.
     """
-    unit = _VECTOR_BYTES // max(sizes)
-    if vocab > 1 and any(s[2] != 1 for s in strides):
-        return 1
-    if block < unit:
-        return 1
-    first = strides[0]
-    for other in strides[1:]:
-        if (first[0] - other[0]) % unit or (first[1] - other[1]) % unit:
-            return 1
-    return unit
+    zs, us, os_ = strides
+    unit = _VECTOR_BYTES // logits_size
+    if unit <= 1 or block < unit or (vocab > 1 and zs[2] != 1):
+        return 1, False, False
+
+    def shares(s: tuple[int, int, int]) -> bool:
+        unit_stride = vocab <= 1 or s[2] == 1
+        return unit_stride and (s[0] - zs[0]) % unit == 0 and (s[1] - zs[1]) % unit == 0
+
+    return unit, shares(us), shares(os_)
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -298,9 +300,12 @@ def ce_hvp_triton(
     block = config.block if block_size is None else block_size
     tl = _triton().language
     args = [z3, u3, t2, o3, n_t, tokens, vocab, *zs, *us, tsb, tst, *os_, ignore_index]
+    align, u_frame, o_frame = _frames([zs, us, os_], logits.element_size(), vocab, block)
     meta = {
         "BLOCK": block,
-        "ALIGN": _alignment([zs, us, os_], sizes, vocab, block),
+        "ALIGN": align,
+        "U_FRAME": u_frame,
+        "O_FRAME": o_frame,
         "ACC": tl.float64 if wide else tl.float32,
         "num_warps": config.num_warps if num_warps is None else num_warps,
     }
