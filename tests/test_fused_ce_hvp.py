@@ -536,6 +536,44 @@ def test_kernel_compiles_padded_vocab_logits_to_128bit_loads(monkeypatch):
     assert "ld.global.v4.b32" in ptx
 
 
+# ---------------------------------------------------------------- launch table, normaliser
+@pytest.mark.parametrize(
+    ("vocab", "size", "want"),
+    [
+        (50257, 2, (4096, 8)),  # bfloat16: 16 elements (two 16-byte vectors) per thread
+        (50257, 4, (2048, 8)),  # float32: 8 per thread
+        (262144, 8, (1024, 8)),  # float64: 4 per thread
+        (1000, 4, (1024, 4)),  # one block of the next power of two, fewer warps
+        (7, 2, (16, 1)),  # at least 16, so every dtype's 16-byte frame fits
+        (1, 4, (16, 1)),
+    ],
+)
+def test_kernel_config_table(vocab, size, want):
+    from hessian_eigenthings.loss_fns.fused_ce.triton_kernel import kernel_config
+
+    got = kernel_config(vocab, size)
+    assert tuple(got) == want
+    assert got.block // (32 * got.num_warps) <= 32 // size  # elements per thread per input
+
+
+def test_default_block_constant_is_deprecated():
+    from hessian_eigenthings.loss_fns.fused_ce import triton_kernel
+
+    with pytest.warns(DeprecationWarning, match="kernel_config"):
+        assert triton_kernel.DEFAULT_BLOCK == 4096
+
+
+def test_normaliser_rejects_bad_counts():
+    z, t, u = _problem((2,), 5)
+    with pytest.raises(TypeError, match="n_valid must be an int"):
+        ce_hvp_eager(z, t, u, n_valid=True)
+    with pytest.raises(ValueError, match="1-element tensor"):
+        ce_hvp_eager(z, t, u, n_valid=torch.tensor([1, 2]))
+    want = ce_hvp_eager(z, t, u, n_valid=torch.tensor(7))
+    assert torch.equal(ce_hvp_eager(z, t, u, n_valid=7), want)
+    assert torch.equal(ce_hvp_eager(z, t, u, n_valid=7.0), want)
+
+
 # ---------------------------------------------------------------- dispatch
 def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
     pytest.importorskip("triton")
