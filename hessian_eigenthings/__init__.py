@@ -4,6 +4,8 @@ Top-k eigenpairs, trace and spectral density of the Hessian, Generalized Gauss-N
 and Fisher of a model on a dataset, without ever forming the matrix.
 """
 
+from hessian_eigenthings._deprecation import renamed_attributes
+
 # Eigensolvers (Lanczos, power iteration, stochastic power iteration) and their results;
 # stochastic estimators with error bars, and Lanczos tridiagonalisation (SLQ)
 from hessian_eigenthings.algorithms import (
@@ -68,14 +70,15 @@ from hessian_eigenthings.operators import (
     HessianOperator,
     LambdaOperator,
     MCFisherOperator,
+    OutputCurvatureOperator,
 )
 
 # Distributed operators (torch.distributed: DDP data shards, FSDP2 parameter shards)
 from hessian_eigenthings.operators.distributed import (
+    DDPCurvatureOperator,
     DDPEmpiricalFisherOperator,
     DDPGGNOperator,
     DDPHessianOperator,
-    DDPOperatorMixin,
     ShardedHessianOperator,
 )
 
@@ -92,6 +95,12 @@ from hessian_eigenthings.param_utils import (
 
 __version__ = "2.0.0.dev0"
 
+# Renamed names keep resolving, with a DeprecationWarning naming the replacement (classes
+# are looked up here, so they stay out of __all__ and star imports do not warn).
+__getattr__ = renamed_attributes(
+    __name__, {"DDPOperatorMixin": ("DDPCurvatureOperator", lambda: DDPCurvatureOperator)}
+)
+
 __all__ = [
     # operators
     "CurvatureOperator",
@@ -101,11 +110,12 @@ __all__ = [
     "HessianOperator",
     "LambdaOperator",
     "MCFisherOperator",
+    "OutputCurvatureOperator",
     # distributed operators
+    "DDPCurvatureOperator",
     "DDPEmpiricalFisherOperator",
     "DDPGGNOperator",
     "DDPHessianOperator",
-    "DDPOperatorMixin",
     "ShardedHessianOperator",
     # eigensolvers and their results
     "EigenResult",
