@@ -153,7 +153,7 @@ __all__ = [
     "hf_lm_forward",
     "hf_lm_loss",
     "hf_lm_loss_of_output",
-    "hf_lm_shifted_ce",
+    "hf_lm_shifted_ce",  # deprecated alias of hf_lm_loss_of_output (warns when called)
     "linear_ce_ggn_product",
     "tlens_forward",
     "tlens_loss",

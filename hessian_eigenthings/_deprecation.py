@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["renamed_attributes", "renamed_function", "warn_renamed"]
+__all__ = ["factory_call", "renamed_attributes", "renamed_function", "warn_renamed"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,6 +39,21 @@ def renamed_function(new: F, old_name: str, *, note: str = "") -> F:
     alias.__name__ = alias.__qualname__ = old_name
     alias.__doc__ = f"Deprecated alias of :func:`{new.__name__}`{note}."
     return alias  # type: ignore[return-value]
+
+
+def factory_call(fn: F) -> F:
+    """``fn`` itself, for the old factory call ``fn()`` of a plain forward function.
+
+    Warns that ``fn`` is the function ``(model, batch) -> output`` and is passed
+    without calling it.
+    """
+    warnings.warn(
+        f"{fn.__name__}() is deprecated: {fn.__name__} is itself the function "
+        f"(model, batch) -> output; pass {fn.__name__} without calling it.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return fn
 
 
 def renamed_attributes(

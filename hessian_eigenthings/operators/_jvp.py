@@ -17,8 +17,9 @@ from torch import nn
 from torch.func import functional_call
 
 from hessian_eigenthings.operators._finite_difference import perturbed_pair
+from hessian_eigenthings.operators._user_fns import check_tensor_output
 
-__all__ = ["JVP_METHODS", "OutputJVP", "check_output"]
+__all__ = ["JVP_METHODS", "OutputJVP"]
 
 JVP_METHODS = ("forward", "finite_difference")
 
@@ -33,17 +34,6 @@ class _Call(nn.Module):
 
     def forward(self, batch: Any) -> Any:
         return self.fn(self.model, batch)
-
-
-def check_output(out: Any, what: str) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(
-            f"{what} must return a tensor, got {type(out).__name__}. For models returning "
-            "an output object, return the tensor itself (e.g. model(**batch).logits)."
-        )
-    if not out.is_floating_point():
-        raise TypeError(f"{what} must return a floating tensor, got dtype {out.dtype}.")
-    return out
 
 
 def _innermost_failing_module(model: nn.Module, thunk: Callable[[], Any]) -> str | None:
@@ -117,7 +107,7 @@ class OutputJVP:
             duals = {
                 n: fwAD.make_dual(p.detach(), v) for n, p, v in zip(self.names, self.params, vs)
             }
-            out = check_output(functional_call(self._call, duals, (batch,)), self.what)
+            out = check_tensor_output(functional_call(self._call, duals, (batch,)), self.what)
             primal, tangent = fwAD.unpack_dual(out)
             if tangent is None:  # the output does not depend on the selected parameters
                 tangent = torch.zeros_like(primal)
@@ -145,7 +135,7 @@ class OutputJVP:
     def _finite_difference(self, batch: Any, vs: Sequence[torch.Tensor]) -> torch.Tensor:
         def output() -> torch.Tensor:
             with torch.no_grad():
-                return check_output(self.fn(self.model, batch), self.what)
+                return check_tensor_output(self.fn(self.model, batch), self.what)
 
         out_plus, out_minus, vnorm = perturbed_pair(self.params, vs, self.fd_eps, output)
         # the difference of two nearby floats is exact in their own dtype (Sterbenz), so no

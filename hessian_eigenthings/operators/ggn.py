@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from hessian_eigenthings.operators._data import Piece
+from hessian_eigenthings.operators._user_fns import check_callable, check_scalar_loss
 from hessian_eigenthings.operators.data_operator import DataOptions
 from hessian_eigenthings.operators.output_curvature import OutputCurvatureOperator, OutputFn
 
@@ -123,11 +124,7 @@ class GGNOperator(OutputCurvatureOperator):
                 f"Unknown loss_hvp {loss_hvp!r} for GGNOperator; expected one of "
                 f"{_LOSS_HVP_METHODS}."
             )
-        if not callable(loss_of_output_fn):
-            raise TypeError(
-                f"loss_of_output_fn must be callable (output, batch) -> loss, got "
-                f"{loss_of_output_fn!r}."
-            )
+        check_callable(loss_of_output_fn, "loss_of_output_fn", "(output, batch) -> loss")
         if loss_hvp == "analytical":
             has_hvp = getattr(loss_of_output_fn, "has_hvp", None)
             if has_hvp is None:
@@ -157,13 +154,7 @@ class GGNOperator(OutputCurvatureOperator):
         )
 
     def _loss(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
-        loss = self.loss_of_output_fn(output, batch)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_of_output_fn must return a scalar tensor (the batch's mean loss), got {got}."
-            )
-        return loss
+        return check_scalar_loss(self.loss_of_output_fn(output, batch), "loss_of_output_fn")
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         return self._loss(self._output(self.model, batch), batch).detach()

@@ -10,6 +10,7 @@ from torch import nn
 
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps, perturbed_pair
+from hessian_eigenthings.operators._user_fns import check_callable, check_scalar_loss
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, DataOptions
 
 if TYPE_CHECKING:
@@ -79,8 +80,7 @@ class HessianOperator(DataCurvatureOperator):
                 f"Unknown method {method!r} for HessianOperator; expected 'autograd' or "
                 "'finite_difference'."
             )
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}.")
+        check_callable(loss_fn, "loss_fn", "(model, batch) -> loss")
         if fd_eps is not None and not fd_eps > 0:
             raise ValueError(f"fd_eps must be positive, got {fd_eps!r}.")
         self.loss_fn = loss_fn
@@ -89,13 +89,7 @@ class HessianOperator(DataCurvatureOperator):
         self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
 
     def _loss(self, batch: Any) -> torch.Tensor:
-        loss = self.loss_fn(self.model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar tensor (the mean loss of the batch), got {got}."
-            )
-        return loss
+        return check_scalar_loss(self.loss_fn(self.model, batch), "loss_fn")
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         return self._loss(batch).detach()

@@ -27,7 +27,8 @@ from torch import nn
 
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps
-from hessian_eigenthings.operators._jvp import JVP_METHODS, OutputJVP, check_output
+from hessian_eigenthings.operators._jvp import JVP_METHODS, OutputJVP
+from hessian_eigenthings.operators._user_fns import check_callable, check_tensor_output
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, DataOptions
 
 if TYPE_CHECKING:
@@ -90,8 +91,7 @@ class OutputCurvatureOperator(DataCurvatureOperator):
             raise ValueError(f"Unknown jvp {jvp!r} for {owner}; expected one of {JVP_METHODS}.")
         if fd_eps is not None and not fd_eps > 0:
             raise ValueError(f"fd_eps must be positive, got {fd_eps!r}.")
-        if not callable(output_fn):
-            raise TypeError(f"{what} must be callable (model, batch) -> tensor, got {output_fn!r}.")
+        check_callable(output_fn, what, "(model, batch) -> tensor")
         self._output_fn = output_fn
         self._what = what
         self.jvp = jvp
@@ -112,7 +112,7 @@ class OutputCurvatureOperator(DataCurvatureOperator):
 
     def _output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The output ``f(theta, x_b)`` whose Jacobian the operator uses, checked."""
-        return check_output(self._output_fn(model, batch), self._what)
+        return check_tensor_output(self._output_fn(model, batch), self._what)
 
     # -- the product ---------------------------------------------------------------------
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
