@@ -9,6 +9,8 @@ import pytest
 import hessian_eigenthings as he
 
 TOP_LEVEL = [
+    # the manual's names, every top-level name of the previous release (DDPOperatorMixin:
+    # see RENAMED_CLASSES) and the new ones
     "CurvatureOperator",
     "LambdaOperator",
     "HessianOperator",
@@ -34,13 +36,42 @@ TOP_LEVEL = [
     "match_regex",
     "flatten",
     "unflatten",
-    # the output-curvature base, the data-parallel base, canonical loss names
     "OutputCurvatureOperator",
     "DDPCurvatureOperator",
     "hf_lm_loss_of_output",
     "tlens_loss_of_output",
     "hf_lm_forward",
     "tlens_forward",
+    "DataCurvatureOperator",
+    "MCFisherOperator",
+    "DDPEmpiricalFisherOperator",
+    "DDPGGNOperator",
+    "DDPHessianOperator",
+    "ShardedHessianOperator",
+    "LanczosProgress",
+    "StochasticEigenResult",
+    "power_iteration_one",
+    "DiagonalResult",
+    "LanczosTridiag",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "NonFiniteError",
+    "LossOfOutput",
+    "cross_entropy_loss_of_output",
+    "loss_of_output",
+    "mse_loss_of_output",
+    "supervised_forward",
+    "supervised_loss",
+    "fused_ce_hvp",
+    "hf_lm_loss",
+    "hf_lm_shifted_ce",
+    "linear_ce_ggn_product",
+    "tlens_loss",
+    "ReplicatedBackend",
+    "ShardedBackend",
+    "ParamLayout",
+    "select_params",
 ]
 
 PATHS = [

@@ -112,6 +112,19 @@ def hf_token_count(batch: Any) -> torch.Tensor:
     return (_labels(batch)[..., 1:] != IGNORE_INDEX).sum()
 
 
+def _output_field(out: Any, key: str, owner: str, needs: str) -> torch.Tensor:
+    """``out.<key>`` (or ``out[key]``) of a HuggingFace model output, checked."""
+    value = getattr(out, key, None)
+    if value is None and isinstance(out, Mapping):
+        value = out.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"model(**batch) returned {type(out).__name__} without a {key!r} tensor; "
+            f"{owner} expects a HuggingFace *ForCausalLM model{needs}."
+        )
+    return value
+
+
 def _check_attention(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
@@ -164,16 +177,7 @@ def hf_lm_forward(model: nn.Module | None = None, batch: Any = None) -> Any:
         return factory_call(hf_lm_forward)
     inputs = {k: v for k, v in _check_batch(batch).items() if k != "labels"}
     _check_attention(model)
-    out = model(**inputs)
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(
-            f"model(**batch) returned {type(out).__name__} without a 'logits' tensor; "
-            "hf_lm_forward expects a HuggingFace *ForCausalLM model."
-        )
-    return logits
+    return _output_field(model(**inputs), "logits", "hf_lm_forward", "")
 
 
 @factory_of(LOSS_OF_OUTPUT)
@@ -248,14 +252,7 @@ def hf_lm_loss(*, from_logits: bool = False) -> Callable[[nn.Module, Any], torch
         _labels(batch)
         _check_attention(model)
         out = model(**batch)
-        value = getattr(out, "loss", None)
-        if value is None and isinstance(out, Mapping):
-            value = out.get("loss")
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"model(**batch) returned {type(out).__name__} without a 'loss' tensor; "
-                "hf_lm_loss expects a HuggingFace *ForCausalLM model and a batch with labels."
-            )
+        value = _output_field(out, "loss", "hf_lm_loss", " and a batch with labels")
         if value.dtype != getattr(out, "logits", value).dtype:
             _log_once(
                 "hf-loss-dtype",
