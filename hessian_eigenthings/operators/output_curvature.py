@@ -121,6 +121,8 @@ class OutputCurvatureOperator(DataCurvatureOperator):
     def _piece_product(
         self, piece: Piece, vs: Sequence[torch.Tensor]
     ) -> Sequence[torch.Tensor | None]:
+        # Per vector: J v, then M_b u and J^T u; the forward (``out`` and its graph)
+        # depends on the piece only, so a block of vectors can share it.
         jv = self._jvp(piece.data, vs)  # no graph kept: peak memory of an inference forward
         out = self._output(self.model, piece.data)
         if jv.shape != out.shape:
