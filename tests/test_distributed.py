@@ -1,7 +1,8 @@
 """Distributed operators and backends on 2 gloo ranks (CPU), spawned inside pytest.
 
 One job of two processes (``tests/dist_worker.py``) runs every scenario once and writes
-its numbers; each test below asserts one property. The job has a hard timeout, so a
+its numbers, and a one-process job runs the FSDP2 non-finite scenarios again; each test
+below asserts one property. The job has a hard timeout, so a
 hang (a collective issued on one rank only) fails the tests instead of blocking CI.
 
 Oracles: the single-process operator on the union of all shards, and the dense float64
