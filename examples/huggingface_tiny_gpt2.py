@@ -6,7 +6,7 @@ synthetic next-token task (sequences that repeat a random prefix, right-padded w
 
 * the top Hessian eigenvalues (``HessianOperator`` + ``hf_lm_loss``), and
 * the top Generalized Gauss-Newton eigenvalues (``GGNOperator`` + ``hf_lm_forward`` +
-  ``hf_lm_shifted_ce``, whose ``.hvp`` is the fused cross-entropy HVP),
+  ``hf_lm_loss_of_output``, whose ``.hvp`` is the fused cross-entropy HVP),
 
 with restarted Lanczos. The model keeps HuggingFace's default attention ("sdpa"); the
 operators run it with the math SDPA backend. Batches are weighted by their numbers of
@@ -29,7 +29,7 @@ from hessian_eigenthings.algorithms.lanczos import lanczos
 from hessian_eigenthings.loss_fns.huggingface import (
     hf_lm_forward,
     hf_lm_loss,
-    hf_lm_shifted_ce,
+    hf_lm_loss_of_output,
     hf_token_count,
 )
 
@@ -100,7 +100,7 @@ def main() -> None:
 
     # "auto": Triton on CUDA, torch.compile on CPU (compiling takes a few seconds once)
     fused = "eager" if args.fast else "auto"
-    ggn = GGNOperator(model, data, hf_lm_forward(), hf_lm_shifted_ce(fused=fused))
+    ggn = GGNOperator(model, data, hf_lm_forward, hf_lm_loss_of_output(fused=fused))
     g_result = lanczos(ggn, k=k, which="LA", seed=0)
     print("top GGN eigenvalues:    ", [f"{x:.5g}" for x in g_result.eigenvalues.tolist()])
 

@@ -1,21 +1,6 @@
 """Backwards-compatible alias of :mod:`hessian_eigenthings.param_utils`."""
 
-from hessian_eigenthings.param_utils import (
-    ParamFilter,
-    ParamLayout,
-    flatten,
-    match_names,
-    match_regex,
-    select_params,
-    unflatten,
-)
+from hessian_eigenthings import param_utils as _param_utils
+from hessian_eigenthings.param_utils import *  # noqa: F403
 
-__all__ = [
-    "ParamFilter",
-    "ParamLayout",
-    "flatten",
-    "match_names",
-    "match_regex",
-    "select_params",
-    "unflatten",
-]
+__all__ = list(_param_utils.__all__)

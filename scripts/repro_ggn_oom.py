@@ -62,7 +62,7 @@ def child(mode: str, vocab: int, tokens: int, width: int, chunk: int) -> None:
     from hessian_eigenthings.loss_fns.huggingface import (
         hf_lm_forward,
         hf_lm_loss,
-        hf_lm_shifted_ce,
+        hf_lm_loss_of_output,
     )
 
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def child(mode: str, vocab: int, tokens: int, width: int, chunk: int) -> None:
     elif mode.startswith("ggn"):
         fused = "eager" if mode == "ggn_eager" else "compile"
         op = GGNOperator(
-            model, data, hf_lm_forward(), hf_lm_shifted_ce(fused=fused), check_determinism=False
+            model, data, hf_lm_forward, hf_lm_loss_of_output(fused=fused), check_determinism=False
         )
         v = torch.randn(op.size)
 

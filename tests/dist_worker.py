@@ -1,7 +1,8 @@
 """Worker for tests/test_distributed.py: one rank of a 2-process gloo job on CPU.
 
 Run as ``python -m tests.dist_worker OUT_DIR`` with ``RANK``, ``WORLD_SIZE``,
-``MASTER_ADDR`` and ``MASTER_PORT`` set. Every scenario computes its numbers against an
+``MASTER_ADDR`` and ``MASTER_PORT`` set (and optionally ``HE_DIST_SCENARIOS``, a
+comma-separated subset of the scenarios). Every scenario computes its numbers against an
 oracle built in the same process (the single-process operator on the union of all
 shards, dense float64 matrices) and records them; the test reads ``OUT_DIR/rank{r}.json``
 and asserts. A scenario that raises records its error instead of aborting the job.
@@ -338,6 +339,62 @@ def fsdp_sharded(rank: int, uneven: bool = False) -> dict[str, Any]:
     }
 
 
+def fsdp_nonfinite(rank: int, poison: str) -> dict[str, Any]:
+    """A loss that goes non-finite on one batch of one rank, on 1 or 2 ranks.
+
+    ``poison="nan"``: the loss times NaN on the batch of 2 samples (the last one: batch 1
+    of rank 1 on two ranks, batch 3 on one), so every gradient block goes NaN.
+    ``"inf_bias"``: that batch's loss plus ``inf * ||2.bias||^2``, so only the block of
+    ``2.bias`` does (its rows live on both ranks). Afterwards the operator must still
+    compute the clean product (no rank left behind in a collective).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hessian_eigenthings.errors import NonFiniteError
+    from hessian_eigenthings.operators.distributed.sharded import ShardedHessianOperator
+
+    world = dist.get_world_size()
+    splits = FSDP_SPLITS if world == 2 else {0: FSDP_SPLITS[0] + FSDP_SPLITS[1]}
+    state = {"on": False}
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        out = ce(model, batch)
+        if not (state["on"] and batch[0].shape[0] == 2):
+            return out
+        if poison == "nan":
+            return out * float("nan")
+        return out + float("inf") * (model[2].bias ** 2).sum()
+
+    ref_model = make_model()
+    model = copy.deepcopy(ref_model)
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    op = ShardedHessianOperator(model, batches(splits[rank]), loss)
+    before = [p.to_local().clone() for p in model.parameters()]
+    v = op.backend.shard(rand_vec(op.size, 9))
+    state["on"] = True
+    out: dict[str, Any] = {"raised": None}
+    try:
+        op.matvec(v)
+    except NonFiniteError as err:
+        out.update(
+            raised="NonFiniteError",
+            message=str(err),
+            batch_index=err.batch_index,
+            param_names=list(err.param_names),
+        )
+    out["params_unchanged"] = all(
+        torch.equal(x, p.to_local()) for x, p in zip(before, model.parameters())
+    )
+    state["on"] = False
+    clean = op.backend.gather(op.matvec(v))
+    single = HessianOperator(ref_model, union(splits), ce)
+    out["clean_rel_vs_single"] = rel_err(clean, single.matvec(rand_vec(op.size, 9)))
+    return out
+
+
 def sharded_algorithms(rank: int) -> dict[str, Any]:
     """SLQ and Hutchinson run unchanged on the shards; same numbers on every rank."""
     op, single = _fsdp_setup(rank, FSDP_SPLITS_1)
@@ -431,6 +488,8 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "ddp_lanczos": lambda r: lanczos_scenario(r, "ddp"),
     "fsdp_lanczos": lambda r: lanczos_scenario(r, "fsdp"),
     "ddp_algorithms": ddp_algorithms,
+    "fsdp_nonfinite_nan": lambda r: fsdp_nonfinite(r, "nan"),
+    "fsdp_nonfinite_inf_bias": lambda r: fsdp_nonfinite(r, "inf_bias"),
 }
 
 
@@ -439,8 +498,10 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results: dict[str, Any] = {}
+    wanted = os.environ.get("HE_DIST_SCENARIOS")  # comma-separated subset (default: all)
+    chosen = {n: f for n, f in SCENARIOS.items() if not wanted or n in wanted.split(",")}
     try:
-        for name, fn in SCENARIOS.items():
+        for name, fn in chosen.items():
             start = time.perf_counter()
             try:
                 results[name] = fn(rank)

@@ -1,7 +1,8 @@
 """Distributed operators and backends on 2 gloo ranks (CPU), spawned inside pytest.
 
 One job of two processes (``tests/dist_worker.py``) runs every scenario once and writes
-its numbers; each test below asserts one property. The job has a hard timeout, so a
+its numbers, and a one-process job runs the FSDP2 non-finite scenarios again; each test
+below asserts one property. The job has a hard timeout, so a
 hang (a collective issued on one rank only) fails the tests instead of blocking CI.
 
 Oracles: the single-process operator on the union of all shards, and the dense float64
@@ -37,20 +38,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("dist")
+def _run_job(out: Path, world: int, scenarios: str = "") -> list[dict[str, Any]]:
+    """Run ``tests/dist_worker.py`` on ``world`` gloo ranks; a hang fails the tests."""
     port = _free_port()
     procs = []
-    for rank in range(WORLD):
+    for rank in range(world):
         env = {
             **os.environ,
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
+            "WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            "HE_DIST_SCENARIOS": scenarios,
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         }
         procs.append(
@@ -74,7 +75,20 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         pytest.fail(f"distributed worker job did not finish within {TIMEOUT_S} s (a hang)")
     for rank, p in enumerate(procs):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank][-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _run_job(tmp_path_factory.mktemp("dist"), WORLD)
+
+
+@pytest.fixture(scope="module")
+def results_one_rank(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The FSDP2 non-finite scenarios in a one-process gloo job."""
+    return _run_job(
+        tmp_path_factory.mktemp("dist1"), 1, "fsdp_nonfinite_nan,fsdp_nonfinite_inf_bias"
+    )
 
 
 def _scenario(results: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -235,3 +249,31 @@ def test_lanczos_returns_single_process_eigenvalues_on_every_rank(
         assert res["converged"]
         assert res["same_on_all_ranks"]
         assert res.get("fresh_seed_same_on_all_ranks", name == "fsdp_lanczos")
+
+
+ALL_PARAMS = ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize(("poison", "names"), [("nan", ALL_PARAMS), ("inf_bias", ["2.bias"])])
+def test_fsdp_operator_names_the_non_finite_batch_and_parameters_on_every_rank(
+    results: list[dict[str, Any]],
+    results_one_rank: list[dict[str, Any]],
+    world: int,
+    poison: str,
+    names: list[str],
+) -> None:
+    """A loss going non-finite on one batch of one rank: every rank raises NonFiniteError
+    naming that batch (index in its rank's loader), its rank and the parameter blocks,
+    the model is restored, and the next (clean) product is exact: no rank was left in a
+    collective."""
+    per_rank = _scenario(results if world == 2 else results_one_rank, f"fsdp_nonfinite_{poison}")
+    batch, rank = (1, 1) if world == 2 else (3, 0)
+    for res in per_rank:
+        assert res["raised"] == "NonFiniteError"
+        assert res["batch_index"] == batch
+        assert f"batch index {batch} on rank {rank}" in res["message"]
+        assert "ShardedHessianOperator" in res["message"]
+        assert res["param_names"] == names
+        assert res["params_unchanged"]
+        assert res["clean_rel_vs_single"] <= 1e-6

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from hessian_eigenthings import GGNOperator
+from hessian_eigenthings import GGNOperator, HessianOperator
 from hessian_eigenthings.loss_fns.base import LossOfOutput, loss_of_output
 from hessian_eigenthings.loss_fns.standard import (
     cross_entropy_loss_of_output,
     mse_loss_of_output,
     supervised_forward,
+    supervised_loss,
 )
 from tests.helpers import assert_unchanged, rel_err, snapshot
 
@@ -426,3 +427,16 @@ def test_errors() -> None:
     op = GGNOperator(model, data, supervised_forward, bad)
     with pytest.raises(ValueError, match="output's shape"):
         op.matvec(torch.randn(op.size, dtype=torch.float64))
+
+
+def test_a_loss_factory_passed_uncalled_is_refused_with_the_call_to_write() -> None:
+    model = nn.Linear(3, 2).double()
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))]
+    with pytest.raises(TypeError, match=r"cross_entropy_loss_of_output, which makes a loss of"):
+        GGNOperator(model, data, supervised_forward, cross_entropy_loss_of_output)
+    with pytest.raises(
+        TypeError, match=r"forward_fn got supervised_loss.*forward_fn=supervised_loss"
+    ):
+        GGNOperator(model, data, supervised_loss, cross_entropy_loss_of_output())
+    with pytest.raises(TypeError, match=r"loss_fn=supervised_loss\(\.\.\.\)"):
+        HessianOperator(model, data, supervised_loss)

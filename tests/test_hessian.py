@@ -443,3 +443,43 @@ def test_weight_fn_overrides_batch_size() -> None:
     H = dense_hessian(model, data, ce, weight=wfn)
     v = torch.randn(op.size, dtype=DT)
     assert rel_err(op.matvec(v), H @ v) <= 1e-10
+
+
+def test_data_loop_hands_each_hook_its_batch_and_microbatch_index_and_weight() -> None:
+    """A recording operator with C_b = diag(b + 1): the loop must pass every (micro)batch
+    once with its loader index, its index in the split and its sample count, skip the
+    empty one, and return the sample-weighted mean of the per-piece products."""
+    from collections.abc import Sequence
+
+    from hessian_eigenthings import DataCurvatureOperator
+    from hessian_eigenthings.operators._data import Piece
+
+    class Recorder(DataCurvatureOperator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.seen: list[tuple[int, int, int]] = []
+            super().__init__(*args, **kwargs)
+
+        def _probe_loss(self, batch: Any) -> torch.Tensor:
+            return torch.zeros(())
+
+        def _piece_product(
+            self, piece: Piece, vs: Sequence[torch.Tensor]
+        ) -> Sequence[torch.Tensor | None]:
+            assert isinstance(piece.weight, int) and piece.weight == piece.data[0].shape[0]
+            self.seen.append((piece.batch_index, piece.microbatch_index, piece.weight))
+            return [v * (piece.batch_index + 1) for v in vs]
+
+    model = nn.Linear(2, 1).double()
+    sizes = [5, 0, 2, 4]
+    data = [(torch.randn(n, 2, dtype=torch.float64), torch.randn(n, 1)) for n in sizes]
+    op = Recorder(model, data, microbatch_size=2)
+    v = torch.randn(op.size, dtype=torch.float64)
+    got = op.matvec(v)
+    assert op.seen == [(0, 0, 2), (0, 1, 2), (0, 2, 1), (2, 0, 2), (3, 0, 2), (3, 1, 2)]
+    want = v * sum(n * (b + 1) for b, n in enumerate(sizes)) / sum(sizes)
+    assert torch.allclose(got, want, rtol=1e-14, atol=0)
+    # full_dataset=False: one batch per product, numbered by its position in the loader
+    op = Recorder(model, [data[0], data[2], data[3]], full_dataset=False)
+    for _ in range(5):
+        op.matvec(v)
+    assert op.seen == [(0, 0, 5), (1, 0, 2), (2, 0, 4), (0, 0, 5), (1, 0, 2)]

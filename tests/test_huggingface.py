@@ -21,7 +21,6 @@ from hessian_eigenthings.loss_fns.huggingface import (  # noqa: E402
     hf_lm_forward,
     hf_lm_loss,
     hf_lm_loss_of_output,
-    hf_lm_shifted_ce,
     hf_token_count,
 )
 from tests.helpers import assert_unchanged, fd_hvp, rel_err, snapshot  # noqa: E402
@@ -107,19 +106,47 @@ def test_token_count_is_exact_shifted_count():
     assert [int(hf_token_count(b)) for b in BATCHES] == [5 + 3, 2 + 0 + 4]
     assert hf_token_count(BATCHES[0]).dtype == torch.int64
     assert hf_lm_loss().batch_weight is hf_token_count
-    assert int(hf_lm_shifted_ce().batch_weight(BATCHES[1])) == 6
-    assert hf_lm_loss_of_output is hf_lm_shifted_ce
+    assert int(hf_lm_loss_of_output().batch_weight(BATCHES[1])) == 6
+
+
+def test_old_names_and_calling_styles_work_with_a_deprecation_warning():
+    """hf_lm_shifted_ce is hf_lm_loss_of_output's old name; hf_lm_forward is the forward
+    function itself, and its old factory call hf_lm_forward() returns it."""
+    from hessian_eigenthings.loss_fns.huggingface import hf_lm_shifted_ce
+
+    logits = torch.randn(3, 5, VOCAB, dtype=torch.float64)  # BATCHES[1] is (3, 5)
+    with pytest.warns(DeprecationWarning, match="hf_lm_shifted_ce.*use hf_lm_loss_of_output"):
+        old = hf_lm_shifted_ce(fused="eager")
+    new = hf_lm_loss_of_output(fused="eager")
+    b = BATCHES[1]
+    assert torch.equal(old(logits, b), new(logits, b))
+    assert torch.equal(old.hvp(logits, b, logits), new.hvp(logits, b, logits))
+    with pytest.warns(
+        DeprecationWarning, match=r"hf_lm_forward\(\) is deprecated.*without calling"
+    ):
+        forward = hf_lm_forward()
+    assert forward is hf_lm_forward
+    model = _gpt2()
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    assert torch.equal(forward(model, b), model(**inputs).logits)
+
+
+def test_factories_passed_uncalled_are_refused_with_the_call_to_write():
+    model = _gpt2()
+    with pytest.raises(TypeError, match=r"loss_of_output_fn=hf_lm_loss_of_output\(\.\.\.\)"):
+        GGNOperator(model, BATCHES, hf_lm_forward, hf_lm_loss_of_output)
+    with pytest.raises(TypeError, match=r"loss_fn got hf_lm_loss, which makes a loss function"):
+        HessianOperator(model, BATCHES, hf_lm_loss)
 
 
 def test_losses_equal_huggingface_loss():
     model = _gpt2(torch.float32)
     assert model.config._attn_implementation == "sdpa"  # HF's default
-    ce = hf_lm_shifted_ce(fused="eager")
-    forward = hf_lm_forward()
+    ce = hf_lm_loss_of_output(fused="eager")
     for b in BATCHES:
         want = model(**b).loss
         assert torch.equal(hf_lm_loss()(model, b), want)
-        assert rel_err(ce(forward(model, b), b).detach(), want.detach()) < 1e-6
+        assert rel_err(ce(hf_lm_forward(model, b), b).detach(), want.detach()) < 1e-6
     model64 = _gpt2(torch.float64)
     for b in BATCHES:
         exact = hf_lm_loss(from_logits=True)(model64, b)
@@ -135,7 +162,7 @@ def test_loss_of_output_hvp_equals_autograd():
     labels[0, 2:] = -100
     labels[1, 1] = -100
     batch = {"labels": labels}
-    ce = hf_lm_shifted_ce(fused="eager")
+    ce = hf_lm_loss_of_output(fused="eager")
     _, want = torch.autograd.functional.hvp(lambda z: ce(z, batch), logits, u)
     got = ce.hvp(logits, batch, u)
     assert rel_err(got, want) < 1e-12
@@ -143,7 +170,7 @@ def test_loss_of_output_hvp_equals_autograd():
 
 
 def test_all_ignored_batch_loss_is_zero_not_nan():
-    ce = hf_lm_shifted_ce(fused="eager")
+    ce = hf_lm_loss_of_output(fused="eager")
     batch = {"labels": torch.full((2, 4), -100)}
     logits = torch.randn(2, 4, 5)
     assert ce(logits, batch) == 0
@@ -154,13 +181,15 @@ def test_all_ignored_batch_loss_is_zero_not_nan():
 def test_bad_batches_raise():
     model = _gpt2(torch.float32)
     with pytest.raises(TypeError, match="mappings"):
-        hf_lm_forward()(model, (torch.zeros(1, 3, dtype=torch.long),))
+        hf_lm_forward(model, (torch.zeros(1, 3, dtype=torch.long),))
     with pytest.raises(ValueError, match="no 'labels'"):
         hf_lm_loss()(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
     with pytest.raises(ValueError, match="Unknown fused"):
-        hf_lm_shifted_ce(fused="cuda")
+        hf_lm_loss_of_output(fused="cuda")
     with pytest.raises(ValueError, match="do not match labels"):
-        hf_lm_shifted_ce(fused="eager")(torch.randn(2, 3, 5), {"labels": torch.zeros(2, 4).long()})
+        hf_lm_loss_of_output(fused="eager")(
+            torch.randn(2, 3, 5), {"labels": torch.zeros(2, 4).long()}
+        )
 
 
 def test_flash_attention_implementation_is_rejected():
@@ -170,7 +199,7 @@ def test_flash_attention_implementation_is_rejected():
             self.config = types.SimpleNamespace(_attn_implementation="flash_attention_2")
 
     with pytest.raises(ValueError, match="sdpa"):
-        hf_lm_forward()(Stub(), BATCHES[0])
+        hf_lm_forward(Stub(), BATCHES[0])
 
 
 # ---------------------------------------------------------------- Hessian
@@ -265,7 +294,7 @@ def test_other_architectures_hessian_matches_fd(make, h, bound):
 # ---------------------------------------------------------------- GGN
 def _ggn(model, loss_hvp, fused="eager", **kw):
     return GGNOperator(
-        model, BATCHES, hf_lm_forward(), hf_lm_shifted_ce(fused=fused), loss_hvp=loss_hvp, **kw
+        model, BATCHES, hf_lm_forward, hf_lm_loss_of_output(fused=fused), loss_hvp=loss_hvp, **kw
     )
 
 

@@ -9,6 +9,8 @@ import pytest
 import hessian_eigenthings as he
 
 TOP_LEVEL = [
+    # the manual's names, every top-level name of the previous release (DDPOperatorMixin:
+    # see RENAMED_CLASSES) and the new ones
     "CurvatureOperator",
     "LambdaOperator",
     "HessianOperator",
@@ -34,6 +36,42 @@ TOP_LEVEL = [
     "match_regex",
     "flatten",
     "unflatten",
+    "OutputCurvatureOperator",
+    "DDPCurvatureOperator",
+    "hf_lm_loss_of_output",
+    "tlens_loss_of_output",
+    "hf_lm_forward",
+    "tlens_forward",
+    "DataCurvatureOperator",
+    "MCFisherOperator",
+    "DDPEmpiricalFisherOperator",
+    "DDPGGNOperator",
+    "DDPHessianOperator",
+    "ShardedHessianOperator",
+    "LanczosProgress",
+    "StochasticEigenResult",
+    "power_iteration_one",
+    "DiagonalResult",
+    "LanczosTridiag",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "NonFiniteError",
+    "LossOfOutput",
+    "cross_entropy_loss_of_output",
+    "loss_of_output",
+    "mse_loss_of_output",
+    "supervised_forward",
+    "supervised_loss",
+    "fused_ce_hvp",
+    "hf_lm_loss",
+    "hf_lm_shifted_ce",
+    "linear_ce_ggn_product",
+    "tlens_loss",
+    "ReplicatedBackend",
+    "ShardedBackend",
+    "ParamLayout",
+    "select_params",
 ]
 
 PATHS = [
@@ -53,6 +91,20 @@ PATHS = [
     ("hessian_eigenthings.loss_fns.huggingface", "hf_lm_loss"),
     ("hessian_eigenthings.loss_fns.transformer_lens", "tlens_loss"),
     ("hessian_eigenthings.backends", "SingleDeviceBackend"),
+    ("hessian_eigenthings.operators", "OutputCurvatureOperator"),
+    ("hessian_eigenthings.operators.distributed", "DDPCurvatureOperator"),
+    ("hessian_eigenthings.operators.distributed", "ShardedHessianOperator"),
+    ("hessian_eigenthings.loss_fns.huggingface", "hf_lm_loss_of_output"),
+]
+
+# Renamed classes: (module, old name, new name); the old name resolves to the same class.
+RENAMED_CLASSES = [
+    (module, "DDPOperatorMixin", "DDPCurvatureOperator")
+    for module in (
+        "hessian_eigenthings",
+        "hessian_eigenthings.operators.distributed",
+        "hessian_eigenthings.operators.distributed.ddp",
+    )
 ]
 
 
@@ -71,3 +123,30 @@ def test_import_paths(module: str, name: str) -> None:
 def test_all_names_resolve() -> None:
     for name in he.__all__:
         assert hasattr(he, name), name
+
+
+@pytest.mark.parametrize(("module", "old", "new"), RENAMED_CLASSES)
+def test_renamed_classes_resolve_with_a_deprecation_warning(
+    module: str, old: str, new: str
+) -> None:
+    mod = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated.*use {new}"):
+        cls = getattr(mod, old)
+    assert cls is getattr(mod, new)
+    assert old not in mod.__all__  # star imports stay silent
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        _ = mod.NoSuchName
+
+
+def test_renamed_functions_warn_when_called_and_star_import_is_silent() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        exec("from hessian_eigenthings import *", {})
+        assert callable(he.hf_lm_shifted_ce)  # importing the alias does not warn
+    with pytest.warns(
+        DeprecationWarning, match="hf_lm_shifted_ce is deprecated.*hf_lm_loss_of_output"
+    ):
+        loss = he.hf_lm_shifted_ce(fused="eager")
+    assert loss.name == "hf_lm_loss_of_output"

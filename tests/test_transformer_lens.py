@@ -76,14 +76,14 @@ def test_loss_of_output_equals_transformer_lens_loss():
     for b in BATCHES:
         own = tlens_loss()(model, b)
         assert own.dtype == torch.float64
-        assert rel_err(ce(tlens_forward()(model, b), b).detach(), own.detach()) < 1e-14
+        assert rel_err(ce(tlens_forward(model, b), b).detach(), own.detach()) < 1e-14
 
 
 def test_loss_of_output_hvp_equals_autograd():
     model = _model()
     ce = tlens_loss_of_output(fused="eager")
     b = BATCHES[1]
-    logits = tlens_forward()(model, b).detach()
+    logits = tlens_forward(model, b).detach()
     u = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1), dtype=logits.dtype)
     _, want = torch.autograd.functional.hvp(lambda z: ce(z, b), logits, u)
     assert rel_err(ce.hvp(logits, b, u), want) < 1e-12
@@ -116,7 +116,7 @@ def test_ggn_analytical_equals_autograd():
 
     def ggn(loss_hvp):
         return GGNOperator(
-            model, BATCHES, tlens_forward(), tlens_loss_of_output(fused="eager"), loss_hvp=loss_hvp
+            model, BATCHES, tlens_forward, tlens_loss_of_output(fused="eager"), loss_hvp=loss_hvp
         )
 
     G = ggn("analytical")

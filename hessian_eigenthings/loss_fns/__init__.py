@@ -34,7 +34,7 @@ __all__ = [
     "hf_lm_forward",
     "hf_lm_loss",
     "hf_lm_loss_of_output",
-    "hf_lm_shifted_ce",
+    "hf_lm_shifted_ce",  # deprecated alias of hf_lm_loss_of_output (warns when called)
     "hf_token_count",
     # TransformerLens HookedTransformer
     "tlens_forward",

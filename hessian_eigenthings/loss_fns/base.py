@@ -11,14 +11,32 @@ Users attach an analytical HVP to their own loss with :func:`loss_of_output`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["LossOfOutput", "loss_of_output"]
+__all__ = ["LOSS_FN", "LOSS_OF_OUTPUT", "LossOfOutput", "factory_of", "loss_of_output"]
 
 HvpFn = Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor]
 WeightFn = Callable[[Any], "int | torch.Tensor"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+LOSS_FN = "loss function (model, batch) -> loss"
+LOSS_OF_OUTPUT = "loss of output (output, batch) -> loss"
+
+
+def factory_of(what: str) -> Callable[[F], F]:
+    """Mark a factory of ``what`` (:data:`LOSS_FN`, :data:`LOSS_OF_OUTPUT`).
+
+    Operators refuse the factory itself where its product belongs, saying to call it
+    (``GGNOperator(..., cross_entropy_loss_of_output)`` instead of ``...()``).
+    """
+
+    def mark(factory: F) -> F:
+        factory._factory_of = what  # type: ignore[attr-defined]
+        return factory
+
+    return mark
 
 
 class LossOfOutput:

@@ -20,10 +20,16 @@ not the mean of per-batch means.
 * :func:`hf_lm_loss`: ``loss_fn(model, batch)`` for
   :class:`~hessian_eigenthings.HessianOperator` (HuggingFace's own ``model(**batch).loss``
   by default).
-* :func:`hf_lm_forward`: ``forward_fn(model, batch) -> logits`` for the GGN (labels are not
-  passed to the model, so no loss is computed in the forward).
-* :func:`hf_lm_shifted_ce` (alias :func:`hf_lm_loss_of_output`): the loss of the logits
-  with a closed-form ``.hvp`` (fused cross-entropy HVP) for the GGN.
+* :func:`hf_lm_forward`: the forward function ``(model, batch) -> logits`` for the GGN,
+  passed as it is (labels are not passed to the model, so no loss is computed in the
+  forward).
+* :func:`hf_lm_loss_of_output`: the loss of the logits with a closed-form ``.hvp``
+  (fused cross-entropy HVP) for the GGN. Formerly ``hf_lm_shifted_ce``, which still works
+  with a ``DeprecationWarning``.
+
+Example::
+
+    GGNOperator(model, batches, hf_lm_forward, hf_lm_loss_of_output())
 
 Attention. Models use HuggingFace's default attention implementation (``"sdpa"``,
 i.e. ``torch.nn.functional.scaled_dot_product_attention``; ``"eager"`` also works).
@@ -46,17 +52,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
 
+from hessian_eigenthings._deprecation import factory_call, renamed_function
 from hessian_eigenthings.loss_fns._shifted_ce import (
     IGNORE_INDEX,
     next_token_targets,
     shifted_ce_loss_of_output,
 )
-from hessian_eigenthings.loss_fns.base import LossOfOutput
+from hessian_eigenthings.loss_fns.base import LOSS_FN, LOSS_OF_OUTPUT, LossOfOutput, factory_of
 
 __all__ = [
     "hf_lm_forward",
@@ -105,6 +112,19 @@ def hf_token_count(batch: Any) -> torch.Tensor:
     return (_labels(batch)[..., 1:] != IGNORE_INDEX).sum()
 
 
+def _output_field(out: Any, key: str, owner: str, needs: str) -> torch.Tensor:
+    """``out.<key>`` (or ``out[key]``) of a HuggingFace model output, checked."""
+    value = getattr(out, key, None)
+    if value is None and isinstance(out, Mapping):
+        value = out.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"model(**batch) returned {type(out).__name__} without a {key!r} tensor; "
+            f"{owner} expects a HuggingFace *ForCausalLM model{needs}."
+        )
+    return value
+
+
 def _check_attention(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
@@ -134,34 +154,34 @@ def _check_attention(model: nn.Module) -> None:
     )
 
 
-def hf_lm_forward() -> Callable[[nn.Module, Any], torch.Tensor]:
-    """``forward_fn(model, batch) -> logits`` for a causal LM, without passing the labels.
+@overload
+def hf_lm_forward() -> Callable[[nn.Module, Any], torch.Tensor]: ...
+@overload
+def hf_lm_forward(model: nn.Module, batch: Any) -> torch.Tensor: ...
+def hf_lm_forward(model: nn.Module | None = None, batch: Any = None) -> Any:
+    """The forward function of a causal LM: ``(B, T, V)`` logits, without the labels.
 
-    Every key of the batch except ``labels`` is passed to ``model(**inputs)``; the
-    ``(B, T, V)`` logits are returned (no loss is computed in the forward).
+    Every key of the batch except ``labels`` is passed to ``model(**inputs)``, so no loss
+    is computed in the forward. Pass the function itself as ``forward_fn`` of
+    :class:`~hessian_eigenthings.GGNOperator`; the older factory call
+    ``hf_lm_forward()`` still returns it, with a ``DeprecationWarning``.
+
+    Args:
+        model: A HuggingFace ``*ForCausalLM`` model.
+        batch: A mapping with ``input_ids`` (and ``attention_mask``, ``labels``, ...).
 
     Returns:
-        The forward function (for :class:`~hessian_eigenthings.GGNOperator`).
+        The logits.
     """
-
-    def forward(model: nn.Module, batch: Any) -> torch.Tensor:
-        inputs = {k: v for k, v in _check_batch(batch).items() if k != "labels"}
-        _check_attention(model)
-        out = model(**inputs)
-        logits = getattr(out, "logits", None)
-        if logits is None and isinstance(out, Mapping):
-            logits = out.get("logits")
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(
-                f"model(**batch) returned {type(out).__name__} without a 'logits' tensor; "
-                "hf_lm_forward expects a HuggingFace *ForCausalLM model."
-            )
-        return logits
-
-    return forward
+    if model is None:
+        return factory_call(hf_lm_forward)
+    inputs = {k: v for k, v in _check_batch(batch).items() if k != "labels"}
+    _check_attention(model)
+    return _output_field(model(**inputs), "logits", "hf_lm_forward", "")
 
 
-def hf_lm_shifted_ce(fused: str = "auto") -> LossOfOutput:
+@factory_of(LOSS_OF_OUTPUT)
+def hf_lm_loss_of_output(fused: str = "auto") -> LossOfOutput:
     r"""Shifted next-token cross entropy of the logits, with closed-form ``.hvp``.
 
     ``loss(logits, batch)`` is HuggingFace's causal-LM loss computed from the logits:
@@ -186,20 +206,21 @@ def hf_lm_shifted_ce(fused: str = "auto") -> LossOfOutput:
         A :class:`~hessian_eigenthings.loss_fns.base.LossOfOutput`.
 
     Example:
-        >>> loss = hf_lm_shifted_ce(fused="eager")
+        >>> loss = hf_lm_loss_of_output(fused="eager")
         >>> logits = torch.randn(2, 4, 7)
         >>> batch = {"labels": torch.tensor([[1, 2, 3, -100], [4, 5, 6, 0]])}
         >>> loss.batch_weight(batch)
         tensor(5)
     """
     return shifted_ce_loss_of_output(
-        lambda batch: next_token_targets(_labels(batch)), fused=fused, name="hf_lm_shifted_ce"
+        lambda batch: next_token_targets(_labels(batch)), fused=fused, name="hf_lm_loss_of_output"
     )
 
 
-hf_lm_loss_of_output = hf_lm_shifted_ce
+hf_lm_shifted_ce = renamed_function(hf_lm_loss_of_output, "hf_lm_shifted_ce")
 
 
+@factory_of(LOSS_FN)
 def hf_lm_loss(*, from_logits: bool = False) -> Callable[[nn.Module, Any], torch.Tensor]:
     """``loss_fn(model, batch)``: the mean next-token loss of a causal LM on the batch.
 
@@ -208,7 +229,7 @@ def hf_lm_loss(*, from_logits: bool = False) -> Callable[[nn.Module, Any], torch
             loss the model trains with). HuggingFace computes it in float32 whatever the
             model dtype (``ForCausalLMLoss`` upcasts the logits with ``.float()``), so a
             float64 model gets a float32-accurate loss. ``True``: the same shifted cross
-            entropy computed by :func:`hf_lm_shifted_ce` from the logits of
+            entropy computed by :func:`hf_lm_loss_of_output` from the logits of
             :func:`hf_lm_forward`, in the logits' dtype (float64 stays float64); use it to
             verify curvature in float64.
 
@@ -219,11 +240,10 @@ def hf_lm_loss(*, from_logits: bool = False) -> Callable[[nn.Module, Any], torch
     if not isinstance(from_logits, bool):
         raise TypeError(f"from_logits must be a bool, got {from_logits!r}.")
     if from_logits:
-        forward = hf_lm_forward()
-        ce = hf_lm_shifted_ce(fused="eager")
+        ce = hf_lm_loss_of_output(fused="eager")
 
         def loss_from_logits(model: nn.Module, batch: Any) -> torch.Tensor:
-            return ce(forward(model, batch), batch)
+            return ce(hf_lm_forward(model, batch), batch)
 
         loss_from_logits.batch_weight = hf_token_count  # type: ignore[attr-defined]
         return loss_from_logits
@@ -232,14 +252,7 @@ def hf_lm_loss(*, from_logits: bool = False) -> Callable[[nn.Module, Any], torch
         _labels(batch)
         _check_attention(model)
         out = model(**batch)
-        value = getattr(out, "loss", None)
-        if value is None and isinstance(out, Mapping):
-            value = out.get("loss")
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"model(**batch) returned {type(out).__name__} without a 'loss' tensor; "
-                "hf_lm_loss expects a HuggingFace *ForCausalLM model and a batch with labels."
-            )
+        value = _output_field(out, "loss", "hf_lm_loss", " and a batch with labels")
         if value.dtype != getattr(out, "logits", value).dtype:
             _log_once(
                 "hf-loss-dtype",

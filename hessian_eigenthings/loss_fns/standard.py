@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessian_eigenthings.loss_fns.base import LossOfOutput
+from hessian_eigenthings.loss_fns.base import LOSS_FN, LOSS_OF_OUTPUT, LossOfOutput, factory_of
 
 __all__ = [
     "TargetSpec",
@@ -110,6 +110,7 @@ def _weight_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+@factory_of(LOSS_OF_OUTPUT)
 def cross_entropy_loss_of_output(
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -295,6 +296,7 @@ def cross_entropy_loss_of_output(
     return LossOfOutput(fn, hvp, batch_weight=batch_weight, name="cross_entropy")
 
 
+@factory_of(LOSS_OF_OUTPUT)
 def mse_loss_of_output(reduction: str = "mean", target: TargetSpec = None) -> LossOfOutput:
     r"""Mean squared error, as :func:`torch.nn.functional.mse_loss`, with its Hessian.
 
@@ -371,6 +373,7 @@ def _criterion_batch_weight(criterion: Any) -> Any:
     return None
 
 
+@factory_of(LOSS_FN)
 def supervised_loss(criterion: Callable[..., torch.Tensor]) -> Callable[[nn.Module, Any], Any]:
     """Turn a criterion into ``loss_fn(model, batch)`` for ``(x, y)`` batches.
 

@@ -10,7 +10,8 @@ dataset.
 
 * :func:`tlens_loss`: ``loss_fn(model, batch)`` = ``model(tokens, return_type="loss")``
   (TransformerLens' own loss).
-* :func:`tlens_forward`: ``forward_fn(model, batch) -> (B, T, V)`` logits.
+* :func:`tlens_forward`: the forward function ``(model, batch) -> (B, T, V)`` logits,
+  passed as it is.
 * :func:`tlens_loss_of_output`: the same loss as a function of the logits, with a
   closed-form ``.hvp`` (fused cross-entropy HVP) for the GGN.
 
@@ -25,13 +26,14 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
 
+from hessian_eigenthings._deprecation import factory_call
 from hessian_eigenthings.loss_fns._shifted_ce import IGNORE_INDEX, shifted_ce_loss_of_output
-from hessian_eigenthings.loss_fns.base import LossOfOutput
+from hessian_eigenthings.loss_fns.base import LOSS_FN, LOSS_OF_OUTPUT, LossOfOutput, factory_of
 
 __all__ = ["tlens_forward", "tlens_loss", "tlens_loss_of_output", "tlens_token_count"]
 
@@ -90,22 +92,33 @@ def tlens_token_count(batch: Any) -> torch.Tensor | int:
     return (mask[:, :-1].bool() & mask[:, 1:].bool()).sum()
 
 
-def tlens_forward() -> Callable[[nn.Module, Any], torch.Tensor]:
-    """``forward_fn(model, batch) -> logits`` of a ``HookedTransformer``.
+@overload
+def tlens_forward() -> Callable[[nn.Module, Any], torch.Tensor]: ...
+@overload
+def tlens_forward(model: nn.Module, batch: Any) -> torch.Tensor: ...
+def tlens_forward(model: nn.Module | None = None, batch: Any = None) -> Any:
+    """The forward function of a ``HookedTransformer``: its ``(B, T, V)`` logits.
+
+    ``model(tokens, return_type="logits", attention_mask=mask)``. Pass the function
+    itself as ``forward_fn``; the older factory call ``tlens_forward()`` still returns
+    it, with a ``DeprecationWarning``.
+
+    Args:
+        model: The ``HookedTransformer``.
+        batch: A ``(B, T)`` token tensor or a mapping with ``tokens``.
 
     Returns:
-        ``model(tokens, return_type="logits", attention_mask=mask)`` as a function.
+        The logits.
     """
+    if model is None:
+        return factory_call(tlens_forward)
     _require_transformer_lens()
-
-    def forward(model: nn.Module, batch: Any) -> torch.Tensor:
-        tokens, mask = _tokens_and_mask(batch)
-        kwargs = {} if mask is None else {"attention_mask": mask}
-        return model(tokens, return_type="logits", **kwargs)
-
-    return forward
+    tokens, mask = _tokens_and_mask(batch)
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    return model(tokens, return_type="logits", **kwargs)
 
 
+@factory_of(LOSS_FN)
 def tlens_loss() -> Callable[[nn.Module, Any], torch.Tensor]:
     """``loss_fn(model, batch)``: TransformerLens' own next-token loss of the batch.
 
@@ -126,6 +139,7 @@ def tlens_loss() -> Callable[[nn.Module, Any], torch.Tensor]:
     return loss
 
 
+@factory_of(LOSS_OF_OUTPUT)
 def tlens_loss_of_output(fused: str = "auto") -> LossOfOutput:
     r"""TransformerLens' next-token loss as a function of the logits, with ``.hvp``.
 

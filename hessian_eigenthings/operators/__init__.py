@@ -6,6 +6,7 @@ from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator, MCFish
 from hessian_eigenthings.operators.ggn import GGNOperator
 from hessian_eigenthings.operators.hessian import HessianOperator
 from hessian_eigenthings.operators.lambda_operator import LambdaOperator
+from hessian_eigenthings.operators.output_curvature import OutputCurvatureOperator
 
 __all__ = [
     "CurvatureOperator",
@@ -15,4 +16,5 @@ __all__ = [
     "HessianOperator",
     "LambdaOperator",
     "MCFisherOperator",
+    "OutputCurvatureOperator",
 ]

@@ -9,12 +9,14 @@ batches and microbatches give exactly the un-split result.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 __all__ = [
     "BatchSource",
+    "Piece",
     "WeightFn",
     "leading_dim",
     "move_to_device",
@@ -22,6 +24,25 @@ __all__ = [
 ]
 
 WeightFn = Callable[[Any], "int | torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One (micro)batch of a product, as the data loop hands it to an operator's hooks.
+
+    Attributes:
+        data: The (micro)batch, on the operator's device.
+        batch_index: Index of its batch in loader order (the position in the stream
+            for ``full_dataset=False``).
+        microbatch_index: Index of the piece within its batch (0 when not split).
+        weight: Its weight ``w_b`` in the dataset mean: samples, or non-ignored tokens
+            (an int, or a 0-d tensor on the device that is never read on the host).
+    """
+
+    data: Any
+    batch_index: int
+    microbatch_index: int
+    weight: int | torch.Tensor
 
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:

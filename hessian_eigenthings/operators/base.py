@@ -71,6 +71,15 @@ class CurvatureOperator(ABC):
         return SingleDeviceBackend()
 
     @property
+    def local_size(self) -> int:
+        """Entries of a vector this process passes to :meth:`matvec`.
+
+        :attr:`size`, unless the operator's vectors are split across ranks (see
+        :attr:`backend`).
+        """
+        return self.size
+
+    @property
     def shape(self) -> tuple[int, int]:
         """``(size, size)``."""
         return (self.size, self.size)
@@ -114,18 +123,23 @@ class CurvatureOperator(ABC):
 
     def _check_vector(self, v: Any, *, ndim: int) -> None:
         what = "vector" if ndim == 1 else "block"
-        expected = f"({self.size},)" if ndim == 1 else f"({self.size}, b)"
+        n = self.local_size
+        expected = f"({n},)" if ndim == 1 else f"({n}, b)"
         if not isinstance(v, torch.Tensor):
             raise TypeError(
                 f"{type(self).__name__}.{'matvec' if ndim == 1 else 'matmat'} expected a "
                 f"torch.Tensor of shape {expected}, got {type(v).__name__}."
             )
-        if v.dim() != ndim or v.shape[0] != self.size:
-            hint = (
-                " Use matmat for a block of vectors (columns)."
-                if ndim == 1 and v.dim() == 2
-                else " Flatten per-parameter tensors with param_utils.flatten."
-            )
+        if v.dim() != ndim or v.shape[0] != n:
+            if n != self.size:
+                hint = (
+                    f" This rank holds a shard of every {what} (global size {self.size}); "
+                    "convert a global vector with operator.backend.shard(v)."
+                )
+            elif ndim == 1 and v.dim() == 2:
+                hint = " Use matmat for a block of vectors (columns)."
+            else:
+                hint = " Flatten per-parameter tensors with param_utils.flatten."
             raise ValueError(
                 f"{type(self).__name__} expected a {what} of shape {expected}, got shape "
                 f"{tuple(v.shape)}.{hint}"
@@ -151,7 +165,16 @@ class CurvatureOperator(ABC):
 
         Reduced-precision operators are exposed in float32 (NumPy has no bfloat16).
         Requires the ``scipy`` extra.
+
+        Raises:
+            TypeError: The operator's vectors are split across ranks.
         """
+        if self.local_size != self.size:
+            raise TypeError(
+                f"{type(self).__name__} holds only a shard of every vector on this rank; SciPy "
+                "needs whole vectors. Gather them with operator.backend.gather, or use the "
+                "library's algorithms, which run on shards."
+            )
         try:
             from scipy.sparse.linalg import LinearOperator
         except ImportError as err:  # pragma: no cover - depends on environment

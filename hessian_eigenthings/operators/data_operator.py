@@ -8,8 +8,11 @@ tokens) and per-batch mean-loss curvature ``C_b``, every data operator computes
     C v = \frac{1}{W} \sum_b w_b \, C_b v, \qquad W = \sum_b w_b,
 
 the curvature of the mean loss over all samples used, never a plain mean over batches.
-Subclasses supply only ``C_b v`` (:meth:`DataCurvatureOperator._batch_product`);
-distributed subclasses override :meth:`DataCurvatureOperator._reduce`.
+Subclasses supply only ``C_b v`` (:meth:`DataCurvatureOperator._piece_product`), given
+each (micro)batch as a :class:`~hessian_eigenthings.operators._data.Piece` (its data, its
+batch and microbatch index, its weight). Data-parallel subclasses override the one
+cross-process seam :meth:`DataCurvatureOperator._reduce`; the parameter-sharded operator
+also overrides the other seams grouped below it (its passes are collective).
 
 Non-finite products (an overflowing bf16 model, a bad batch) are refused: the loop keeps
 one on-device finiteness flag per (micro)batch, and after the reduction one host sync per
@@ -22,8 +25,9 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -32,12 +36,12 @@ from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators._autodiff_safety import curvature_mode
-from hessian_eigenthings.operators._data import BatchSource, WeightFn, leading_dim
+from hessian_eigenthings.operators._data import BatchSource, Piece, WeightFn, leading_dim
 from hessian_eigenthings.operators._guard import preserve_model_state
 from hessian_eigenthings.operators.base import CurvatureOperator
 from hessian_eigenthings.param_utils import ParamFilterLike, ParamLayout, select_params
 
-__all__ = ["DataCurvatureOperator"]
+__all__ = ["DataCurvatureOperator", "DataOptions"]
 
 logger = logging.getLogger("hessian_eigenthings")
 
@@ -61,6 +65,22 @@ def _stochastic_modules(model: nn.Module) -> list[str]:
     return found
 
 
+class DataOptions(TypedDict, total=False):
+    """The keyword options every data operator takes (see :class:`DataCurvatureOperator`).
+
+    Operators declare them once as ``**options: Unpack[DataOptions]``, so the flat
+    keywords (``param_filter=..., microbatch_size=...``) are type-checked everywhere.
+    """
+
+    param_filter: ParamFilterLike
+    full_dataset: bool
+    num_batches: int | None
+    microbatch_size: int | None
+    weight_fn: WeightFn | None
+    check_determinism: bool
+    backend: LinAlgBackend | None
+
+
 class DataCurvatureOperator(CurvatureOperator):
     """Base of operators built from a model, a dataloader and a loss.
 
@@ -78,6 +98,8 @@ class DataCurvatureOperator(CurvatureOperator):
         weight_fn: ``batch -> number of samples`` (int or 0-d tensor). Default: the
             loss's ``batch_weight`` attribute if it has one (token counts), else the
             leading dimension of the batch.
+        loss_for_weights: The loss whose ``batch_weight`` is the default ``weight_fn``
+            (for subclasses).
         check_determinism: Evaluate the loss twice on the first batch at construction
             and raise if it differs (dropout in train mode makes the operator random).
         backend: Vector backend for algorithms.
@@ -107,8 +129,9 @@ class DataCurvatureOperator(CurvatureOperator):
         for p in self.params[1:]:
             dtype = torch.promote_types(dtype, p.dtype)
         self._dtype = dtype
-        self._device = self.params[0].device
-        devices = {p.device for p in self.params}
+        self._blocks = self._vector_blocks()
+        self._device = self._blocks[0].device
+        devices = {b.device for b in self._blocks}
         if len(devices) > 1:
             raise ValueError(
                 f"Selected parameters live on several devices {sorted(map(str, devices))}; "
@@ -147,12 +170,14 @@ class DataCurvatureOperator(CurvatureOperator):
 
     # -- subclass hooks -----------------------------------------------------------------
     @abstractmethod
-    def _batch_product(
-        self, batch: Any, vs: Sequence[torch.Tensor]
+    def _piece_product(
+        self, piece: Piece, vs: Sequence[torch.Tensor]
     ) -> Sequence[torch.Tensor | None]:
-        """Curvature of the mean loss on ``batch`` times ``vs`` (one tensor per parameter).
+        """``C_b v``: curvature of the mean loss on ``piece.data`` times ``v``.
 
-        ``None`` entries mean zero (parameters that do not reach the loss).
+        ``vs`` holds ``v`` in blocks shaped like :meth:`_vector_blocks` (one per selected
+        parameter); the result has one entry per block, ``None`` meaning zero (a
+        parameter that does not reach the loss). The loop applies ``piece.weight``.
         """
 
     @abstractmethod
@@ -168,6 +193,53 @@ class DataCurvatureOperator(CurvatureOperator):
     ) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Combine partial sums across processes (identity for one process)."""
         return total, weight
+
+    # -- seams of the parameter-sharded operator (whose passes are collective) -----------
+    def _vector_blocks(self) -> list[torch.Tensor]:
+        """The tensors a vector is split into, in order (the parameters themselves)."""
+        return list(self.params)
+
+    def _guard(self) -> AbstractContextManager[None]:
+        """What restores the user's model after a product, also when it raises."""
+        return preserve_model_state(
+            self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
+        )
+
+    def _pieces(self) -> Iterator[Piece]:
+        """The weighted (micro)batches of one product; those of weight ``0`` are skipped."""
+        for batch in self.source.batches():
+            parts = self.source.microbatches(batch)
+            self._check_microbatch_split(parts)
+            for index, data in enumerate(parts):
+                w = self._weight(data)
+                if not (isinstance(w, int) and w == 0):
+                    yield Piece(data, self.source.batch_index, index, w)
+
+    def _weighted_product(
+        self, piece: Piece, vs: Sequence[torch.Tensor], like: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """``w_b C_b v / unit`` as a fresh flat vector, and the ``unit`` it still owes.
+
+        Integer weights are owed (the loop scales once, not per batch); tensor weights
+        are applied here, and a piece of weight 0 (every token ignored, where the loss
+        may be NaN) contributes exactly zero.
+        """
+        flat = self._flat_product(piece, vs, like)
+        w = piece.weight
+        if isinstance(w, int):
+            return flat, w
+        flat.mul_(w.to(flat.dtype)).masked_fill_(w <= 0, 0.0)
+        return flat, 1
+
+    def _all_finite(self, total: torch.Tensor, weight: int | torch.Tensor) -> bool:
+        """Whether the reduced product is finite: one host sync per matvec.
+
+        A sum is much cheaper than an elementwise test; if it is not finite (a NaN/inf
+        entry, or only an overflow of the sum itself), the exact elementwise test
+        decides. After the reduction every rank of a data-parallel operator holds the
+        same ``total``, so every rank decides alike.
+        """
+        return bool(torch.isfinite(total.sum())) or bool(torch.isfinite(total).all())
 
     # -- the loop ------------------------------------------------------------------------
     def _weight(self, batch: Any) -> int | torch.Tensor:
@@ -190,15 +262,19 @@ class DataCurvatureOperator(CurvatureOperator):
                         "split. Call model.eval() or drop microbatch_size."
                     )
 
+    def _split(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        """``vec`` as views shaped like :meth:`_vector_blocks`, in their dtypes."""
+        sizes = [b.numel() for b in self._blocks]
+        return [
+            piece.to(b.dtype).view(b.shape)
+            for piece, b in zip(torch.split(vec, sizes), self._blocks)
+        ]
+
     def _accumulate(self, vec: torch.Tensor) -> torch.Tensor:
         """``(1/W) sum_b w_b C_b v`` over the batches of one matvec."""
-        vs = [
-            piece.to(p.dtype)
-            for piece, p in zip(torch.split(vec, [p.numel() for p in self.params]), self.params)
-        ]
-        vs = [v.view(p.shape) for v, p in zip(vs, self.params)]
-        # ``total`` holds (1/ref) * sum_j w_j C_j v, where ``ref`` is the weight of the first
-        # product: a single batch then needs no scaling pass at all.
+        vs = self._split(vec)
+        # ``total`` holds (1/ref) * sum_j w_j C_j v, where ``ref`` is the unit owed by the
+        # first product: a single batch then needs no scaling pass at all.
         total: torch.Tensor | None = None
         ref = 1
         weight: int | torch.Tensor = 0
@@ -206,51 +282,28 @@ class DataCurvatureOperator(CurvatureOperator):
         # products (NaN/inf whenever an entry is), taken only when there are several.
         where: list[tuple[int, int]] = []
         sums: list[torch.Tensor] = []
-        with (
-            preserve_model_state(
-                self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
-            ),
-            curvature_mode(self._device, self._dtype),
-        ):
-            for batch in self.source.batches():
-                pieces = self.source.microbatches(batch)
-                self._check_microbatch_split(pieces)
-                for mb_index, mb in enumerate(pieces):
-                    w = self._weight(mb)
-                    if isinstance(w, int) and w == 0:
-                        continue
-                    flat = self._flat_product(mb, vs, vec)
-                    if isinstance(w, torch.Tensor):
-                        # zero-weight pieces (all tokens ignored) may produce NaN: drop them
-                        flat.mul_(w.to(flat.dtype)).masked_fill_(w <= 0, 0.0)
-                        unit = 1  # flat already carries its weight
-                    else:
-                        unit = w  # flat is the unweighted C_b v
-                    where.append((self.source.batch_index, mb_index))
-                    if total is None:
-                        total, ref = flat, unit
-                    else:
-                        if len(sums) == 0:
-                            sums.append(total.sum())
-                        sums.append(flat.sum())
-                        total.add_(flat, alpha=unit / ref)
-                    weight = weight + w
-        if total is None:
-            total = torch.zeros(self.size, dtype=vec.dtype, device=vec.device)
-        if type(self)._reduce is not DataCurvatureOperator._reduce and ref != 1:
-            total.mul_(ref)  # processes exchange the plain weighted sum
-            ref = 1
-        total, weight = self._reduce(total, weight)
-        # One host sync per matvec (after the reduction, so that every rank agrees). A sum is
-        # much cheaper than an elementwise test; if it is not finite (a NaN/inf entry, or
-        # only an overflow of the sum itself), the exact elementwise test decides.
-        if not bool(torch.isfinite(total.sum())) and not bool(torch.isfinite(total).all()):
+        with self._guard(), curvature_mode(self._device, self._dtype):
+            for piece in self._pieces():
+                flat, unit = self._weighted_product(piece, vs, vec)
+                where.append((piece.batch_index, piece.microbatch_index))
+                if total is None:
+                    total, ref = flat, unit
+                else:
+                    if len(sums) == 0:
+                        sums.append(total.sum())
+                    sums.append(flat.sum())
+                    total.add_(flat, alpha=unit / ref)
+                weight = weight + piece.weight
+            if total is None:
+                total = torch.zeros(vec.numel(), dtype=vec.dtype, device=vec.device)
+            if type(self)._reduce is not DataCurvatureOperator._reduce and ref != 1:
+                total.mul_(ref)  # processes exchange the plain weighted sum
+                ref = 1
+            total, weight = self._reduce(total, weight)
+        # After the reduction, so that every rank agrees.
+        if not self._all_finite(total, weight):
             flags = sums or [torch.tensor(float("nan"))] * len(where)
-            self._raise_non_finite(
-                total,
-                [(b, m, f) for (b, m), f in zip(where, flags)],
-                self.source.microbatch_size is not None,
-            )
+            self._raise_non_finite(total, [(b, m, f) for (b, m), f in zip(where, flags)])
         if isinstance(weight, int):
             if weight == 0:
                 raise ValueError(
@@ -270,27 +323,40 @@ class DataCurvatureOperator(CurvatureOperator):
             else total.div_(weight.to(total.dtype))
         )
 
-    def _raise_non_finite(
-        self,
-        total: torch.Tensor,
-        flags: list[tuple[int, int, torch.Tensor]],
-        split: bool,
-    ) -> None:
-        bad = [(b, m) for b, m, flag in flags if not bool(torch.isfinite(flag))]
-        sizes = [p.numel() for p in self.params]
-        names = tuple(
+    def _non_finite_names(self, total: torch.Tensor) -> tuple[str, ...]:
+        """Names of the parameters whose blocks of ``total`` are not finite."""
+        sizes = [b.numel() for b in self._blocks]
+        return tuple(
             name
             for (name, _), block in zip(self.named_params, torch.split(total, sizes))
             if not bool(torch.isfinite(block).all())
         )
+
+    def _raise_non_finite(
+        self, total: torch.Tensor, flags: list[tuple[int, int, torch.Tensor]]
+    ) -> None:
+        bad = [(b, m, "") for b, m, flag in flags if not bool(torch.isfinite(flag))]
+        what = (
+            None
+            if bad
+            else "the product summed over another process's batches (this rank's are finite)"
+        )
+        raise self._non_finite_error(bad, self._non_finite_names(total), what)
+
+    def _non_finite_error(
+        self, bad: list[tuple[int, int, str]], names: tuple[str, ...], what: str | None = None
+    ) -> NonFiniteError:
+        """The error naming the (micro)batches ``(batch, microbatch, suffix)`` and blocks."""
         shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-        if bad:
-            where = ", ".join(f"{b}" + (f" (microbatch {m})" if split else "") for b, m in bad[:5])
+        if what is None:
+            split = self.source.microbatch_size is not None
+            where = ", ".join(
+                f"{b}" + (f" (microbatch {m})" if split else "") + suffix
+                for b, m, suffix in bad[:5]
+            )
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             what = f"the product on batch index {where}{more} (loader order)"
-        else:
-            what = "the product summed over another process's batches (this rank's are finite)"
-        raise NonFiniteError(
+        return NonFiniteError(
             f"{type(self).__name__}: {what} is non-finite (inf/nan) in the blocks of the "
             f"parameters {shown}. The loss or its curvature overflowed there (e.g. a bf16 "
             "model, a diverged loss, or bad inputs in that batch); inspect that batch, or "
@@ -300,16 +366,16 @@ class DataCurvatureOperator(CurvatureOperator):
         )
 
     def _flat_product(
-        self, batch: Any, vs: Sequence[torch.Tensor], like: torch.Tensor
+        self, piece: Piece, vs: Sequence[torch.Tensor], like: torch.Tensor
     ) -> torch.Tensor:
         """``C_b v`` as one fresh flat vector of ``like``'s dtype (zeros for unused params)."""
-        prods = self._batch_product(batch, vs)
+        prods = self._piece_product(piece, vs)
         return torch.cat(
             [
-                torch.zeros(p.numel(), dtype=like.dtype, device=like.device)
+                torch.zeros(b.numel(), dtype=like.dtype, device=like.device)
                 if h is None
                 else h.reshape(-1).to(like.dtype)
-                for h, p in zip(prods, self.params)
+                for h, b in zip(prods, self._blocks)
             ]
         )
 

@@ -33,24 +33,19 @@ or of the mean of ``0.5 ||f - y||^2`` per sample (unit-variance Gaussian), with 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
-from hessian_eigenthings.operators._data import WeightFn, leading_dim
-from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
-from hessian_eigenthings.operators.ggn import (
-    ForwardFn,
-    OutputJVP,
-    _check_output,
-    validate_jvp_options,
-    vjp_params,
-)
-from hessian_eigenthings.operators.hessian import default_fd_eps
-from hessian_eigenthings.param_utils import ParamFilterLike
+from hessian_eigenthings.backends.base import fresh_seed
+from hessian_eigenthings.operators._data import Piece
+from hessian_eigenthings.operators.data_operator import DataOptions
+from hessian_eigenthings.operators.output_curvature import OutputCurvatureOperator, OutputFn
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["EmpiricalFisherOperator", "MCFisherOperator"]
 
@@ -59,7 +54,7 @@ PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
 _LIKELIHOODS = ("categorical", "gaussian")
 
 
-class EmpiricalFisherOperator(DataCurvatureOperator):
+class EmpiricalFisherOperator(OutputCurvatureOperator):
     r"""Empirical Fisher ``F = (1/N) sum_i g_i g_i^T`` of per-sample loss gradients.
 
     ``N`` counts every sample of every batch used (ragged batches and microbatches are
@@ -80,15 +75,13 @@ class EmpiricalFisherOperator(DataCurvatureOperator):
         loss_fn: ``loss_fn(model, batch) -> (B,)`` tensor of per-sample losses, e.g.
             ``supervised_loss(nn.CrossEntropyLoss(reduction="none"))``.
         jvp: ``"forward"`` (exact forward-mode AD) or ``"finite_difference"``.
-        param_filter: Which parameters span the operator; default all trainable ones.
-        full_dataset: All batches per matvec (``True``) or the next batch (``False``).
-        num_batches: Use only the first ``num_batches`` batches.
-        microbatch_size: Split batches to bound memory; the result is unchanged.
         fd_eps: Finite-difference step for the unit direction.
-        weight_fn: ``batch -> number of samples``; default the batch's leading dimension.
-            It must equal the number of losses ``loss_fn`` returns.
-        check_determinism: Raise at construction if the loss is random (dropout).
-        backend: Vector backend for algorithms.
+        **options: The data-loop options of
+            :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
+            (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
+            ``weight_fn``, ``check_determinism``, ``backend``); ``weight_fn`` defaults to
+            the batch's leading dimension and must equal the number of losses
+            ``loss_fn`` returns.
 
     Example:
         >>> from hessian_eigenthings.loss_fns.standard import supervised_loss
@@ -100,8 +93,6 @@ class EmpiricalFisherOperator(DataCurvatureOperator):
         8
     """
 
-    psd = True
-
     def __init__(
         self,
         model: nn.Module,
@@ -109,45 +100,16 @@ class EmpiricalFisherOperator(DataCurvatureOperator):
         loss_fn: PerSampleLossFn,
         *,
         jvp: str = "forward",
-        param_filter: ParamFilterLike = None,
-        full_dataset: bool = True,
-        num_batches: int | None = None,
-        microbatch_size: int | None = None,
         fd_eps: float | None = None,
-        weight_fn: WeightFn | None = None,
-        check_determinism: bool = True,
-        backend: LinAlgBackend | None = None,
+        **options: Unpack[DataOptions],
     ) -> None:
-        validate_jvp_options(jvp, fd_eps, "EmpiricalFisherOperator")
-        if not callable(loss_fn):
-            raise TypeError(
-                f"loss_fn must be callable (model, batch) -> per-sample losses, got {loss_fn!r}."
-            )
         self.loss_fn = loss_fn
-        self.jvp = jvp
         super().__init__(
-            model,
-            dataloader,
-            param_filter=param_filter,
-            full_dataset=full_dataset,
-            num_batches=num_batches,
-            microbatch_size=microbatch_size,
-            weight_fn=weight_fn or leading_dim,
-            check_determinism=check_determinism,
-            backend=backend,
-        )
-        self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
-        self._jvp = OutputJVP(
-            model,
-            self._per_sample,
-            self.named_params,
-            method=jvp,
-            fd_eps=self.fd_eps,
-            what="loss_fn",
+            model, dataloader, loss_fn, what="loss_fn", jvp=jvp, fd_eps=fd_eps, **options
         )
 
-    def _per_sample(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        losses = _check_output(self.loss_fn(model, batch), "loss_fn")
+    def _output(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        losses = super()._output(model, batch)
         if losses.dim() != 1:
             if losses.dim() == 0:
                 hint = (
@@ -167,26 +129,20 @@ class EmpiricalFisherOperator(DataCurvatureOperator):
         return losses
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
-        return self._per_sample(self.model, batch).detach().sum()
+        return self._output(self.model, batch).detach().sum()
 
-    def _snapshot_params(self) -> Sequence[nn.Parameter]:
-        return self.params if self.jvp == "finite_difference" else ()
-
-    def _batch_product(
-        self, batch: Any, vs: Sequence[torch.Tensor]
-    ) -> Sequence[torch.Tensor | None]:
-        s = self._jvp(batch, vs)  # s_i = <g_i, v>, no graph kept
-        losses = self._per_sample(self.model, batch)
-        w = self._weight(batch)
-        if isinstance(w, int) and w != losses.shape[0]:
+    def _output_product(self, out: torch.Tensor, piece: Piece, u: torch.Tensor) -> torch.Tensor:
+        """``u / B`` for ``u_i = <g_i, v>``: the reverse pass then gives ``(1/B) sum_i s_i g_i``."""
+        w = piece.weight
+        if isinstance(w, int) and w != out.shape[0]:
             raise ValueError(
-                f"loss_fn returned {losses.shape[0]} per-sample losses for a batch of {w} "
+                f"loss_fn returned {out.shape[0]} per-sample losses for a batch of {w} "
                 "samples (weight_fn / leading dimension). They must agree; pass "
                 "weight_fn=lambda batch: <number of samples> if the batch's first tensor is "
                 "not indexed by sample."
             )
-        # (1/B) sum_i s_i g_i: the loop multiplies by B and divides by the total count N
-        return vjp_params(losses, self.params, s / losses.shape[0])
+        # the loop multiplies by B and divides by the total count N
+        return u / out.shape[0]
 
 
 def _mix_seed(*parts: int) -> int:
@@ -197,7 +153,7 @@ def _mix_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class MCFisherOperator(DataCurvatureOperator):
+class MCFisherOperator(OutputCurvatureOperator):
     r"""Monte-Carlo Fisher with labels sampled from the model's predictive distribution.
 
     .. math::
@@ -238,37 +194,27 @@ class MCFisherOperator(DataCurvatureOperator):
         seed: Seed of the label draws; ``None`` draws a fresh one (kept in ``.seed``).
         class_dim: Class dimension of the logits (categorical only).
         jvp: ``"forward"`` (exact) or ``"finite_difference"``.
-        param_filter: Which parameters span the operator; default all trainable ones.
-        full_dataset: All batches per matvec (``True``) or the next batch (``False``).
-        num_batches: Use only the first ``num_batches`` batches.
-        microbatch_size: Split batches to bound memory.
         fd_eps: Finite-difference step for the unit direction.
-        weight_fn: ``batch -> weight``; default the batch's leading dimension.
-        check_determinism: Raise at construction if the output is random (dropout).
-        backend: Vector backend for algorithms.
+        **options: The data-loop options of
+            :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
+            (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
+            ``weight_fn``, ``check_determinism``, ``backend``); ``weight_fn`` defaults to
+            the batch's leading dimension, and the determinism check evaluates the output.
     """
-
-    psd = True
 
     def __init__(
         self,
         model: nn.Module,
         dataloader: Iterable[Any] | Callable[[], Iterable[Any]],
-        forward_fn: ForwardFn,
+        forward_fn: OutputFn,
         *,
         likelihood: str = "categorical",
         num_samples: int = 1,
         seed: int | None = None,
         class_dim: int = 1,
         jvp: str = "forward",
-        param_filter: ParamFilterLike = None,
-        full_dataset: bool = True,
-        num_batches: int | None = None,
-        microbatch_size: int | None = None,
         fd_eps: float | None = None,
-        weight_fn: WeightFn | None = None,
-        check_determinism: bool = True,
-        backend: LinAlgBackend | None = None,
+        **options: Unpack[DataOptions],
     ) -> None:
         if likelihood not in _LIKELIHOODS:
             raise ValueError(
@@ -281,67 +227,23 @@ class MCFisherOperator(DataCurvatureOperator):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
         if not isinstance(class_dim, int):
             raise TypeError(f"class_dim must be an int, got {type(class_dim).__name__}.")
-        validate_jvp_options(jvp, fd_eps, "MCFisherOperator")
-        if not callable(forward_fn):
-            raise TypeError(
-                f"forward_fn must be callable (model, batch) -> output, got {forward_fn!r}."
-            )
         self.forward_fn = forward_fn
         self.likelihood = likelihood
         self.num_samples = num_samples
         self.seed = fresh_seed() if seed is None else seed
         self.class_dim = class_dim
-        self.jvp = jvp
-        self._last_batch_index: int | None = None
-        self._microbatch_index = 0
         super().__init__(
-            model,
-            dataloader,
-            param_filter=param_filter,
-            full_dataset=full_dataset,
-            num_batches=num_batches,
-            microbatch_size=microbatch_size,
-            weight_fn=weight_fn,
-            check_determinism=check_determinism,
-            backend=backend,
+            model, dataloader, forward_fn, what="forward_fn", jvp=jvp, fd_eps=fd_eps, **options
         )
-        self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
-        self._jvp = OutputJVP(
-            model,
-            forward_fn,
-            self.named_params,
-            method=jvp,
-            fd_eps=self.fd_eps,
-            what="forward_fn",
-        )
-
-    def _forward(self, batch: Any) -> torch.Tensor:
-        return _check_output(self.forward_fn(self.model, batch), "forward_fn")
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
-        return self._forward(batch).detach().double().sum()
+        return self._output(self.model, batch).detach().double().sum()
 
-    def _snapshot_params(self) -> Sequence[nn.Parameter]:
-        return self.params if self.jvp == "finite_difference" else ()
-
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self._last_batch_index = None  # microbatch numbering restarts with every product
-        return super()._matvec(v)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        index = self.source.batch_index
-        if index != self._last_batch_index:
-            self._last_batch_index = index
-            self._microbatch_index = 0
-        else:
-            self._microbatch_index += 1
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_mix_seed(self.seed, index, self._microbatch_index))
-        return gen
-
-    def _sampled_hvp(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def _output_product(self, out: torch.Tensor, piece: Piece, u: torch.Tensor) -> torch.Tensor:
         """``(1/R) (1/S) sum_s r_s <r_s, u>`` per row, for the batch's fixed labels."""
-        gen = self._generator(out.device)
+        # the labels of (batch b, microbatch m) are the same draw in every product
+        gen = torch.Generator(device=out.device)
+        gen.manual_seed(_mix_seed(self.seed, piece.batch_index, piece.microbatch_index))
         cdt = torch.promote_types(out.dtype, torch.float32)
         s_count = self.num_samples
         if self.likelihood == "gaussian":
@@ -367,12 +269,3 @@ class MCFisherOperator(DataCurvatureOperator):
         hu.div_(s_count * rows)
         moved_shape = (*out.movedim(cd, -1).shape,)
         return hu.reshape(moved_shape).movedim(-1, cd).to(u.dtype)
-
-    def _batch_product(
-        self, batch: Any, vs: Sequence[torch.Tensor]
-    ) -> Sequence[torch.Tensor | None]:
-        jv = self._jvp(batch, vs)
-        out = self._forward(batch)
-        u = self._sampled_hvp(out.detach(), jv)
-        del jv
-        return vjp_params(out, self.params, u)

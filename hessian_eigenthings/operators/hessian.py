@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from hessian_eigenthings.backends.base import LinAlgBackend
-from hessian_eigenthings.operators._data import WeightFn
-from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
-from hessian_eigenthings.param_utils import ParamFilterLike
+from hessian_eigenthings.operators._data import Piece
+from hessian_eigenthings.operators._finite_difference import default_fd_eps, perturbed_pair
+from hessian_eigenthings.operators._user_fns import check_callable, check_scalar_loss
+from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, DataOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["HessianOperator", "default_fd_eps"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-def default_fd_eps(dtype: torch.dtype) -> float:
-    """Default central-difference step for unit directions: ``eps_machine ** (1/3)``.
-
-    Balances the O(h^2) truncation error against the O(eps/h) rounding error of a
-    central difference (float64: 6.1e-6, float32: 4.9e-3, bfloat16: 0.2).
-    """
-    return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
 
 
 class HessianOperator(DataCurvatureOperator):
@@ -53,16 +47,14 @@ class HessianOperator(DataCurvatureOperator):
         model: The model; never modified.
         dataloader: Re-iterable of batches (or a factory returning one).
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of the batch.
-        param_filter: Which parameters span the operator; default all trainable ones.
-        full_dataset: All batches per matvec (``True``) or the next batch (``False``).
-        num_batches: Use only the first ``num_batches`` batches.
-        microbatch_size: Split batches to bound memory; the result is unchanged.
         method: ``"autograd"`` or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction; default
             :func:`default_fd_eps` of the model dtype.
-        weight_fn: ``batch -> weight``; default ``loss_fn.batch_weight`` or batch size.
-        check_determinism: Raise at construction if the loss is random (dropout).
-        backend: Vector backend for algorithms.
+        **options: The data-loop options of
+            :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
+            (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
+            ``weight_fn``, ``check_determinism``, ``backend``); ``weight_fn`` defaults to
+            ``loss_fn.batch_weight`` or the batch size.
 
     Example:
         >>> model = nn.Linear(3, 1)
@@ -79,49 +71,25 @@ class HessianOperator(DataCurvatureOperator):
         dataloader: Iterable[Any] | Callable[[], Iterable[Any]],
         loss_fn: LossFn,
         *,
-        param_filter: ParamFilterLike = None,
-        full_dataset: bool = True,
-        num_batches: int | None = None,
-        microbatch_size: int | None = None,
         method: str = "autograd",
         fd_eps: float | None = None,
-        weight_fn: WeightFn | None = None,
-        check_determinism: bool = True,
-        backend: LinAlgBackend | None = None,
+        **options: Unpack[DataOptions],
     ) -> None:
         if method not in ("autograd", "finite_difference"):
             raise ValueError(
                 f"Unknown method {method!r} for HessianOperator; expected 'autograd' or "
                 "'finite_difference'."
             )
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}.")
+        check_callable(loss_fn, "loss_fn", "(model, batch) -> loss")
         if fd_eps is not None and not fd_eps > 0:
             raise ValueError(f"fd_eps must be positive, got {fd_eps!r}.")
         self.loss_fn = loss_fn
         self.method = method
-        super().__init__(
-            model,
-            dataloader,
-            param_filter=param_filter,
-            full_dataset=full_dataset,
-            num_batches=num_batches,
-            microbatch_size=microbatch_size,
-            weight_fn=weight_fn,
-            loss_for_weights=loss_fn,
-            check_determinism=check_determinism,
-            backend=backend,
-        )
+        super().__init__(model, dataloader, loss_for_weights=loss_fn, **options)
         self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
 
     def _loss(self, batch: Any) -> torch.Tensor:
-        loss = self.loss_fn(self.model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar tensor (the mean loss of the batch), got {got}."
-            )
-        return loss
+        return check_scalar_loss(self.loss_fn(self.model, batch), "loss_fn")
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         return self._loss(batch).detach()
@@ -129,12 +97,12 @@ class HessianOperator(DataCurvatureOperator):
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
         return self.params if self.method == "finite_difference" else ()
 
-    def _batch_product(
-        self, batch: Any, vs: Sequence[torch.Tensor]
+    def _piece_product(
+        self, piece: Piece, vs: Sequence[torch.Tensor]
     ) -> Sequence[torch.Tensor | None]:
         if self.method == "finite_difference":
-            return self._fd_product(batch, vs)
-        loss = self._loss(batch)
+            return self._fd_product(piece, vs)
+        loss = self._loss(piece.data)
         if not loss.requires_grad:  # no selected parameter reaches the loss
             return [None] * len(self.params)
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -144,37 +112,30 @@ class HessianOperator(DataCurvatureOperator):
         hv = torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
         return [None if h is None else h.detach() for h in hv]
 
-    def _grad_at(self, batch: Any) -> list[torch.Tensor | None]:
-        loss = self._loss(batch)
+    # -- finite differences (also the parameter-sharded operator's product) -------------
+    def _grad_at(self, piece: Piece) -> list[torch.Tensor | None]:
+        """The gradient of the piece's loss, in blocks shaped like the vector."""
+        loss = self._loss(piece.data)
         if not loss.requires_grad:
             return [None] * len(self.params)
         return list(torch.autograd.grad(loss, self.params, allow_unused=True))
 
-    def _fd_product(self, batch: Any, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        # u = v / ||v||; the norm is computed in float64 on-device without a host sync.
-        sq = torch.stack([v.double().square().sum() for v in vs]).sum()
-        vnorm = sq.sqrt()
-        scale = torch.where(vnorm > 0, 1.0 / vnorm, torch.zeros_like(vnorm))
-        h = self.fd_eps
-        base = [p.detach().clone() for p in self.params]
-        try:
-            with torch.no_grad():
-                for p, b, v in zip(self.params, base, vs):
-                    p.copy_(b + (h * scale).to(p.dtype) * v)
-            g_plus = self._grad_at(batch)
-            with torch.no_grad():
-                for p, b, v in zip(self.params, base, vs):
-                    p.copy_(b - (h * scale).to(p.dtype) * v)
-            g_minus = self._grad_at(batch)
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, base):
-                    p.copy_(b)
-        out: list[torch.Tensor | None] = []
-        factor = vnorm / (2 * h)
-        for gp, gm in zip(g_plus, g_minus):
-            if gp is None or gm is None:
-                out.append(None)
-            else:
-                out.append(((gp.double() - gm.double()) * factor).to(gp.dtype))
-        return out
+    def _direction_norm(self, vs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """``||v||`` if known beforehand (``None``: computed from ``vs``)."""
+        return None
+
+    def _fd_product(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        g_plus, g_minus, vnorm = perturbed_pair(
+            self._blocks,
+            vs,
+            self.fd_eps,
+            lambda: self._grad_at(piece),
+            vnorm=self._direction_norm(vs),
+        )
+        factor = vnorm / (2 * self.fd_eps)
+        return [
+            None
+            if gp is None or gm is None
+            else ((gp.double() - gm.double()) * factor).to(gp.dtype)
+            for gp, gm in zip(g_plus, g_minus)
+        ]

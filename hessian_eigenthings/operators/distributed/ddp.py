@@ -34,27 +34,31 @@ Nothing about the user's model (wrapper or inner module) is changed.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from hessian_eigenthings.backends.distributed import ReplicatedBackend, collective_device
+from hessian_eigenthings._deprecation import renamed_attributes
+from hessian_eigenthings.backends.distributed import ReplicatedBackend
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
+from hessian_eigenthings.operators.distributed._collectives import (
+    agree_on_build,
+    require_process_group,
+    sum_across_ranks,
+)
 from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator
 from hessian_eigenthings.operators.ggn import GGNOperator
 from hessian_eigenthings.operators.hessian import HessianOperator
 
 __all__ = [
+    "DDPCurvatureOperator",
     "DDPEmpiricalFisherOperator",
     "DDPGGNOperator",
     "DDPHessianOperator",
-    "DDPOperatorMixin",
     "unwrap_ddp",
 ]
 
@@ -66,17 +70,15 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _crc(text: str) -> int:
-    return zlib.crc32(text.encode())
+class DDPCurvatureOperator(DataCurvatureOperator):
+    r"""Base of the data-parallel operators: a data operator whose ranks share one product.
 
-
-class DDPOperatorMixin(DataCurvatureOperator):
-    r"""Turns any data curvature operator into its data-parallel version.
-
-    Put it first in the bases: ``class DDPMyOperator(DDPOperatorMixin, MyOperator)``.
-    It takes the arguments of the single-process operator plus ``process_group``, and
-    replaces the (identity) cross-process reduction of the data loop by one
-    ``all_reduce`` of ``[partial sum, weight]``.
+    A subclass lists it first in its bases, before the single-process operator:
+    ``class DDPMyOperator(DDPCurvatureOperator, MyOperator)`` (cooperative multiple
+    inheritance; formerly named ``DDPOperatorMixin``). It takes the arguments of the
+    single-process operator plus ``process_group``, and replaces the (identity)
+    cross-process reduction of the data loop by one ``all_reduce`` of
+    ``[partial sum, weight]``.
 
     Construction is collective: after each rank built its operator, one ``all_gather``
     of four integers (built ok, size, dtype, hash of parameter names and shapes)
@@ -88,7 +90,7 @@ class DDPOperatorMixin(DataCurvatureOperator):
     on every rank. If every rank holds only empty batches the total weight is zero and
     the product is the zero vector.
 
-    Not provided: a DDP ``MCFisherOperator``. The mixin applies mechanically, but that
+    Not provided: a DDP ``MCFisherOperator``. The base applies mechanically, but that
     operator seeds its label draws by ``(seed, batch index, microbatch index)``, so with
     an int seed all ranks would reuse the same random streams on different data, and
     the result would not equal the single-process operator on the union.
@@ -105,12 +107,7 @@ class DDPOperatorMixin(DataCurvatureOperator):
         process_group: ProcessGroup = None,
         **kwargs: Any,
     ) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                f"{type(self).__name__} needs an initialised torch.distributed process group. "
-                "Call torch.distributed.init_process_group(...) first (under torchrun), or use "
-                "the single-process operator."
-            )
+        require_process_group(type(self).__name__)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.process_group = process_group
@@ -132,48 +129,9 @@ class DDPOperatorMixin(DataCurvatureOperator):
             super().__init__(inner, *args, **kwargs)
         except Exception as err:
             error = err
-        self._agree_across_ranks(inner, error)
-
-    # -- construction-time agreement -------------------------------------------------------
-    def _agree_across_ranks(self, inner: nn.Module, error: BaseException | None) -> None:
         first = next(inner.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-        if error is None:
-            layout = ";".join(
-                f"{n}:{tuple(s)}" for n, s in zip(self.layout.names, self.layout.shapes)
-            )
-            mine = [1, self.size, _crc(str(self.dtype)), _crc(layout)]
-        else:
-            mine = [0, -1, 0, 0]
-        dev = collective_device(self.process_group, device)
-        local = torch.tensor(mine, dtype=torch.int64, device=dev)
-        world = dist.get_world_size(self.process_group)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local, group=self.process_group)
-        rows = [[int(x) for x in t.tolist()] for t in gathered]
-        failed = [r for r, row in enumerate(rows) if row[0] == 0]
-        name = type(self).__name__
-        if error is not None:
-            raise error
-        if failed:
-            raise RuntimeError(
-                f"{name}: rank(s) {failed} of the process group failed to build their operator "
-                "(see their error); no rank can compute a distributed matvec."
-            )
-        for field, idx in (("size", 1), ("dtype", 2), ("parameter names and shapes", 3)):
-            values = [row[idx] for row in rows]
-            if len(set(values)) > 1:
-                shown = (
-                    ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-                    if field == "size"
-                    else f"ranks {[r for r, v in enumerate(values) if v != values[0]]} differ "
-                    f"from rank 0; this rank has {self.dtype if idx == 2 else 'its own'}"
-                )
-                raise ValueError(
-                    f"{name}: ranks disagree on the operator's {field} ({shown}). Every rank "
-                    "must build the same model with the same param_filter and dtype; only the "
-                    "data may differ."
-                )
+        agree_on_build(self, error, process_group, device)
 
     # -- the one collective --------------------------------------------------------------
     def _reduce(
@@ -186,7 +144,7 @@ class DDPOperatorMixin(DataCurvatureOperator):
             buf[-1:].copy_(weight.reshape(1))
         else:
             buf[-1] = weight
-        dist.all_reduce(buf, group=self.process_group)
+        sum_across_ranks(buf, self.process_group)
         return buf[:-1].view(total.shape).to(total.dtype), buf[-1]
 
     @contextmanager
@@ -219,7 +177,7 @@ def _reject_sync_batchnorm(model: nn.Module) -> None:
             )
 
 
-class DDPHessianOperator(DDPOperatorMixin, HessianOperator):
+class DDPHessianOperator(DDPCurvatureOperator, HessianOperator):
     r"""Hessian of the mean loss over the union of every rank's data shard.
 
     Takes every argument of :class:`~hessian_eigenthings.operators.hessian.HessianOperator`
@@ -243,7 +201,7 @@ class DDPHessianOperator(DDPOperatorMixin, HessianOperator):
     """
 
 
-class DDPGGNOperator(DDPOperatorMixin, GGNOperator):
+class DDPGGNOperator(DDPCurvatureOperator, GGNOperator):
     r"""Generalized Gauss-Newton of the mean loss over the union of every rank's shard.
 
     Takes every argument of :class:`~hessian_eigenthings.operators.ggn.GGNOperator`
@@ -260,7 +218,7 @@ class DDPGGNOperator(DDPOperatorMixin, GGNOperator):
     """
 
 
-class DDPEmpiricalFisherOperator(DDPOperatorMixin, EmpiricalFisherOperator):
+class DDPEmpiricalFisherOperator(DDPCurvatureOperator, EmpiricalFisherOperator):
     r"""Empirical Fisher over the union of every rank's shard: ``(1/N) sum_i g_i g_i^T``.
 
     Takes every argument of
@@ -269,3 +227,8 @@ class DDPEmpiricalFisherOperator(DDPOperatorMixin, EmpiricalFisherOperator):
     ``process_group``. ``N`` counts the samples of all ranks; one ``all_reduce`` of
     ``size + 1`` entries per matvec.
     """
+
+
+__getattr__ = renamed_attributes(
+    __name__, {"DDPOperatorMixin": ("DDPCurvatureOperator", lambda: DDPCurvatureOperator)}
+)

@@ -41,35 +41,51 @@ vector and the whole product on every rank during the matvec (ZeRO-2 memory, an
 settings afterwards, so it is not offered here; finite differences keep FSDP's
 parameter-sharded memory profile.
 
+The operator runs the shared data loop of
+:class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator` (weights,
+microbatches, the BatchNorm split check, the model-state guard, non-finite detection)
+with the finite-difference product of
+:class:`~hessian_eigenthings.operators.hessian.HessianOperator`; its distributed
+differences are overrides of the loop's seams: vectors are split into local shards,
+the ranks run their passes in lock step, each pass weighs its loss before the
+(collective) backward, and the decisions that end a product are taken together.
+
 Communication per matvec: before each microbatch round one all-reduce of three
 float64 numbers (ranks with data left; ``||v||^2`` in the first round; the total
 weight in the last), i.e. ``P + 1`` small all-reduces for at most ``P`` microbatches
 on any rank, plus FSDP's all-gathers and reduce-scatters for two forward/backward
 passes per round. Each round reads the small buffer on the host (one synchronisation
-per microbatch, negligible next to two collective forward/backward passes).
+per microbatch, negligible next to two collective forward/backward passes). A rank
+whose shard of the product is not finite sends NaN as its weight in the last round, so
+every rank sees the same verdict without another collective; only then, on the error
+path, the ranks gather which of their losses went non-finite to name the batch.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hessian_eigenthings.backends.distributed import ShardedBackend, collective_device
-from hessian_eigenthings.operators._autodiff_safety import curvature_mode
-from hessian_eigenthings.operators._data import BatchSource, WeightFn, leading_dim
+from hessian_eigenthings.backends.distributed import ShardedBackend
+from hessian_eigenthings.operators._data import Piece, WeightFn
 from hessian_eigenthings.operators._guard import preserve_model_state
-from hessian_eigenthings.operators.base import CurvatureOperator, _precision_rank
-from hessian_eigenthings.operators.hessian import default_fd_eps
-from hessian_eigenthings.param_utils import ParamFilterLike, ParamLayout, select_params
+from hessian_eigenthings.operators.distributed._collectives import (
+    agree_on_build,
+    any_across_ranks,
+    gather_objects,
+    raise_on_every_rank,
+    require_process_group,
+    sum_across_ranks,
+)
+from hessian_eigenthings.operators.hessian import HessianOperator, LossFn
+from hessian_eigenthings.param_utils import ParamFilterLike
 
 __all__ = ["ShardedHessianOperator"]
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def _dtensor_types() -> tuple[Any, Any]:
@@ -122,7 +138,43 @@ def _gradient_scales(model: nn.Module, params: Sequence[nn.Parameter], world: in
     return [factors.get(id(p), float(world)) for p in params]
 
 
-class ShardedHessianOperator(CurvatureOperator):
+class _LockStep:
+    """One product's rounds: FSDP's passes are collective, so all ranks run as many.
+
+    Before each pass, one all-reduce of ``[has a piece, ||v_r||^2 (first round only),
+    W_r (ranks without a piece; NaN if the rank's shard of the product is not
+    finite)]``. Ranks that ran out of pieces repeat their last one with weight 0 (and
+    still add their shard of the pass's summed gradient) until every rank is done; the
+    round in which no rank has a piece carries the total weight.
+    """
+
+    def __init__(self, group: Any, v: torch.Tensor, vs: list[torch.Tensor]) -> None:
+        self.group = group
+        self.vs = vs  # v in blocks: ranks without a piece perturb their shards too
+        self.sq: torch.Tensor | None = torch.dot(v.double(), v.double())
+        self.vnorm = torch.zeros((), dtype=torch.float64, device=v.device)
+        self.losses: list[torch.Tensor] = []  # two per pass (at theta +- h u)
+        self.filler: Any = None  # the last piece's data, rerun with weight 0
+
+    def round(
+        self, *, has_piece: bool, weight: int | torch.Tensor = 0, finite: bool = True
+    ) -> tuple[int, torch.Tensor]:
+        """``(ranks with a piece, summed weight)`` of this round (one all-reduce)."""
+        ctrl = torch.zeros(3, dtype=torch.float64, device=self.vnorm.device)
+        if has_piece:
+            ctrl[0] = 1.0
+        else:
+            ctrl[2] = weight if finite else float("nan")
+        if self.sq is not None:
+            ctrl[1] = self.sq
+        host = sum_across_ranks(ctrl, self.group).cpu()
+        if self.sq is not None:
+            self.vnorm = host[1].sqrt().to(self.vnorm.device)
+            self.sq = None
+        return int(host[0]), host[2].to(self.vnorm.device)
+
+
+class ShardedHessianOperator(HessianOperator):
     r"""Finite-difference Hessian of the mean loss of an FSDP2-sharded model.
 
     Vectors passed to :meth:`matvec` are *local shards* of shape
@@ -168,6 +220,9 @@ class ShardedHessianOperator(CurvatureOperator):
             (size, dtype, parameters), a rank has no data, or the loss is random.
             Raised on every rank (a rank that failed re-raises its own error, the
             others a RuntimeError naming it).
+        NonFiniteError: (from a product) The product is not finite; raised on every
+            rank, naming the batch whose loss went non-finite and the rank holding it
+            (FSDP sums every rank's gradients, so all shards go non-finite together).
     """
 
     def __init__(
@@ -184,40 +239,53 @@ class ShardedHessianOperator(CurvatureOperator):
         weight_fn: WeightFn | None = None,
         check_determinism: bool = True,
     ) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "ShardedHessianOperator needs an initialised torch.distributed process group "
-                "and a model prepared with torch.distributed.fsdp.fully_shard."
-            )
+        require_process_group(type(self).__name__)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}.")
-        if fd_eps is not None and not fd_eps > 0:
-            raise ValueError(f"fd_eps must be positive, got {fd_eps!r}.")
-        self.model = model
-        self.loss_fn = loss_fn
         _reshard(model)
         self.process_group = _group_of(model)
+        self._world = dist.get_world_size(self.process_group)
         error: BaseException | None = None
         try:
-            self._build(
+            super().__init__(
+                model,
                 dataloader,
-                param_filter,
-                full_dataset,
-                num_batches,
-                microbatch_size,
-                fd_eps,
-                weight_fn,
+                loss_fn,
+                method="finite_difference",
+                fd_eps=fd_eps,
+                param_filter=param_filter,
+                full_dataset=full_dataset,
+                num_batches=num_batches,
+                microbatch_size=microbatch_size,
+                weight_fn=weight_fn,
+                check_determinism=False,  # collective forwards: after the agreement
             )
+            self._backend = ShardedBackend(self._rank_ranges(), self.size, self.process_group)
+            self._grad_scale = _gradient_scales(model, self.params, self._world)
         except Exception as err:
             error = err
-        self._agree(error)
+        first = next(model.parameters(), None)
+        device = _local_device(first) if first is not None else torch.device("cpu")
+        agree_on_build(self, error, self.process_group, device)
         if check_determinism:
-            self._check_determinism()
+            error = None
+            try:
+                self._check_determinism()
+            except ValueError as err:
+                error = err
+            finally:
+                _reshard(model)
+            raise_on_every_rank(
+                type(self).__name__,
+                error,
+                self.process_group,
+                self._device,
+                what="pass the determinism check (the loss is random there)",
+            )
 
     # -- construction ----------------------------------------------------------------------
-    def _check_sharding(self) -> Any:
+    def _vector_blocks(self) -> list[torch.Tensor]:
+        """This rank's shards of the selected parameters (a vector is split like them)."""
         DTensor, Shard = _dtensor_types()
         mesh = None
         for name, param in self.named_params:
@@ -239,13 +307,13 @@ class ShardedHessianOperator(CurvatureOperator):
                 mesh = p.device_mesh
             elif p.device_mesh != mesh:
                 raise ValueError(f"Parameter {name} lives on a different device mesh.")
-        return mesh
+        return [p.to_local() for p in self.params]  # type: ignore[attr-defined]
 
     def _rank_ranges(self) -> list[list[tuple[int, int]]]:
         """Global index ranges held by every rank (``torch.chunk`` rows of dim 0)."""
         me = dist.get_rank(self.process_group)
         ranges: list[list[tuple[int, int]]] = [[] for _ in range(self._world)]
-        for (name, p), local, off in zip(self.named_params, self._local, self.layout.offsets):
+        for (name, p), local, off in zip(self.named_params, self._blocks, self.layout.offsets):
             rows = p.shape[0] if p.dim() > 0 else 1
             row = p.numel() // max(rows, 1)
             chunk = -(-rows // self._world)
@@ -261,242 +329,106 @@ class ShardedHessianOperator(CurvatureOperator):
                     ranges[r].append((off + lo * row, off + hi * row))
         return ranges
 
-    def _build(
-        self,
-        dataloader: Iterable[Any] | Callable[[], Iterable[Any]],
-        param_filter: ParamFilterLike,
-        full_dataset: bool,
-        num_batches: int | None,
-        microbatch_size: int | None,
-        fd_eps: float | None,
-        weight_fn: WeightFn | None,
-    ) -> None:
-        """Everything local (no collective) that construction needs."""
-        self.named_params = select_params(self.model, param_filter)
-        self.params = [p for _, p in self.named_params]
-        self.layout = ParamLayout.of(self.named_params)
-        mesh = self._check_sharding()
-        self.process_group = mesh.get_group()
-        self._world = mesh.size()
-        dtype = self.params[0].dtype
-        for p in self.params[1:]:
-            dtype = torch.promote_types(dtype, p.dtype)
-        self._dtype = dtype
-        self._local = [p.to_local() for p in self.params]  # type: ignore[attr-defined]
-        self._device = self._local[0].device
-        self._backend = ShardedBackend(self._rank_ranges(), self.layout.size, self.process_group)
-        self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(dtype)
-        self._grad_scale = _gradient_scales(self.model, self.params, self._world)
-        self.source = BatchSource(
-            dataloader,
-            full_dataset=full_dataset,
-            num_batches=num_batches,
-            microbatch_size=microbatch_size,
-            device=self._device,
-        )
-        self._weight_fn: WeightFn = (
-            weight_fn or getattr(self.loss_fn, "batch_weight", None) or leading_dim
-        )
-
-    def _agree(self, error: BaseException | None) -> None:
-        """One small all-gather: every rank built its operator, and they all match."""
-        first = next(self.model.parameters(), None)
-        device = _local_device(first) if first is not None else torch.device("cpu")
-        if error is None:
-            layout = ";".join(
-                f"{n}:{tuple(s)}" for n, s in zip(self.layout.names, self.layout.shapes)
-            )
-            mine = [1, self.size, zlib.crc32(str(self.dtype).encode()), zlib.crc32(layout.encode())]
-        else:
-            mine = [0, -1, 0, 0]
-        dev = collective_device(self.process_group, device)
-        local = torch.tensor(mine, dtype=torch.int64, device=dev)
-        world = dist.get_world_size(self.process_group)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local, group=self.process_group)
-        rows = [[int(x) for x in t.tolist()] for t in gathered]
-        if error is not None:
-            raise error
-        failed = [r for r, row in enumerate(rows) if row[0] == 0]
-        if failed:
-            raise RuntimeError(
-                f"ShardedHessianOperator: rank(s) {failed} of the process group failed to build "
-                "their operator (see their error); no rank can compute a matvec."
-            )
-        for field, idx in (("size", 1), ("dtype", 2), ("parameter names and shapes", 3)):
-            if len({row[idx] for row in rows}) > 1:
-                raise ValueError(
-                    f"ShardedHessianOperator: ranks disagree on the operator's {field}; every "
-                    "rank must shard the same model with the same param_filter."
-                )
-
-    def _check_determinism(self) -> None:
-        """Evaluate the loss twice on each rank's first microbatch (collective forwards)."""
-        batch = self.source.first_batch()
-        piece = self.source.microbatches(batch)[0]
-        with preserve_model_state(self.model), curvature_mode(self._device, self._dtype):
-            cuda = [self._device] if self._device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda), torch.no_grad():
-                a = self.loss_fn(self.model, piece).detach()
-                b = self.loss_fn(self.model, piece).detach()
-        _reshard(self.model)
-        dev = collective_device(self.process_group, self._device)
-        same = torch.tensor([int(torch.equal(a, b))], dtype=torch.int64, device=dev)
-        dist.all_reduce(same, op=dist.ReduceOp.MIN, group=self.process_group)
-        if int(same.item()) == 0:
-            raise ValueError(
-                "ShardedHessianOperator: the loss differs between two evaluations on the same "
-                "batch (on some rank), so the curvature would be random. Call model.eval() (or "
-                "set dropout to 0), or pass check_determinism=False."
-            )
-
     # -- CurvatureOperator -----------------------------------------------------------------
     @property
-    def size(self) -> int:
-        return self.layout.size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
     def backend(self) -> ShardedBackend:
-        return self._backend
+        return self._backend  # type: ignore[return-value]
 
     @property
     def local_size(self) -> int:
         """Entries of every vector held by this rank."""
-        return self._backend.local_size(self.size)
+        return self.backend.local_size(self.size)
 
-    def _check_vector(self, v: Any, *, ndim: int) -> None:
-        n_local = self.local_size
-        what = "vector" if ndim == 1 else "block"
-        expected = f"({n_local},)" if ndim == 1 else f"({n_local}, b)"
-        if not isinstance(v, torch.Tensor) or v.dim() != ndim or v.shape[0] != n_local:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(
-                f"ShardedHessianOperator expected this rank's shard of a {what}, shape "
-                f"{expected} (global size {self.size}), got {got}. Convert a global vector "
-                "with operator.backend.shard(v)."
-            )
-        if not v.is_floating_point() or (
-            v.dtype != self.dtype and _precision_rank(v.dtype) < _precision_rank(self.dtype)
-        ):
-            raise TypeError(
-                f"ShardedHessianOperator computes in {self.dtype}; got a {what} of dtype "
-                f"{v.dtype}. Pass v.to({self.dtype}) (or a higher floating precision)."
-            )
-        if v.device != self.device:
-            raise ValueError(
-                f"ShardedHessianOperator expected a {what} on device {self.device}, got "
-                f"{v.device}. Move it with v.to({str(self.device)!r})."
-            )
-
-    def to_scipy(self) -> Any:
-        raise TypeError(
-            "A sharded operator has no whole-vector matvec for SciPy; gather the vectors with "
-            "operator.backend.gather or use the library's algorithms, which run on shards."
-        )
-
-    def _passes(self) -> Iterator[tuple[Any, float]]:
-        """This rank's ``(microbatch, weight)`` pairs for one matvec."""
-        for batch in self.source.batches():
-            pieces = self.source.microbatches(batch)
-            for name, m in self.model.named_modules():
-                if (
-                    len(pieces) > 1
-                    and isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    and m.training
-                ):
-                    raise ValueError(
-                        f"microbatch_size splits batches but {name} is a train-mode "
-                        f"{type(m).__name__}; call model.eval() or drop microbatch_size."
-                    )
-            for mb in pieces:
-                yield mb, float(self._weight_fn(mb))
+    # -- the data loop's seams ---------------------------------------------------------------
+    def _guard(self) -> AbstractContextManager[None]:
+        # every parameter keeps requires_grad: FSDP reduce-scatters gradients per module
+        return preserve_model_state(self.model, snapshot_params=self.params)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        sizes = [t.numel() for t in self._local]
-        vs = [
-            piece.view(t.shape).to(t.dtype) for piece, t in zip(torch.split(v, sizes), self._local)
-        ]
-        dev = collective_device(self.process_group, v.device)
-        diff = torch.zeros(v.numel(), dtype=torch.float64, device=v.device)
         _reshard(self.model)
-        all_params = list(self.model.parameters())
-        with (
-            preserve_model_state(self.model, snapshot_params=self.params),
-            curvature_mode(self._device, self._dtype),
-        ):
-            base = [t.detach().clone() for t in self._local]
-            passes = self._passes()
-            filler: Any = None  # a microbatch to repeat with weight 0 once this rank is done
-            local_weight = 0.0
-            step = 0.0
-            vnorm: float | None = None
-            while True:
-                # [ranks with data left, ||v||^2 (first round), weight (when done)], summed.
-                item = next(passes, None)
-                ctrl = torch.zeros(3, dtype=torch.float64, device=dev)
-                if item is not None:
-                    ctrl[0] = 1.0
-                else:
-                    ctrl[2] = local_weight
-                if vnorm is None:
-                    ctrl[1] = torch.dot(v.double(), v.double()).to(dev)
-                dist.all_reduce(ctrl, group=self.process_group)
-                flags = ctrl.cpu()
-                if vnorm is None:
-                    vnorm = float(flags[1]) ** 0.5
-                    step = self.fd_eps / vnorm if vnorm > 0 else 0.0
-                if flags[0] == 0:
-                    total_weight = float(flags[2])
-                    break
-                if item is None:
-                    mb, w = filler, 0.0
-                else:
-                    mb, w = item
-                    if filler is None or w > 0:
-                        filler = mb
-                    if w == 0:  # empty or fully ignored piece: run a finite one with weight 0
-                        mb = filler
-                    local_weight += w
-                for sign in (1.0, -1.0):
-                    with torch.no_grad():
-                        for t, b, d in zip(self._local, base, vs):
-                            t.copy_(b + (sign * step) * d)
-                    for p in all_params:
-                        p.grad = None
-                    (self._loss(mb) * w).backward()
-                    diff += sign * self._flat_grads()
-            for p in all_params:
-                p.grad = None
-        if total_weight <= 0 or not vnorm:
-            return torch.zeros_like(v)
-        return (diff * (vnorm / (2 * self.fd_eps) / total_weight)).to(v.dtype)
+        self._rounds = _LockStep(self.process_group, v, self._split(v))
+        return super()._matvec(v)
 
-    def _loss(self, batch: Any) -> torch.Tensor:
-        loss = self.loss_fn(self.model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar tensor (the mean loss of the batch), got {got}."
+    def _pieces(self) -> Iterator[Piece]:
+        rounds = self._rounds
+        for piece in super()._pieces():
+            # The loss of an all-ignored piece may be NaN, and FSDP's reduce-scatter would
+            # spread it to every rank: such a piece is skipped (one host read of its count).
+            if isinstance(piece.weight, torch.Tensor) and not bool(piece.weight > 0):
+                continue
+            rounds.round(has_piece=True)
+            rounds.filler = piece.data
+            yield piece
+
+    def _weighted_product(
+        self, piece: Piece, vs: Sequence[torch.Tensor], like: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        # The weight is applied inside the loss (_grad_at): the reduce-scatter adds every
+        # rank's weighted gradient, so the product owes no unit.
+        return self._flat_product(piece, vs, like), 1
+
+    def _direction_norm(self, vs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self._rounds.vnorm  # of the global vector, agreed in the first round
+
+    def _grad_at(self, piece: Piece) -> list[torch.Tensor | None]:
+        """This rank's shard of ``sum_r w_r grad L_r`` over the ranks' pieces of the pass."""
+        for p in self.model.parameters():
+            p.grad = None
+        loss = self._loss(piece.data)
+        self._rounds.losses.append(loss.detach())
+        w = piece.weight
+        (loss * (w.to(loss.dtype) if isinstance(w, torch.Tensor) else w)).backward()
+        return [
+            None if p.grad is None else p.grad.to_local() * scale  # type: ignore[attr-defined]
+            for p, scale in zip(self.params, self._grad_scale)
+        ]
+
+    def _reduce(
+        self, total: torch.Tensor, weight: int | torch.Tensor
+    ) -> tuple[torch.Tensor, int | torch.Tensor]:
+        # FSDP sums every rank's weighted gradients into each rank's shard, so a rank
+        # that ran out of pieces keeps running passes (its last piece, weight 0) and
+        # adding its shard of them until no rank has pieces; the last round agrees on
+        # the weight and on finiteness.
+        rounds = self._rounds
+        while True:
+            finite = bool(torch.isfinite(total).all())
+            busy, total_weight = rounds.round(has_piece=False, weight=weight, finite=finite)
+            if busy == 0:
+                return total, total_weight
+            if rounds.filler is None:  # this rank had no piece at all
+                rounds.filler = self.source.microbatches(self.source.first_batch())[0]
+            total.add_(self._flat_product(Piece(rounds.filler, -1, 0, 0), rounds.vs, total))
+
+    def _all_finite(self, total: torch.Tensor, weight: int | torch.Tensor) -> bool:
+        return bool(torch.isfinite(torch.as_tensor(weight)))  # NaN: a rank's shard was not
+
+    def _raise_non_finite(
+        self, total: torch.Tensor, flags: list[tuple[int, int, torch.Tensor]]
+    ) -> None:
+        mine_bad = self._non_finite_names(total)  # of this rank's shards: agree on all
+        bad_blocks = any_across_ranks(
+            torch.tensor([n in mine_bad for n, _ in self.named_params]), self.process_group
+        )
+        names = tuple(n for (n, _), bad in zip(self.named_params, bad_blocks) if bad)
+        losses = self._rounds.losses
+        mine = [
+            (
+                b,
+                m,
+                bool(torch.isfinite(torch.stack(losses[2 * i : 2 * i + 2])).all()),
+                bool(torch.isfinite(f)),
             )
-        return loss
-
-    def _flat_grads(self) -> torch.Tensor:
-        parts = []
-        for p, t, scale in zip(self.params, self._local, self._grad_scale):
-            g = p.grad
-            if g is None:
-                parts.append(torch.zeros(t.numel(), dtype=torch.float64, device=t.device))
-            else:
-                parts.append(g.to_local().reshape(-1).double() * scale)  # type: ignore[attr-defined]
-        return torch.cat(parts)
+            for i, (b, m, f) in enumerate(flags)
+        ]
+        ranks = list(enumerate(gather_objects(mine, self.process_group)))
+        # A non-finite loss names its batch; a finite loss with a non-finite gradient
+        # cannot be told apart from the other ranks' pieces of its pass.
+        bad = [(b, m, f" on rank {r}") for r, rows in ranks for b, m, ok, _ in rows if not ok]
+        bad = bad or [
+            (b, m, f" on rank {r}") for r, rows in ranks for b, m, _, ok in rows if not ok
+        ]
+        raise self._non_finite_error(bad, names)
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,80 @@
+r"""Central differences along a unit direction, with the parameters restored bit for bit.
+
+For a function ``f`` of the parameters ``\theta`` (their gradient, or the model's
+output) and a direction ``v``, the derivative along ``v`` is approximated by
+
+.. math::
+
+    D f(\theta)[v] \approx \frac{\|v\|}{2h}
+    \big( f(\theta + h u) - f(\theta - h u) \big), \qquad u = v / \|v\|,
+
+linear in ``v`` and exact up to :math:`O(h^2)`. The Hessian (differences of gradients)
+and the GGN / Fisher Jacobian-vector products (differences of outputs) share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+__all__ = ["default_fd_eps", "direction_norm", "perturbed_pair"]
+
+T = TypeVar("T")
+
+
+def default_fd_eps(dtype: torch.dtype) -> float:
+    """Default central-difference step for unit directions: ``eps_machine ** (1/3)``.
+
+    Balances the O(h^2) truncation error against the O(eps/h) rounding error of a
+    central difference (float64: 6.1e-6, float32: 4.9e-3, bfloat16: 0.2).
+    """
+    return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+
+
+def direction_norm(vs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``||v||`` of a vector given in blocks, in float64 on the device (no host sync)."""
+    return torch.stack([v.double().square().sum() for v in vs]).sum().sqrt()
+
+
+def perturbed_pair(
+    tensors: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    h: float,
+    evaluate: Callable[[], T],
+    *,
+    vnorm: torch.Tensor | None = None,
+) -> tuple[T, T, torch.Tensor]:
+    """``evaluate()`` at ``theta + h u`` and at ``theta - h u``, then ``theta`` restored.
+
+    Args:
+        tensors: The tensors holding ``theta`` (parameters, or their local shards);
+            changed in place during the two evaluations, written back exactly after
+            them, also when ``evaluate`` raises.
+        vs: ``v`` in blocks shaped like ``tensors``.
+        h: Step along the unit direction ``u = v / ||v||`` (``v = 0`` moves nothing).
+        evaluate: The function of ``theta``; it chooses its own grad mode.
+        vnorm: ``||v||`` when the caller knows it (a vector split across ranks);
+            default :func:`direction_norm` of ``vs``.
+
+    Returns:
+        ``(f(theta + h u), f(theta - h u), ||v||)``.
+    """
+    if vnorm is None:
+        vnorm = direction_norm(vs)
+    step = h * torch.where(vnorm > 0, 1.0 / vnorm, torch.zeros_like(vnorm))
+    base = [t.detach().clone() for t in tensors]
+    values = []
+    try:
+        for sign in (1, -1):
+            with torch.no_grad():
+                for t, b, v in zip(tensors, base, vs):
+                    s = step.to(t.dtype)
+                    t.copy_(b + s * v if sign > 0 else b - s * v)
+            values.append(evaluate())
+    finally:
+        with torch.no_grad():
+            for t, b in zip(tensors, base):
+                t.copy_(b)
+    return values[0], values[1], vnorm
