@@ -80,6 +80,18 @@ class TraceResult:
     details: dict[str, Any] = field(default_factory=dict)
     stop_reason: str = ""
 
+    @classmethod
+    def from_samples(
+        cls, samples: np.ndarray, *, offset: float | None = None, **fields: Any
+    ) -> TraceResult:
+        """The mean of ``samples`` (plus ``offset``) and its standard error.
+
+        ``stderr = std(samples, ddof=1) / sqrt(m)``; ``fields`` are the other attributes.
+        """
+        mean, stderr = _mean_stderr(samples)
+        estimate = mean if offset is None else offset + mean
+        return cls(estimate=estimate, stderr=stderr, samples=samples, **fields)
+
     def interval(self, z: float = 3.0) -> tuple[float, float]:
         """``(estimate - z * stderr, estimate + z * stderr)``."""
         return (self.estimate - z * self.stderr, self.estimate + z * self.stderr)

@@ -41,29 +41,26 @@ class SingleDeviceBackend(LinAlgBackend[torch.Tensor]):
     def dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.dot(x, y)
 
-    def block_dot(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return X @ y
-
-    def block_gram(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        return X @ Y.T
+    def gram(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return X.T @ Y
 
     def local_size(self, n: int) -> int:
         return n
 
-    def random(
+    def probes(
         self,
         n: int,
+        num: int,
         *,
-        num: int | None = None,
         generator: torch.Generator,
         dtype: torch.dtype,
         device: torch.device,
         distribution: str = "gaussian",
     ) -> torch.Tensor:
-        shape = (n,) if num is None else (num, n)
-        return draw_probes(
-            shape, generator=generator, dtype=dtype, device=device, distribution=distribution
+        rows = draw_probes(
+            (num, n), generator=generator, dtype=dtype, device=device, distribution=distribution
         )
+        return rows.T
 
     def __repr__(self) -> str:
         return "SingleDeviceBackend()"
