@@ -47,6 +47,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 import torch
 from typing_extensions import TypedDict
 
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._validation import (
     check_checkpoint_options,
     check_time_limit,
@@ -213,7 +214,7 @@ class ResumableRun(ABC, Generic[R]):
         """Make the next products (one block, one check interval, one run ...)."""
 
     @abstractmethod
-    def partial(self, stop_reason: str) -> R | None:
+    def partial(self, stop_reason: StopReason) -> R | None:
         """The result of the products made so far, or ``None`` if there is none yet."""
 
     @abstractmethod

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from hessian_eigenthings.algorithms._precision import default_vector_dtype, eps
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import ResumableRun
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
@@ -178,7 +179,7 @@ class TraceRun(SweepRun[TraceResult]):
     def _trace(
         self,
         samples: np.ndarray,
-        stop_reason: str,
+        stop_reason: StopReason,
         *,
         num_matvecs: int,
         details: dict[str, Any],
@@ -198,7 +199,7 @@ class TraceRun(SweepRun[TraceResult]):
         )
 
     def _on_sketch(
-        self, forms: torch.Tensor, stop_reason: str, **details: Any
+        self, forms: torch.Tensor, stop_reason: StopReason, **details: Any
     ) -> TraceResult | None:
         """Partial result inside a sketch: Hutchinson on its probes' forms (at least 2)."""
         done = forms.shape[0]

@@ -58,6 +58,7 @@ from typing import Any, cast
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
     LongRunOptions,
     ResumableRun,
@@ -194,7 +195,12 @@ class _DiagonalRun(SweepRun[DiagonalResult]):
         self.tensors: dict[str, torch.Tensor] = {}
 
     def make(
-        self, est: torch.Tensor, se: torch.Tensor, used: int, details: dict[str, Any], stop: str
+        self,
+        est: torch.Tensor,
+        se: torch.Tensor,
+        used: int,
+        details: dict[str, Any],
+        stop: StopReason,
     ) -> DiagonalResult:
         return DiagonalResult(
             estimate=est,
@@ -269,12 +275,12 @@ class _HutchinsonDiagonal(_DiagonalRun):
         self.tensors["mean"] = mean + delta * (b / total)
         self.tensors["m2"] = m2 + block_m2 + delta * delta * (col * b / total)
 
-    def _estimate(self, stop: str) -> DiagonalResult:
+    def _estimate(self, stop: StopReason) -> DiagonalResult:
         count = self.col
         stderr = torch.sqrt(self.tensors["m2"] / (count - 1)) / math.sqrt(count)
         return self.make(self.tensors["mean"], stderr, count, {"num_probes": count}, stop)
 
-    def partial(self, stop_reason: str) -> DiagonalResult | None:
+    def partial(self, stop_reason: StopReason) -> DiagonalResult | None:
         return self._estimate(stop_reason) if self.col >= 2 else None
 
     def result(self) -> DiagonalResult:
@@ -404,7 +410,7 @@ class _XDiag(_DiagonalRun):
         details = {"sketch_size": s, "sketch_rank": self.rank}
         return self.make(estimate, stderr, 2 * s, details, "completed")
 
-    def partial(self, stop_reason: str) -> DiagonalResult | None:
+    def partial(self, stop_reason: StopReason) -> DiagonalResult | None:
         if self.phase in ("draw", "sketch"):
             cols = self.col
             if cols < 2:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
     LongRunOptions,
     ResumableRun,
@@ -213,7 +214,7 @@ class _HutchPlusPlus(TraceRun):
         else:
             self.forms[col : col + X.shape[1]] = forms
 
-    def partial(self, stop_reason: str) -> TraceResult | None:
+    def partial(self, stop_reason: StopReason) -> TraceResult | None:
         if self.phase == "residual" and self.col >= 2:
             return self._estimate(stop_reason)
         done = self.col if self.phase in ("draw", "sketch") else self.k
@@ -222,7 +223,7 @@ class _HutchPlusPlus(TraceRun):
     def result(self) -> TraceResult:
         return self._estimate("completed")
 
-    def _estimate(self, stop_reason: str) -> TraceResult:
+    def _estimate(self, stop_reason: StopReason) -> TraceResult:
         low, resid = float(self.low_rank), self.col
         return self._trace(
             self.forms[:resid].cpu().numpy(),

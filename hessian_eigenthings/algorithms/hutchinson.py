@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
     LongRunOptions,
     ResumableRun,
@@ -152,13 +153,13 @@ class _Hutchinson(SweepRun[TraceResult]):
             self.fail(col + bad + 1)
         self.forms[col : col + X.shape[1]] = block
 
-    def partial(self, stop_reason: str) -> TraceResult | None:
+    def partial(self, stop_reason: StopReason) -> TraceResult | None:
         return self._estimate(stop_reason) if self.col >= 2 else None
 
     def result(self) -> TraceResult:
         return self._estimate("completed")
 
-    def _estimate(self, stop_reason: str) -> TraceResult:
+    def _estimate(self, stop_reason: StopReason) -> TraceResult:
         samples = self.forms[: self.col].cpu().numpy()
         estimate, stderr = _mean_stderr(samples)
         return TraceResult(

@@ -83,6 +83,7 @@ import torch
 from typing_extensions import Unpack
 
 from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
     LongRunOptions,
     ResumableRun,
@@ -489,7 +490,7 @@ class _Lanczos(ResumableRun[EigenResult]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state.load_dict(state)
 
-    def partial(self, stop_reason: str) -> EigenResult | None:
+    def partial(self, stop_reason: StopReason) -> EigenResult | None:
         if self.state.num_processed < self.k:
             return None
         ritz = self._ritz()
@@ -531,7 +532,7 @@ class _Lanczos(ResumableRun[EigenResult]):
             )
         exhausted = st.num_processed >= self.n
         if exhausted or st.num_matvecs >= self.max_matvecs:
-            reason = "converged" if bool(conv.all()) else "max_iter"
+            reason: StopReason = "converged" if bool(conv.all()) else "max_iter"
             self.final = self._result(ritz, conv, "exhausted" if exhausted else reason)
             return
         if bool(conv.all()):
@@ -554,7 +555,7 @@ class _Lanczos(ResumableRun[EigenResult]):
         delta = (ritz.values[: self.k] - reference).abs()
         return bool((delta <= 2 * self.tol * ritz.scale[: self.k]).all())
 
-    def _result(self, ritz: _Ritz, conv: torch.Tensor, stop_reason: str) -> EigenResult:
+    def _result(self, ritz: _Ritz, conv: torch.Tensor, stop_reason: StopReason) -> EigenResult:
         st = self.state
         q, k = st.num_processed, self.k
         s_k = ritz.vectors[:, :k].to(device=st.basis.device, dtype=self.dtype)

@@ -41,6 +41,7 @@ import torch
 from typing_extensions import Unpack
 
 from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
     LongRunOptions,
     ResumableRun,
@@ -362,7 +363,7 @@ class _PowerIteration(ResumableRun[EigenResult]):
         self.extra = _Pair(th[-1], vectors[-1], rs[-1], conv, used)
         return None
 
-    def _eigen(self, pairs: int, extra: _Pair | None, stop_reason: str) -> EigenResult:
+    def _eigen(self, pairs: int, extra: _Pair | None, stop_reason: StopReason) -> EigenResult:
         vals, res, conv = self.thetas[:pairs], self.residuals[:pairs], self.flags[:pairs]
         vecs = [self.found[i] for i in range(pairs)]
         if extra is not None:
@@ -384,7 +385,7 @@ class _PowerIteration(ResumableRun[EigenResult]):
             stop_reason=stop_reason,
         )
 
-    def partial(self, stop_reason: str) -> EigenResult | None:
+    def partial(self, stop_reason: StopReason) -> EigenResult | None:
         if not self.thetas and self.extra is None:
             return None
         return self._eigen(len(self.thetas), self.extra, stop_reason)

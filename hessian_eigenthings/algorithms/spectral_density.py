@@ -37,6 +37,7 @@ from typing_extensions import Unpack
 
 from hessian_eigenthings.algorithms._density_smoothing import check_scale
 from hessian_eigenthings.algorithms._precision import default_vector_dtype, eps
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
     LongRunOptions,
     ResumableRun,
@@ -245,13 +246,13 @@ class _SLQ(ResumableRun[SpectralDensityResult]):
         self.weights.append((vecs[0] ** 2).numpy())
         self.norms_sq.append(norm_sq)
 
-    def partial(self, stop_reason: str) -> SpectralDensityResult | None:
+    def partial(self, stop_reason: StopReason) -> SpectralDensityResult | None:
         return self._density(stop_reason) if self.nodes else None
 
     def result(self) -> SpectralDensityResult:
         return self._density("completed")
 
-    def _density(self, stop_reason: str) -> SpectralDensityResult:
+    def _density(self, stop_reason: StopReason) -> SpectralDensityResult:
         tol = self.zero_tol
         if tol is None:
             max_abs = max(float(np.max(np.abs(t))) for t in self.nodes)

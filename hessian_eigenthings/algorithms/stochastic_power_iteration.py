@@ -54,6 +54,7 @@ import torch
 from typing_extensions import Unpack
 
 from hessian_eigenthings.algorithms._precision import default_vector_dtype
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
     LongRunOptions,
     ResumableRun,
@@ -266,7 +267,11 @@ class _StochasticPowerIteration(ResumableRun[StochasticEigenResult]):
         self.w, self.t = None, 0
 
     def _eigen(
-        self, pairs: dict[str, list[Any]], vectors: torch.Tensor, spent: int, stop: str | None
+        self,
+        pairs: dict[str, list[Any]],
+        vectors: torch.Tensor,
+        spent: int,
+        stop: StopReason | None,
     ) -> StochasticEigenResult:
         mean = torch.stack(pairs["means"])
         std = torch.stack(pairs["stds"])
@@ -290,7 +295,7 @@ class _StochasticPowerIteration(ResumableRun[StochasticEigenResult]):
             stop_reason=stop or ("converged" if bool(converged.all()) else "max_iter"),
         )
 
-    def partial(self, stop_reason: str) -> StochasticEigenResult | None:
+    def partial(self, stop_reason: StopReason) -> StochasticEigenResult | None:
         i = self._done_pairs()
         if stop_reason != "time_limit":  # the pairs finished before the bad product
             if i == 0:

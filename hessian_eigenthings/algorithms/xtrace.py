@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
     LongRunOptions,
     ResumableRun,
@@ -310,7 +311,7 @@ class _XTrace(TraceRun):
         self.cur = {}
         self._enter("draw")
 
-    def partial(self, stop_reason: str) -> TraceResult | None:
+    def partial(self, stop_reason: StopReason) -> TraceResult | None:
         if self.done_batches["estimates"]:
             return self._batches(stop_reason, partial=True)
         if self.phase == "draw":
@@ -325,7 +326,7 @@ class _XTrace(TraceRun):
     def result(self) -> TraceResult:
         return self._batches("completed", partial=False)
 
-    def _batches(self, stop_reason: str, *, partial: bool) -> TraceResult:
+    def _batches(self, stop_reason: StopReason, *, partial: bool) -> TraceResult:
         b = self.done_batches
         count = len(b["estimates"])
         details: dict[str, Any] = (
