@@ -85,10 +85,10 @@ class LinAlgBackend(ABC, Generic[VectorT]):
             device: Device of the probes (the operator's device).
             distribution: ``"gaussian"`` (standard normal) or ``"rademacher"`` (+-1).
 
-        The probes are drawn in the order of ``num`` consecutive global ``n``-vectors, so
-        one probe block equals ``num`` single draws of :meth:`random`, and every rank of a
-        distributed backend draws the same global probes and keeps its entries (results do
-        not depend on the number of ranks).
+        The probes are one draw of shape ``(num, n)`` from ``generator`` (transposed),
+        so a seed gives the same probes on every backend, and every rank of a distributed
+        backend draws the same global probes and keeps its entries (results do not depend
+        on the number of ranks).
         """
 
     def random(
