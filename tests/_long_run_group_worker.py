@@ -52,7 +52,12 @@ def _ddp_operator(group: Any, rank: int) -> DDPHessianOperator:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     g = torch.Generator().manual_seed(1 + rank)
-    data = [(torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (5,), generator=g))]
+    data = [
+        (
+            torch.randn(5, 3, generator=g, dtype=torch.float64),
+            torch.randint(0, 2, (5,), generator=g),
+        )
+    ]
     return DDPHessianOperator(
         model, data, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), process_group=group
     )
@@ -69,7 +74,9 @@ def _until_done(call: Callable[..., Any], path: Path) -> tuple[Any, int]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return bool(torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.eigenvectors, b.eigenvectors))
+    return bool(
+        torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.eigenvectors, b.eigenvectors)
+    )
 
 
 def local(out: Path) -> dict[str, Any]:
