@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
@@ -64,6 +65,7 @@ from hessian_eigenthings.operators.base import CurvatureOperator
 __all__ = [
     "LONG_RUN_ARGS",
     "Deadline",
+    "LongRun",
     "LongRunOptions",
     "ResumableRun",
     "drive",
@@ -103,14 +105,16 @@ class LongRunOptions(TypedDict, total=False):
 
 
 @dataclass(frozen=True)
-class _Options:
+class LongRun:
+    """The validated long-run keywords of one call (see :func:`long_run_options`)."""
+
     checkpoint: str | os.PathLike[str] | None
     every: int | None
     seconds: float | None
     time_limit: float | None
 
 
-def long_run_options(who: str, options: dict[str, Any]) -> _Options:
+def long_run_options(who: str, options: Mapping[str, Any]) -> LongRun:
     """Validate the ``**long_run`` keywords of a call to ``who``.
 
     Raises:
@@ -128,7 +132,7 @@ def long_run_options(who: str, options: dict[str, Any]) -> _Options:
         options.get("checkpoint_every"),
         options.get("checkpoint_seconds"),
     )
-    return _Options(path, every, seconds, check_time_limit(options.get("time_limit")))
+    return LongRun(path, every, seconds, check_time_limit(options.get("time_limit")))
 
 
 class Deadline:
@@ -306,7 +310,7 @@ class ResumableRun(ABC, Generic[R]):
         )
 
 
-def drive(run: ResumableRun[R], config: dict[str, Any], options: _Options | None = None) -> R:
+def drive(run: ResumableRun[R], config: dict[str, Any], options: LongRun | None = None) -> R:
     """Run ``run`` to completion, a time limit, or a non-finite product.
 
     Args:
@@ -322,7 +326,7 @@ def drive(run: ResumableRun[R], config: dict[str, Any], options: _Options | None
         NonFiniteError: A product was inf/nan (``err.partial``: ``run.partial``).
         CheckpointMismatchError, CorruptCheckpointError: The checkpoint cannot be used.
     """
-    opts = options or _Options(None, None, None, None)
+    opts = options or LongRun(None, None, None, None)
     deadline = Deadline(opts.time_limit, run.backend)
     checkpointer = (
         None

@@ -27,14 +27,15 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from hessian_eigenthings.algorithms._calls import ProbeCall
 from hessian_eigenthings.algorithms._precision import default_vector_dtype, eps
 from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import ResumableRun
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
-from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = [
+    "ProbeSweep",
     "SweepRun",
     "TraceRun",
     "deflation_basis",
@@ -99,31 +100,32 @@ class SweepRun(ResumableRun[R]):
     once, so probes are drawn only when a run starts, never before a resume.
 
     Args:
-        operator: The operator.
-        backend: Its vector backend.
-        seed: The agreed seed.
-        distribution: Probe distribution.
-        block_size: Columns per product.
-        store: Device that holds the probes and sketches (the operator's by default).
+        call: The checked arguments.
     """
 
-    def __init__(
-        self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
-        seed: int,
-        *,
-        distribution: str,
-        block_size: int,
-        store: torch.device | None = None,
-    ) -> None:
-        super().__init__(operator, backend, seed)
-        self.distribution = distribution
-        self.block_size = block_size
-        self.store = operator.device if store is None else store
-        self.dtype = default_vector_dtype(operator.dtype)
+    #: Whether :meth:`apply` checks each block's products for inf/nan (else ``_take``
+    #: checks what it derives from them).
+    check_products = True
+    #: The estimator's name in results (``method``).
+    method = ""
+
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call.operator, call.backend, call.seed)
+        self.distribution = call.distribution
+        self.block_size = call.block_size
+        self.store = call.store
+        self.dtype = default_vector_dtype(call.operator.dtype)
         self.phase = "draw"
         self.col = 0
+
+    def about(self) -> dict[str, Any]:
+        """The fields every estimator result records about its run."""
+        return {
+            "operator_size": self.op.size,
+            "method": self.method,
+            "distribution": self.distribution,
+            "seed": self.seed,
+        }
 
     def draw(self, num: int) -> torch.Tensor:
         """``num`` fresh probes (drawn on the operator's device), on the sketch device."""
@@ -136,10 +138,6 @@ class SweepRun(ResumableRun[R]):
             distribution=self.distribution,
         )
         return probes.to(self.store)
-
-    #: Whether :meth:`apply` checks each block's products for inf/nan (else ``_take``
-    #: checks what it derives from them).
-    check_products = True
 
     def step(self) -> None:
         self._settle()
@@ -173,6 +171,29 @@ class SweepRun(ResumableRun[R]):
         """Leave the finished current phase (compute, then :meth:`_enter` the next)."""
 
 
+class ProbeSweep(SweepRun[R]):
+    """One sweep of ``num_matvecs`` fresh probes (Hutchinson's estimators)."""
+
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call)
+        self.m = call.num_matvecs
+
+    def used(self) -> int:
+        return self.col
+
+    def done(self) -> bool:
+        return self.col >= self.m
+
+    def _size(self) -> int:
+        return self.m
+
+    def _advance(self) -> None:
+        self._enter("probes")
+
+    def _columns(self, col: int, b: int) -> torch.Tensor:
+        return self.draw(b)
+
+
 class TraceRun(SweepRun[TraceResult]):
     """A trace estimator's run: results are :class:`TraceResult` named ``algorithm``."""
 
@@ -190,12 +211,9 @@ class TraceRun(SweepRun[TraceResult]):
             samples,
             offset=offset,
             num_matvecs=num_matvecs,
-            operator_size=self.op.size,
-            method=self.algorithm,
-            distribution=self.distribution,
-            seed=self.seed,
             details=details,
             stop_reason=stop_reason,
+            **self.about(),
         )
 
     def _on_sketch(

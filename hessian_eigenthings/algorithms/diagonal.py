@@ -58,29 +58,17 @@ from typing import Any, cast
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._calls import ProbeCall
 from hessian_eigenthings.algorithms._records import StopReason
-from hessian_eigenthings.algorithms._run import (
-    LongRunOptions,
-    ResumableRun,
-    drive,
-    long_run_options,
-)
+from hessian_eigenthings.algorithms._run import LongRunOptions, drive
 from hessian_eigenthings.algorithms._sketch import (
+    ProbeSweep,
     SweepRun,
     deflation_basis,
     loo_directions,
     numerical_rank,
 )
-from hessian_eigenthings.algorithms._validation import (
-    DISTRIBUTIONS,
-    check_choice,
-    check_int,
-    check_num_matvecs,
-    check_operator,
-    check_sketch_options,
-    check_whole_vectors,
-    resolve_seed,
-)
+from hessian_eigenthings.algorithms._validation import check_choice
 from hessian_eigenthings.algorithms.estimator_results import DiagonalResult
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -143,32 +131,26 @@ def diagonal(
             products before it (``None`` with fewer than 2 probes).
     """
     method = check_choice(method, DIAGONAL_METHODS, "diagonal method")
-    operator = check_operator(operator, "diagonal")
-    m = check_num_matvecs(num_matvecs, _MIN_MATVECS[method], method)
-    distribution = check_choice(distribution, DISTRIBUTIONS, "probe distribution")
-    block_size = check_int(block_size, "block_size")
-    _, store = check_sketch_options(None, sketch_device, operator)
-    options = long_run_options("diagonal", dict(long_run))
-    backend = backend if backend is not None else operator.backend
-    if method == "xdiag":
-        check_whole_vectors(backend, operator, "diagonal(method='xdiag')")
-        if min(m // 2, operator.size) < 2:
-            raise ValueError(f"xdiag needs an operator of size >= 2, got size {operator.size}.")
-    seed_ = ResumableRun.agree_seed(resolve_seed(seed), backend)
-    kind = _HutchinsonDiagonal if method == "hutchinson" else _XDiag
-    xdiag_store = store if method == "xdiag" else None  # Hutchinson holds no sketch
-    run = kind(operator, backend, seed_, m, distribution, block_size=block_size, store=xdiag_store)
-    config = {"num_matvecs": m, "distribution": distribution, "block_size": block_size}
-    return drive(
-        run,
-        {
-            **config,
-            "sketch_device": xdiag_store,
-            "seed": seed,
-            "dtype": run.dtype,
-        },
-        options,
+    xdiag = method == "xdiag"
+    call = ProbeCall.check(
+        "diagonal",
+        method,
+        _MIN_MATVECS[method],
+        operator,
+        num_matvecs,
+        distribution=distribution,
+        seed=seed,
+        block_size=block_size,
+        backend=backend,
+        long_run=long_run,
+        sketch_device=sketch_device if xdiag else None,  # Hutchinson holds no sketch
+        whole_vectors=xdiag,
     )
+    if xdiag and min(call.num_matvecs // 2, call.operator.size) < 2:
+        raise ValueError(f"xdiag needs an operator of size >= 2, got size {call.operator.size}.")
+    run = _XDiag(call) if xdiag else _HutchinsonDiagonal(call)
+    sketch_device_ = call.store if xdiag else None
+    return drive(run, call.config(run.dtype, sketch_device=sketch_device_), call.long_run)
 
 
 def _mean_stderr_per_entry(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,19 +161,9 @@ def _mean_stderr_per_entry(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 class _DiagonalRun(SweepRun[DiagonalResult]):
     """A diagonal estimator's run; its state is ``tensors`` plus the sweep position."""
 
-    method = ""
-
-    def __init__(
-        self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
-        seed: int,
-        m: int,
-        distribution: str,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(operator, backend, seed, distribution=distribution, **kwargs)
-        self.m = m
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call)
+        self.m = call.num_matvecs
         self.tensors: dict[str, torch.Tensor] = {}
 
     def make(
@@ -206,12 +178,9 @@ class _DiagonalRun(SweepRun[DiagonalResult]):
             estimate=est,
             stderr=se,
             num_matvecs=used,
-            operator_size=self.op.size,
-            method=self.method,
-            distribution=self.distribution,
-            seed=self.seed,
             details=details,
             stop_reason=stop,
+            **self.about(),
         )
 
     @abstractmethod
@@ -231,14 +200,14 @@ class _DiagonalRun(SweepRun[DiagonalResult]):
         self.load_counters(dict(state["counters"]))
 
 
-class _HutchinsonDiagonal(_DiagonalRun):
+class _HutchinsonDiagonal(ProbeSweep[DiagonalResult], _DiagonalRun):
     """Mean and standard error of ``omega_k * A omega_k`` (blockwise Chan et al. merge)."""
 
     algorithm = "diagonal-hutchinson"
     method = "hutchinson"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call)
         n_local = self.backend.local_size(self.op.size)
         mean = torch.zeros(n_local, dtype=torch.float64, device=self.store)
         self.tensors = {"mean": mean, "m2": torch.zeros_like(mean)}
@@ -248,21 +217,6 @@ class _HutchinsonDiagonal(_DiagonalRun):
 
     def load_counters(self, counters: dict[str, Any]) -> None:
         self.phase, self.col = "probes", int(counters["count"])
-
-    def used(self) -> int:
-        return self.col
-
-    def done(self) -> bool:
-        return self.col >= self.m
-
-    def _size(self) -> int:
-        return self.m
-
-    def _advance(self) -> None:
-        self._enter("probes")
-
-    def _columns(self, col: int, b: int) -> torch.Tensor:
-        return self.draw(b)
 
     def _take(self, col: int, X: torch.Tensor, AX: torch.Tensor) -> None:
         b = X.shape[1]
@@ -298,8 +252,8 @@ class _XDiag(_DiagonalRun):
     algorithm = "diagonal-xdiag"
     method = "xdiag"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call)
         self.s = min(self.m // 2, self.op.size)
         self.rank = 0
         self.final: DiagonalResult | None = None

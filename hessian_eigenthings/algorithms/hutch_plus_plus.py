@@ -28,24 +28,10 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._calls import ProbeCall
 from hessian_eigenthings.algorithms._records import StopReason
-from hessian_eigenthings.algorithms._run import (
-    LongRunOptions,
-    ResumableRun,
-    drive,
-    long_run_options,
-)
+from hessian_eigenthings.algorithms._run import LongRunOptions, drive
 from hessian_eigenthings.algorithms._sketch import TraceRun, paired_dots
-from hessian_eigenthings.algorithms._validation import (
-    DISTRIBUTIONS,
-    check_choice,
-    check_int,
-    check_num_matvecs,
-    check_operator,
-    check_sketch_options,
-    check_whole_vectors,
-    resolve_seed,
-)
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -123,24 +109,25 @@ def hutch_plus_plus(
         NonFiniteError: A product was inf/nan; ``err.partial`` is the partial estimate
             from the products before it (as for ``time_limit``), or ``None``.
     """
-    operator = check_operator(operator, "hutch_plus_plus")
-    m = check_num_matvecs(num_matvecs, MIN_MATVECS_HUTCH_PLUS_PLUS, "hutch++")
-    distribution = check_choice(distribution, DISTRIBUTIONS, "probe distribution")
-    block_size = check_int(block_size, "block_size")
-    cap, store = check_sketch_options(max_sketch_size, sketch_device, operator)
-    options = long_run_options("hutch_plus_plus", dict(long_run))
-    backend = backend if backend is not None else operator.backend
-    check_whole_vectors(backend, operator, "hutch_plus_plus")
-    seed_ = ResumableRun.agree_seed(resolve_seed(seed), backend)
-    n = operator.size
+    call = ProbeCall.check(
+        "hutch_plus_plus",
+        "hutch++",
+        MIN_MATVECS_HUTCH_PLUS_PLUS,
+        operator,
+        num_matvecs,
+        distribution=distribution,
+        seed=seed,
+        block_size=block_size,
+        backend=backend,
+        long_run=long_run,
+        max_sketch_size=max_sketch_size,
+        sketch_device=sketch_device,
+        whole_vectors=True,
+    )
+    m, n, cap = call.num_matvecs, call.operator.size, call.max_sketch_size
     k = min(m // 3, n if cap is None else min(cap, n))
-    run = _HutchPlusPlus(
-        operator, backend, seed_, k, m - 2 * k, distribution, block_size=block_size, store=store
-    )
-    config = {"num_matvecs": m, "distribution": distribution, "max_sketch_size": cap}
-    return drive(
-        run, {**config, "block_size": block_size, "seed": seed, "dtype": run.dtype}, options
-    )
+    run = _HutchPlusPlus(call, k, m - 2 * k)
+    return drive(run, call.config(run.dtype, max_sketch_size=cap), call.long_run)
 
 
 class _HutchPlusPlus(TraceRun):
@@ -151,19 +138,10 @@ class _HutchPlusPlus(TraceRun):
     ``"residual"`` (Hutchinson on ``P A P`` with fresh probes ``P g_j``).
     """
 
-    algorithm = "hutch++"
+    algorithm = method = "hutch++"
 
-    def __init__(
-        self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
-        seed: int,
-        k: int,
-        num_resid: int,
-        distribution: str,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(operator, backend, seed, distribution=distribution, **kwargs)
+    def __init__(self, call: ProbeCall, k: int, num_resid: int) -> None:
+        super().__init__(call)
         self.k, self.num_resid = k, num_resid
         empty = torch.empty(0, dtype=self.dtype, device=self.store)
         self.S, self.Y, self.Q = empty, empty, empty

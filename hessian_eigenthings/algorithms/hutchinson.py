@@ -21,24 +21,11 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._calls import ProbeCall
 from hessian_eigenthings.algorithms._records import StopReason
-from hessian_eigenthings.algorithms._run import (
-    LongRunOptions,
-    ResumableRun,
-    drive,
-    first_non_finite,
-    long_run_options,
-)
-from hessian_eigenthings.algorithms._sketch import SweepRun, paired_dots
-from hessian_eigenthings.algorithms._validation import (
-    DISTRIBUTIONS,
-    check_choice,
-    check_int,
-    check_num_matvecs,
-    check_operator,
-    resolve_seed,
-)
-from hessian_eigenthings.algorithms.estimator_results import TraceResult, _mean_stderr
+from hessian_eigenthings.algorithms._run import LongRunOptions, drive, first_non_finite
+from hessian_eigenthings.algorithms._sketch import ProbeSweep, TraceRun, paired_dots
+from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
 
@@ -96,53 +83,35 @@ def hutchinson(
         >>> hutchinson(op, 10, seed=0).estimate  # diagonal A: exact with Rademacher probes
         5050.0
     """
-    operator = check_operator(operator, "hutchinson")
-    m = check_num_matvecs(num_matvecs, MIN_MATVECS_HUTCHINSON, "hutchinson")
-    distribution = check_choice(distribution, DISTRIBUTIONS, "probe distribution")
-    block_size = check_int(block_size, "block_size")
-    options = long_run_options("hutchinson", dict(long_run))
-    backend = backend if backend is not None else operator.backend
-    seed_ = ResumableRun.agree_seed(resolve_seed(seed), backend)
-    run = _Hutchinson(operator, backend, seed_, m, distribution=distribution, block_size=block_size)
-    config = {"num_matvecs": m, "distribution": distribution, "block_size": block_size}
-    return drive(run, {**config, "seed": seed, "dtype": run.dtype}, options)
+    call = ProbeCall.check(
+        "hutchinson",
+        "hutchinson",
+        MIN_MATVECS_HUTCHINSON,
+        operator,
+        num_matvecs,
+        distribution=distribution,
+        seed=seed,
+        block_size=block_size,
+        backend=backend,
+        long_run=long_run,
+    )
+    run = _Hutchinson(call)
+    return drive(run, call.config(run.dtype), call.long_run)
 
 
-class _Hutchinson(SweepRun[TraceResult]):
+class _Hutchinson(ProbeSweep[TraceResult], TraceRun):
     """One sweep of ``m`` fresh probes, keeping their quadratic forms ``omega^T A omega``.
 
     The forms, not the products, are checked for inf/nan (a smaller host sync), so that
     the clean forms of a block with a bad product still reach the partial result.
     """
 
-    algorithm = "hutchinson"
+    algorithm = method = "hutchinson"
     check_products = False
 
-    def __init__(
-        self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
-        seed: int,
-        m: int,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(operator, backend, seed, **kwargs)
-        self.forms = torch.empty(m, dtype=torch.float64, device=operator.device)
-
-    def used(self) -> int:
-        return self.col
-
-    def done(self) -> bool:
-        return self.col >= self.forms.shape[0]
-
-    def _size(self) -> int:
-        return self.forms.shape[0]
-
-    def _advance(self) -> None:
-        self._enter("probes")
-
-    def _columns(self, col: int, b: int) -> torch.Tensor:
-        return self.draw(b)
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call)
+        self.forms = torch.empty(self.m, dtype=torch.float64, device=self.op.device)
 
     def _take(self, col: int, X: torch.Tensor, AX: torch.Tensor) -> None:
         block = paired_dots(self.backend, self.op.size, X, AX)
@@ -160,19 +129,12 @@ class _Hutchinson(SweepRun[TraceResult]):
         return self._estimate("completed")
 
     def _estimate(self, stop_reason: StopReason) -> TraceResult:
-        samples = self.forms[: self.col].cpu().numpy()
-        estimate, stderr = _mean_stderr(samples)
-        return TraceResult(
-            estimate=estimate,
-            stderr=stderr,
-            num_matvecs=self.col,
-            operator_size=self.op.size,
-            method="hutchinson",
-            distribution=self.distribution,
-            seed=self.seed,
-            samples=samples,
-            details={"num_probes": self.col, "dof": self.col - 1},
-            stop_reason=stop_reason,
+        count = self.col
+        return self._trace(
+            self.forms[:count].cpu().numpy(),
+            stop_reason,
+            num_matvecs=count,
+            details={"num_probes": count, "dof": count - 1},
         )
 
     def state_dict(self) -> dict[str, Any]:

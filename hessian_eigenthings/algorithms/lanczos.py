@@ -82,23 +82,11 @@ from typing import Any, cast
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._calls import SolverCall
 from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
 from hessian_eigenthings.algorithms._records import StopReason
-from hessian_eigenthings.algorithms._run import (
-    LongRunOptions,
-    ResumableRun,
-    _ProductFailed,
-    drive,
-    long_run_options,
-)
-from hessian_eigenthings.algorithms._validation import (
-    check_choice,
-    check_int,
-    check_k,
-    check_operator,
-    check_tol,
-    resolve_seed,
-)
+from hessian_eigenthings.algorithms._run import LongRunOptions, ResumableRun, _ProductFailed, drive
+from hessian_eigenthings.algorithms._validation import check_choice, check_int
 from hessian_eigenthings.algorithms.checkpoint import generator_state, restore_generator
 from hessian_eigenthings.algorithms.results import EigenResult
 from hessian_eigenthings.backends.base import LinAlgBackend
@@ -254,11 +242,8 @@ class _Lanczos(ResumableRun[EigenResult]):
 
     def __init__(
         self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
-        seed: int,
+        call: SolverCall,
         *,
-        k: int,
         which: str,
         basis_size: int,
         max_matvecs: int,
@@ -268,7 +253,8 @@ class _Lanczos(ResumableRun[EigenResult]):
         basis_device: torch.device,
         callback: Callable[[LanczosProgress], None] | None,
     ) -> None:
-        super().__init__(operator, backend, seed)
+        super().__init__(call.operator, call.backend, call.seed)
+        operator, backend, k, seed = call.operator, call.backend, call.k, call.seed
         self.callback = callback
         self.final: EigenResult | None = None
         self.k = k
@@ -663,45 +649,40 @@ def lanczos(
         >>> torch.allclose(eigenvalues, torch.tensor([100.0, 99.0, 98.0], dtype=torch.float64))
         True
     """
-    operator = check_operator(operator, "lanczos")
-    n = operator.size
-    k = check_k(k, n)
+    call = SolverCall.check(
+        "lanczos", operator, k, tol=tol, seed=seed, backend=backend, long_run=long_run
+    )
+    n, k = call.operator.size, call.k
     which = check_choice(which, _WHICH, "which")
     if max_iter is not None:
         why = ": each of the k Ritz pairs needs at least one product with the operator"
         max_iter = check_int(max_iter, "max_iter (the matvec budget)", k, why=why)
-    tol_ = check_tol(tol)
-    seed_ = resolve_seed(seed)
     if basis_size is not None:
         basis_size = check_int(basis_size, "basis_size", min(k + 1, n), n)
-    vdtype = vector_dtype or default_vector_dtype(operator.dtype)
-    if not vdtype.is_floating_point or eps(vdtype) > eps(operator.dtype):
+    op_dtype = call.operator.dtype
+    vdtype = vector_dtype or default_vector_dtype(op_dtype)
+    if not vdtype.is_floating_point or eps(vdtype) > eps(op_dtype):
         raise TypeError(
             f"vector_dtype must be a floating dtype at least as precise as the operator's "
-            f"{operator.dtype}, got {vdtype}."
+            f"{op_dtype}, got {vdtype}."
         )
-    options = long_run_options("lanczos", dict(long_run))
     m = basis_size if basis_size is not None else default_basis_size(k, n)
-    backend = backend or operator.backend
-    tol_ = tol_ if tol_ is not None else default_tol(operator.dtype, vdtype)
+    tol_ = call.tol if call.tol is not None else default_tol(op_dtype, vdtype)
     max_matvecs = max_iter if max_iter is not None else 100 * m
     run = _Lanczos(
-        operator,
-        backend,
-        ResumableRun.agree_seed(seed_, backend),
-        k=k,
+        call,
         which=which,
         basis_size=m,
         max_matvecs=max_matvecs,
         tol=tol_,
         vector_dtype=vdtype,
         reorthogonalize=reorthogonalize,
-        basis_device=operator.device if basis_device is None else torch.device(basis_device),
+        basis_device=call.operator.device if basis_device is None else torch.device(basis_device),
         callback=callback,
     )
-    config = {"k": k, "which": which, "max_iter": max_matvecs, "tol": tol_, "seed": seed}
+    config = {"k": k, "which": which, "max_iter": max_matvecs, "tol": tol_, "seed": call.seed_arg}
     return drive(
         run,
         {**config, "reorthogonalize": reorthogonalize, "basis_size": m, "vector_dtype": vdtype},
-        options,
+        call.long_run,
     )

@@ -40,21 +40,15 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._calls import SolverCall
 from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
 from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
     LongRunOptions,
     ResumableRun,
     drive,
-    long_run_options,
 )
-from hessian_eigenthings.algorithms._validation import (
-    check_int,
-    check_k,
-    check_operator,
-    check_tol,
-    resolve_seed,
-)
+from hessian_eigenthings.algorithms._validation import check_int
 from hessian_eigenthings.algorithms.results import EigenResult
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -86,29 +80,6 @@ def random_unit_vector(
     v = backend.random(run.op.size, generator=run.gen, dtype=dtype, device=run.op.device)
     v = project_out(backend, deflate, v)
     return v / backend.norm(v)
-
-
-def eigensolver_setup(
-    who: str,
-    operator: object,
-    max_iter: object,
-    tol: object,
-    seed: object,
-    backend: LinAlgBackend | None,
-    long_run: dict[str, Any],
-) -> tuple[CurvatureOperator, int, float | None, LinAlgBackend, int, Any]:
-    """The checks and choices every power iteration starts with.
-
-    Returns:
-        ``(operator, max_iter, tol, backend, agreed seed, long-run options)``.
-    """
-    op = check_operator(operator, who)
-    max_iter_ = check_int(max_iter, "max_iter", why=" (matrix-vector products)")
-    tol_ = check_tol(tol)
-    seed_ = resolve_seed(seed)
-    options = long_run_options(who, long_run)
-    backend_ = backend or op.backend
-    return op, max_iter_, tol_, backend_, ResumableRun.agree_seed(seed_, backend_), options
 
 
 def power_iteration_one(
@@ -148,11 +119,12 @@ def power_iteration_one(
         TypeError, ValueError: Bad operator, budget, tolerance, seed or start vector.
         NonFiniteError: A product was inf/nan (``err.partial``: the last clean iterate).
     """
-    operator, max_iter, tol_, backend, seed_, options = eigensolver_setup(
-        "power_iteration_one", operator, max_iter, tol, seed, backend, dict(long_run)
+    call = SolverCall.check(
+        "power_iteration_one", operator, 1, tol=tol, seed=seed, backend=backend, long_run=long_run
     )
+    max_iter = check_int(max_iter, "max_iter", why=" (matrix-vector products)")
+    operator, backend = call.operator, call.backend
     vdtype = default_vector_dtype(operator.dtype)
-    tol_ = tol_ if tol_ is not None else default_tol(operator.dtype, vdtype)
     v0 = None
     if init_vec is not None:
         if not isinstance(init_vec, torch.Tensor) or init_vec.shape != (
@@ -160,7 +132,7 @@ def power_iteration_one(
         ):
             got = tuple(init_vec.shape) if isinstance(init_vec, torch.Tensor) else init_vec
             raise ValueError(f"init_vec must be a tensor of shape ({operator.size},), got {got!r}.")
-        if options.checkpoint is not None:
+        if call.long_run.checkpoint is not None:
             raise ValueError(
                 "checkpoint= cannot be combined with init_vec (the start vector is not "
                 "recorded); drop one of them."
@@ -170,9 +142,8 @@ def power_iteration_one(
         if not bool(norm > 0):
             raise ValueError("init_vec must be nonzero.")
         v0 = v0 / norm
-    run = _PowerIteration(operator, backend, seed_, 1, max_iter, tol_, vdtype, v0)
-    config = {"max_iter": max_iter, "tol": tol_, "seed": seed, "dtype": vdtype}
-    return drive(run, config, options)
+    run = _PowerIteration(call, max_iter, v0, "power_iteration")
+    return drive(run, run.config(), call.long_run)
 
 
 def deflated_power_iteration(
@@ -217,16 +188,18 @@ def deflated_power_iteration(
     Raises:
         NonFiniteError: A product was inf/nan (``err.partial``: the pairs found before it).
     """
-    operator, max_iter, tol_, backend, seed_, options = eigensolver_setup(
-        "deflated_power_iteration", operator, max_iter, tol, seed, backend, dict(long_run)
+    call = SolverCall.check(
+        "deflated_power_iteration",
+        operator,
+        k,
+        tol=tol,
+        seed=seed,
+        backend=backend,
+        long_run=long_run,
     )
-    k = check_k(k, operator.size)
-    vdtype = default_vector_dtype(operator.dtype)
-    tol_ = tol_ if tol_ is not None else default_tol(operator.dtype, vdtype)
-    run = _PowerIteration(operator, backend, seed_, k, max_iter, tol_, vdtype, None)
-    run.algorithm = "deflated_power_iteration"
-    config = {"k": k, "max_iter": max_iter, "tol": tol_, "seed": seed, "dtype": vdtype}
-    return drive(run, config, options)
+    max_iter = check_int(max_iter, "max_iter", why=" (matrix-vector products)")
+    run = _PowerIteration(call, max_iter, None, "deflated_power_iteration")
+    return drive(run, {"k": call.k, **run.config()}, call.long_run)
 
 
 @dataclass
@@ -248,23 +221,17 @@ class _PowerIteration(ResumableRun[EigenResult]):
     recorded and the next one starts at once.
     """
 
-    algorithm = "power_iteration"
-
     def __init__(
-        self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
-        seed: int,
-        k: int,
-        max_iter: int,
-        tol: float,
-        vdtype: torch.dtype,
-        init_vec: torch.Tensor | None,
+        self, call: SolverCall, max_iter: int, init_vec: torch.Tensor | None, algorithm: str
     ) -> None:
-        super().__init__(operator, backend, seed)
-        self.k, self.max_iter, self.tol, self.init_vec = k, max_iter, tol, init_vec
+        super().__init__(call.operator, call.backend, call.seed)
+        operator, backend = call.operator, call.backend
+        self.algorithm, self.seed_arg = algorithm, call.seed_arg
+        vdtype = default_vector_dtype(operator.dtype)
+        self.tol = default_tol(operator.dtype, vdtype) if call.tol is None else call.tol
+        self.k, self.max_iter, self.init_vec = call.k, max_iter, init_vec
         n_local = backend.local_size(operator.size)
-        self.found = torch.zeros((k, n_local), dtype=vdtype, device=operator.device)
+        self.found = torch.zeros((self.k, n_local), dtype=vdtype, device=operator.device)
         self.thetas: list[float] = []
         self.residuals: list[float] = []
         self.flags: list[bool] = []
@@ -275,6 +242,15 @@ class _PowerIteration(ResumableRun[EigenResult]):
         self.previous = math.inf
         # Its last clean iterate (what a partial result adds to the pairs found).
         self.extra: _Pair | None = None
+
+    def config(self) -> dict[str, Any]:
+        """The arguments that determine the result (recorded in checkpoints)."""
+        return {
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "seed": self.seed_arg,
+            "dtype": self.found.dtype,
+        }
 
     def used(self) -> int:
         return self.total + self.pos

@@ -156,7 +156,7 @@ def spectral_density(
     distribution = check_choice(distribution, DISTRIBUTIONS, "probe distribution")
     if zero_tol is not None and not (isinstance(zero_tol, (int, float)) and zero_tol >= 0):
         raise ValueError(f"zero_tol must be None or a number >= 0, got {zero_tol!r}.")
-    options = long_run_options("spectral_density", dict(long_run))
+    options = long_run_options("spectral_density", long_run)
     backend = backend if backend is not None else operator.backend
     run = _SLQ(
         operator,

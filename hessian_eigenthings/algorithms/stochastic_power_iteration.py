@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._calls import SolverCall
 from hessian_eigenthings.algorithms._precision import default_vector_dtype
 from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import (
@@ -61,12 +62,8 @@ from hessian_eigenthings.algorithms._run import (
     drive,
     first_non_finite,
 )
-from hessian_eigenthings.algorithms._validation import check_int, check_k
-from hessian_eigenthings.algorithms.power_iteration import (
-    eigensolver_setup,
-    project_out,
-    random_unit_vector,
-)
+from hessian_eigenthings.algorithms._validation import check_int
+from hessian_eigenthings.algorithms.power_iteration import project_out, random_unit_vector
 from hessian_eigenthings.algorithms.results import StochasticEigenResult
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -132,10 +129,16 @@ def stochastic_power_iteration(
             iterates overflow); a ``FloatingPointError``. ``err.partial`` holds the pairs
             found before it (``None`` if none).
     """
-    operator, max_iter, tol_, backend, seed_, options = eigensolver_setup(
-        "stochastic_power_iteration", operator, max_iter, tol, seed, backend, dict(long_run)
+    call = SolverCall.check(
+        "stochastic_power_iteration",
+        operator,
+        k,
+        tol=tol,
+        seed=seed,
+        backend=backend,
+        long_run=long_run,
     )
-    k = check_k(k, operator.size)
+    max_iter = check_int(max_iter, "max_iter", why=" (matrix-vector products per pair)")
     if not isinstance(momentum, (int, float)) or not (momentum >= 0 and math.isfinite(momentum)):
         raise ValueError(f"momentum must be a finite float >= 0, got {momentum!r}.")
     window = check_int(
@@ -144,13 +147,13 @@ def stochastic_power_iteration(
         1,
         max_iter,
     )
-    vdtype = default_vector_dtype(operator.dtype)
-    tol_ = 1e-2 if tol_ is None else tol_
-    run = _StochasticPowerIteration(
-        operator, backend, seed_, k, max_iter, float(momentum), tol_, window, vdtype
+    run = _StochasticPowerIteration(call, max_iter, float(momentum), window)
+    config = {"k": call.k, "max_iter": max_iter, "momentum": float(momentum), "tol": run.tol}
+    return drive(
+        run,
+        {**config, "num_average": window, "seed": call.seed_arg, "dtype": run.found.dtype},
+        call.long_run,
     )
-    config = {"k": k, "max_iter": max_iter, "momentum": float(momentum), "tol": tol_}
-    return drive(run, {**config, "num_average": window, "seed": seed, "dtype": vdtype}, options)
 
 
 class _StochasticPowerIteration(ResumableRun[StochasticEigenResult]):
@@ -162,23 +165,14 @@ class _StochasticPowerIteration(ResumableRun[StochasticEigenResult]):
 
     algorithm = "stochastic_power_iteration"
 
-    def __init__(
-        self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
-        seed: int,
-        k: int,
-        max_iter: int,
-        momentum: float,
-        tol: float,
-        window: int,
-        vdtype: torch.dtype,
-    ) -> None:
-        super().__init__(operator, backend, seed)
-        self.k, self.max_iter, self.beta, self.tol = k, max_iter, momentum, tol
-        self.window = window
+    def __init__(self, call: SolverCall, max_iter: int, momentum: float, window: int) -> None:
+        super().__init__(call.operator, call.backend, call.seed)
+        operator, backend = call.operator, call.backend
+        vdtype = default_vector_dtype(operator.dtype)
+        self.k, self.max_iter, self.beta, self.window = call.k, max_iter, momentum, window
+        self.tol = 1e-2 if call.tol is None else call.tol
         n_local = backend.local_size(operator.size)
-        self.found = torch.zeros((k, n_local), dtype=vdtype, device=operator.device)
+        self.found = torch.zeros((self.k, n_local), dtype=vdtype, device=operator.device)
         # Finished pairs: mean and std of the averaged samples, residual, window size.
         self.pairs: dict[str, list[Any]] = {"means": [], "stds": [], "residuals": [], "windows": []}
         # The current pair: iteration t, iterates w_t, w_{t-1}, v_t, samples so far.

@@ -43,29 +43,15 @@ import numpy as np
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._calls import ProbeCall
 from hessian_eigenthings.algorithms._records import StopReason
-from hessian_eigenthings.algorithms._run import (
-    LongRunOptions,
-    ResumableRun,
-    drive,
-    long_run_options,
-)
+from hessian_eigenthings.algorithms._run import LongRunOptions, drive
 from hessian_eigenthings.algorithms._sketch import (
     TraceRun,
     deflation_basis,
     loo_directions,
     numerical_rank,
     paired_dots,
-)
-from hessian_eigenthings.algorithms._validation import (
-    DISTRIBUTIONS,
-    check_choice,
-    check_int,
-    check_num_matvecs,
-    check_operator,
-    check_sketch_options,
-    check_whole_vectors,
-    resolve_seed,
 )
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
@@ -157,24 +143,26 @@ def xtrace(
         NonFiniteError: A product was inf/nan; ``err.partial`` is the partial estimate
             from the products before it (as for ``time_limit``), or ``None``.
     """
-    operator = check_operator(operator, "xtrace")
-    m = check_num_matvecs(num_matvecs, MIN_MATVECS_XTRACE, "xtrace")
-    distribution = check_choice(distribution, DISTRIBUTIONS, "probe distribution")
-    block_size = check_int(block_size, "block_size")
-    cap, store = check_sketch_options(max_sketch_size, sketch_device, operator)
-    options = long_run_options("xtrace", dict(long_run))
-    backend = backend if backend is not None else operator.backend
-    check_whole_vectors(backend, operator, "xtrace")
-    n = operator.size
+    call = ProbeCall.check(
+        "xtrace",
+        "xtrace",
+        MIN_MATVECS_XTRACE,
+        operator,
+        num_matvecs,
+        distribution=distribution,
+        seed=seed,
+        block_size=block_size,
+        backend=backend,
+        long_run=long_run,
+        max_sketch_size=max_sketch_size,
+        sketch_device=sketch_device,
+        whole_vectors=True,
+    )
+    n = call.operator.size
     if n < 2:
         raise ValueError(f"xtrace needs an operator of size >= 2, got size {n}.")
-    seed_ = ResumableRun.agree_seed(resolve_seed(seed), backend)
-    sizes = _split(min(m // 2, n), cap)
-    run = _XTrace(operator, backend, seed_, sizes, distribution, block_size=block_size, store=store)
-    config = {"num_matvecs": m, "distribution": distribution, "max_sketch_size": cap}
-    return drive(
-        run, {**config, "block_size": block_size, "seed": seed, "dtype": run.dtype}, options
-    )
+    run = _XTrace(call, _split(min(call.num_matvecs // 2, n), call.max_sketch_size))
+    return drive(run, call.config(run.dtype, max_sketch_size=call.max_sketch_size), call.long_run)
 
 
 class _XTrace(TraceRun):
@@ -186,20 +174,12 @@ class _XTrace(TraceRun):
     ``"fresh"`` (Hutchinson on fresh probes projected off ``Q_r``).
     """
 
-    algorithm = "xtrace"
+    algorithm = method = "xtrace"
 
-    def __init__(
-        self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
-        seed: int,
-        sizes: list[int],
-        distribution: str,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(operator, backend, seed, distribution=distribution, **kwargs)
+    def __init__(self, call: ProbeCall, sizes: list[int]) -> None:
+        super().__init__(call)
         self.sizes = sizes
-        self.improved = distribution == "gaussian"
+        self.improved = call.distribution == "gaussian"
         # Completed batches: estimates, se^2, leave-one-out estimates, ranks, dofs.
         self.done_batches: dict[str, list[Any]] = {
             "estimates": [],
@@ -342,13 +322,10 @@ class _XTrace(TraceRun):
             estimate=float(np.mean(b["estimates"])),
             stderr=float(math.sqrt(sum(b["variances"])) / count),
             num_matvecs=self.products,
-            operator_size=self.op.size,
-            method=self.algorithm,
-            distribution=self.distribution,
-            seed=self.seed,
             samples=np.concatenate(b["samples"]),
             details=details,
             stop_reason=stop_reason,
+            **self.about(),
         )
 
     def state_dict(self) -> dict[str, Any]:

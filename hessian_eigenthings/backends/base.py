@@ -21,13 +21,42 @@ from __future__ import annotations
 import secrets
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import torch
 
-__all__ = ["LinAlgBackend", "VectorT", "fresh_seed"]
+__all__ = ["Draw", "LinAlgBackend", "VectorT", "draw_probes", "fresh_seed", "seeded_generator"]
 
 VectorT = TypeVar("VectorT")
+#: ``draw(shape)``: the next ``shape`` random numbers of a probe stream (see ``probes``).
+Draw = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+def draw_probes(
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    distribution: str,
+) -> torch.Tensor:
+    """Draw Gaussian or Rademacher probes directly on ``device`` (no host copy).
+
+    Reduced-precision dtypes are drawn in float32 and rounded, so Rademacher entries
+    stay exactly +-1 and Gaussian tails are not clipped by bfloat16 sampling.
+    """
+    draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    if distribution == "gaussian":
+        out = torch.randn(shape, generator=generator, dtype=draw_dtype, device=device)
+    elif distribution == "rademacher":
+        bits = torch.randint(0, 2, shape, generator=generator, device=device)
+        out = bits.to(draw_dtype).mul_(2).sub_(1)
+    else:
+        raise ValueError(
+            f"Unknown probe distribution {distribution!r}; expected 'gaussian' or 'rademacher'."
+        )
+    return out.to(dtype)
 
 
 def fresh_seed() -> int:
@@ -64,7 +93,6 @@ class LinAlgBackend(ABC, Generic[VectorT]):
     def local_size(self, n: int) -> int:
         """Number of entries of an ``n``-vector held by this process."""
 
-    @abstractmethod
     def probes(
         self,
         n: int,
@@ -89,6 +117,22 @@ class LinAlgBackend(ABC, Generic[VectorT]):
         so a seed gives the same probes on every backend, and every rank of a distributed
         backend draws the same global probes and keeps its entries (results do not depend
         on the number of ranks).
+        """
+
+        def draw(shape: tuple[int, ...]) -> torch.Tensor:
+            return draw_probes(
+                shape, generator=generator, dtype=dtype, device=device, distribution=distribution
+            )
+
+        return self._local_rows(n, num, draw, torch.empty(0, dtype=dtype, device=device)).T
+
+    @abstractmethod
+    def _local_rows(self, n: int, num: int, draw: Draw, like: torch.Tensor) -> torch.Tensor:
+        """This process's entries ``(num, n_local)`` of the draw ``draw((num, n))``.
+
+        ``draw(shape)`` continues the generator's stream, so a backend may draw the
+        ``(num, n)`` block in consecutive pieces (row by row, in chunks) instead of at
+        once; ``like`` is an empty tensor of the probes' dtype and device.
         """
 
     def random(

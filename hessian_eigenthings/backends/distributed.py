@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hessian_eigenthings.backends.base import LinAlgBackend, seeded_generator
-from hessian_eigenthings.backends.single_device import SingleDeviceBackend, draw_probes
+from hessian_eigenthings.backends.base import Draw, LinAlgBackend, seeded_generator
+from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 
 __all__ = ["ReplicatedBackend", "ShardedBackend", "broadcast_seed", "collective_device"]
 
@@ -254,31 +254,15 @@ class ShardedBackend(_GroupAgreement, LinAlgBackend[torch.Tensor]):
         return out
 
     # -- randomness --------------------------------------------------------------------
-    def probes(
-        self,
-        n: int,
-        num: int,
-        *,
-        generator: torch.Generator,
-        dtype: torch.dtype,
-        device: torch.device,
-        distribution: str = "gaussian",
-    ) -> torch.Tensor:
-        local = self.local_size(n)
-        kw: dict[str, Any] = {
-            "generator": generator,
-            "dtype": dtype,
-            "device": device,
-            "distribution": distribution,
-        }
+    def _local_rows(self, n: int, num: int, draw: Draw, like: torch.Tensor) -> torch.Tensor:
         if num * n <= self.chunk_size:
-            return self.shard(draw_probes((num, n), **kw)).T
-        block = torch.empty(num, local, dtype=dtype, device=device)
+            return self.shard(draw((num, n)))
+        block = like.new_empty((num, self.local_size(n)))
         for i in range(num):
-            self._draw_row_into(block[i], n, kw)
-        return block.T
+            self._draw_row_into(block[i], n, draw)
+        return block
 
-    def _draw_row_into(self, out: torch.Tensor, n: int, kw: dict[str, Any]) -> None:
+    def _draw_row_into(self, out: torch.Tensor, n: int, draw: Draw) -> None:
         # Global entries are drawn chunk by chunk; local ranges are copied as they pass.
         starts = []
         pos = 0
@@ -287,7 +271,7 @@ class ShardedBackend(_GroupAgreement, LinAlgBackend[torch.Tensor]):
             pos += b - a
         for c0 in range(0, n, self.chunk_size):
             c1 = min(c0 + self.chunk_size, n)
-            chunk = draw_probes((c1 - c0,), **kw)
+            chunk = draw((c1 - c0,))
             for (a, b), s in zip(self.ranges, starts):
                 lo, hi = max(a, c0), min(b, c1)
                 if lo < hi:
