@@ -29,11 +29,9 @@ Policies (the same for every algorithm):
   call always makes progress before it may stop again.
 * **Processes agree through the backend.** Under ``torch.distributed`` the decisions
   that depend on a process's clock (stop now, write now) are the first process's,
-  broadcast by :meth:`LinAlgBackend.agree
-  <hessian_eigenthings.backends.LinAlgBackend.agree>` over the backend's group; the
-  checkpoint is written by :meth:`~hessian_eigenthings.backends.LinAlgBackend.
-  is_first_process`. A backend without a group (one process running on a local
-  operator inside a larger job) communicates with nobody.
+  broadcast by the backend's ``agree`` over its group; the checkpoint is written by the
+  process for which ``backend.is_first_process()`` holds. A backend without a group (one
+  process running on a local operator inside a larger job) communicates with nobody.
 """
 
 from __future__ import annotations
@@ -63,10 +61,10 @@ from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = [
-    "LONG_RUN_ARGS",
     "Deadline",
     "LongRun",
     "LongRunOptions",
+    "ProductFailure",
     "ResumableRun",
     "drive",
     "first_non_finite",
@@ -74,8 +72,6 @@ __all__ = [
 ]
 
 R = TypeVar("R")
-
-LONG_RUN_ARGS = """checkpoint, checkpoint_every, checkpoint_seconds, time_limit"""
 
 
 class LongRunOptions(TypedDict, total=False):
@@ -125,7 +121,7 @@ def long_run_options(who: str, options: Mapping[str, Any]) -> LongRun:
     if unknown:
         raise TypeError(
             f"{who}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-            f"the long-run keywords are {LONG_RUN_ARGS}."
+            f"the long-run keywords are {', '.join(LongRunOptions.__annotations__)}."
         )
     path, every, seconds = check_checkpoint_options(
         options.get("checkpoint"),
@@ -155,8 +151,12 @@ class Deadline:
         return self.backend.agree(time.monotonic() >= self._end)
 
 
-class _ProductFailed(Exception):
-    """A product of the run was non-finite or raised (internal; becomes NonFiniteError)."""
+class ProductFailure(Exception):
+    """A product of a run was non-finite or refused by the operator.
+
+    Internal: :func:`drive` turns it into the ``NonFiniteError`` that carries the run's
+    partial result.
+    """
 
     def __init__(self, first_bad: int, width: int, cause: NonFiniteError | None, hint: str):
         super().__init__(f"product {first_bad} failed")
@@ -255,7 +255,7 @@ class ResumableRun(ABC, Generic[R]):
         try:
             out = self.op.matvec(x) if X.dim() == 1 else self.op.matmat(x)
         except NonFiniteError as err:
-            raise _ProductFailed(self.used() + 1, width, err, "") from err
+            raise ProductFailure(self.used() + 1, width, err, "") from err
         if check:
             bad = first_non_finite(out)
             if bad is not None:
@@ -264,7 +264,7 @@ class ResumableRun(ABC, Generic[R]):
 
     def fail(self, first_bad: int, *, hint: str = "") -> NoReturn:
         """End the run: product ``first_bad`` (1-based) was non-finite; ``hint``: a cause."""
-        raise _ProductFailed(first_bad, 1, None, hint)
+        raise ProductFailure(first_bad, 1, None, hint)
 
     # -- used by the driver -----------------------------------------------------------------
 
@@ -276,10 +276,10 @@ class ResumableRun(ABC, Generic[R]):
         restore_generator(self.gen, state["generator"])
         self.load_state_dict(state)
 
-    def _non_finite_error(self, failure: _ProductFailed) -> NonFiniteError:
+    def _non_finite_error(self, failure: ProductFailure) -> NonFiniteError:
         try:
             partial = self.partial("non_finite")
-        except _ProductFailed:  # the state itself is not finite: nothing to return
+        except ProductFailure:  # the state itself is not finite: nothing to return
             partial = None
         first = failure.first_bad
         if failure.cause is None:
@@ -357,7 +357,7 @@ def drive(run: ResumableRun[R], config: dict[str, Any], options: LongRun | None 
             if checkpointer is not None:
                 checkpointer.maybe_save(run.used(), run._snapshot)
             run.step()
-    except _ProductFailed as failure:
+    except ProductFailure as failure:
         raise run._non_finite_error(failure) from failure.cause
     result = run.result()
     if checkpointer is not None:

@@ -85,7 +85,7 @@ from typing_extensions import Unpack
 from hessian_eigenthings.algorithms._calls import SolverCall
 from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
 from hessian_eigenthings.algorithms._records import StopReason
-from hessian_eigenthings.algorithms._run import LongRunOptions, ResumableRun, _ProductFailed, drive
+from hessian_eigenthings.algorithms._run import LongRunOptions, ProductFailure, ResumableRun, drive
 from hessian_eigenthings.algorithms._validation import check_choice, check_int
 from hessian_eigenthings.algorithms.checkpoint import generator_state, restore_generator
 from hessian_eigenthings.algorithms.results import EigenResult
@@ -329,7 +329,7 @@ class _Lanczos(ResumableRun[EigenResult]):
 
     def _expand(
         self, steps: int
-    ) -> tuple[list[tuple[int, int, torch.Tensor, torch.Tensor]], _ProductFailed | None]:
+    ) -> tuple[list[tuple[int, int, torch.Tensor, torch.Tensor]], ProductFailure | None]:
         """Multiply the next ``steps`` pending vectors; return per-step breakdown data.
 
         A product the operator refused (a data operator's ``NonFiniteError``) stops the
@@ -342,7 +342,7 @@ class _Lanczos(ResumableRun[EigenResult]):
             self._ensure_capacity(p + 1)
             try:
                 w = self.apply(st.basis[j], check=False)  # checked through its norms
-            except _ProductFailed as failure:
+            except ProductFailure as failure:
                 return log, failure
             st.num_matvecs += 1
             w_norm = self.backend.norm(w)
@@ -362,7 +362,7 @@ class _Lanczos(ResumableRun[EigenResult]):
     def _handle_breakdown(
         self,
         log: list[tuple[int, int, torch.Tensor, torch.Tensor]],
-        failure: _ProductFailed | None = None,
+        failure: ProductFailure | None = None,
     ) -> None:
         """Truncate the cycle at the first product that lay in the span of the basis.
 
