@@ -6,7 +6,9 @@ with the same arguments and the same path resumes from it and returns the same r
 bit for bit, as an uninterrupted run (the state holds every tensor the run reads later and
 the random generator's state, and the run continues with the same floating-point
 operations). A run that finishes deletes its checkpoint; a run stopped by ``time_limit``
-leaves it, so calling again continues it.
+writes and keeps it, so calling again continues it; a run that raises leaves it as last
+written (the state before the failing product). The run driver
+(:mod:`hessian_eigenthings.algorithms._run`) applies these rules to every algorithm.
 
 File layout (format version 1)::
 
