@@ -45,6 +45,21 @@ def operator(on_product: Callable[[int], None] | None = None) -> LambdaOperator:
     return LambdaOperator(mm, N, dtype=torch.float64, matmat_fn=mm)
 
 
+def low_rank(op: LambdaOperator, rank: int = 5) -> LambdaOperator:
+    """``P A P`` with ``P`` a fixed rank-``rank`` projector; every product goes through ``op``.
+
+    Its sketches are numerically rank deficient, so XTrace and XDiag take their fallback.
+    """
+    gen = torch.Generator().manual_seed(99)
+    basis, _ = torch.linalg.qr(torch.randn(N, rank, generator=gen, dtype=torch.float64))
+    proj = basis @ basis.T
+
+    def mm(x: torch.Tensor) -> torch.Tensor:
+        return proj @ (op.matvec(proj @ x) if x.dim() == 1 else op.matmat(proj @ x))
+
+    return LambdaOperator(mm, N, dtype=torch.float64, matmat_fn=mm)
+
+
 # name -> (function(op, **checkpoint_kwargs) -> result, total products of a full run)
 RUNS: dict[str, Callable[..., Any]] = {
     "lanczos": lambda op, **kw: lanczos(op, k=4, seed=3, basis_size=14, tol=1e-12, **kw),

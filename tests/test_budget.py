@@ -152,3 +152,32 @@ def test_bad_time_limit() -> None:
             lanczos(operator(), k=2, seed=0, time_limit=bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="time_limit"):
             trace(operator(), 20, seed=0, time_limit=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["xtrace", "xdiag"])
+def test_time_limit_stops_inside_the_rank_deficient_fallback(method: str, tmp_path: Path) -> None:
+    """The fallback of a rank-deficient sketch makes its products in checked blocks too."""
+    from tests._long_run_problems import low_rank
+
+    def run(**kw: Any) -> Any:
+        op = low_rank(operator())
+        if method == "xtrace":
+            return trace(op, 40, method="xtrace", seed=4, block_size=3, **kw)
+        return diagonal(op, 40, method="xdiag", seed=4, block_size=3, **kw)
+
+    full = run()
+    s = full.details["sketch_size"]
+    assert full.details["sketch_rank"] < s  # the fallback ran
+    path = tmp_path / "run.ckpt"
+    cuts = []
+    while True:
+        res = run(checkpoint=path, checkpoint_every=10**9, time_limit=TINY)
+        if res.stop_reason != "time_limit":
+            break
+        cuts.append(res)
+    inside = [c for c in cuts if s < c.num_matvecs < 2 * s]
+    assert len(inside) >= 3, [c.num_matvecs for c in cuts]
+    for cut in inside:  # Hutchinson on the s sketch probes, honest about the products made
+        assert cut.details["partial_estimator"] == "hutchinson_on_sketch"
+        assert cut.details["num_probes"] == s
+    assert_same(res, full)

@@ -33,7 +33,7 @@ from hessian_eigenthings import (
     stochastic_power_iteration,
     trace,
 )
-from tests._long_run_problems import RUNS, operator
+from tests._long_run_problems import RUNS, low_rank, operator
 
 CHILD = Path(__file__).with_name("_long_run_problems.py")
 
@@ -144,6 +144,13 @@ IN_PROCESS: dict[str, Callable[..., Any]] = {
     "diagonal-xdiag": lambda op, **kw: diagonal(op, 60, method="xdiag", seed=2, block_size=4, **kw),
     "stochastic_power": lambda op, **kw: stochastic_power_iteration(
         op, 2, max_iter=70, momentum=0.3, seed=1, **kw
+    ),
+    # rank-deficient sketches: the fallbacks are resumable and time-limited as well
+    "xtrace-rank-deficient": lambda op, **kw: trace(
+        low_rank(op), 40, method="xtrace", seed=4, block_size=3, **kw
+    ),
+    "xdiag-rank-deficient": lambda op, **kw: diagonal(
+        low_rank(op), 40, method="xdiag", seed=4, block_size=3, **kw
     ),
 }
 
@@ -363,3 +370,91 @@ def test_torchrun_ranks_agree_on_seed_and_resume_from_rank0s_file(tmp_path: Path
         torch.set_num_threads(threads)
     assert r0["eigenvalues"] == reference.eigenvalues.tolist()
     assert r0["num_matvecs"] == reference.num_matvecs
+
+
+def _spawn_gloo_job(module: str, out: Path, world: int = 2, timeout: float = 150.0) -> None:
+    """Run ``python -m module out`` as a gloo job of ``world`` ranks; a hang fails."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, str(out)],
+            cwd=repo,
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{module} did not finish within {timeout} s (a collective on one rank hangs)")
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank][-4000:]}"
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs gloo",
+)
+def test_long_runs_agree_within_their_backends_group(tmp_path: Path) -> None:
+    """Deadlines and checkpoints use the operator's backend, never the default group.
+
+    Rank 0 runs time-limited, checkpointed calls on a local operator while rank 1 runs a
+    DDP operator on the group {1}; then both run one on an explicit group {0, 1}.
+    """
+    import json
+
+    _spawn_gloo_job("tests._long_run_group_worker", tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    local, sub = r0["local"], r1["subgroup"]
+    # A local operator inside a torchrun job: no collective, resumed bit for bit.
+    assert local["lanczos_same"] and local["trace_same"] and local["seed_none_ok"]
+    assert local["lanczos_calls"] > 2 and local["trace_calls"] > 2
+    assert local["left"] == []
+    # A subgroup whose first rank is global rank 1 writes its own checkpoint.
+    assert sub["written_by_group_first_rank"]
+    assert sub["resumed_same"] and sub["time_limited_same"] and sub["calls"] > 2
+    assert not sub["left"]
+    # The group {0, 1}: same result on both ranks; only the first rank builds the state on
+    # the host and hashes the parameters.
+    for r in (r0, r1):
+        assert r["pair"]["same"] and r["pair"]["calls"] > 2
+    assert r0["pair"]["eigenvalues"] == r1["pair"]["eigenvalues"]
+    assert r0["pair"]["state_to_host"] >= r0["pair"]["calls"] - 1
+    assert r0["pair"]["parameter_hashes"] >= 1
+    assert r1["pair"]["state_to_host"] == 0 and r1["pair"]["parameter_hashes"] == 0
+
+
+def test_long_run_keywords_are_checked_by_name() -> None:
+    """The four long-run keywords are accepted by every algorithm; a misspelt one raises."""
+    for call in (
+        lambda **kw: lanczos(operator(), k=2, seed=0, **kw),
+        lambda **kw: trace(operator(), 20, seed=0, **kw),
+        lambda **kw: diagonal(operator(), 20, seed=0, **kw),
+        lambda **kw: spectral_density(operator(), 2, 4, seed=0, **kw),
+        lambda **kw: deflated_power_iteration(operator(), 1, max_iter=20, seed=0, **kw),
+        lambda **kw: stochastic_power_iteration(operator(), 1, max_iter=20, seed=0, **kw),
+    ):
+        with pytest.raises(TypeError, match="checkpoint_evry"):
+            call(checkpoint_evry=5)
+        assert call(time_limit=1e9).stop_reason in ("converged", "max_iter", "completed")

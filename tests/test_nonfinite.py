@@ -47,12 +47,14 @@ def _matrix() -> torch.Tensor:
 A = _matrix()
 
 
-def poisoned(bad: int | None, value: float = float("nan")) -> LambdaOperator:
-    """``A`` whose ``bad``-th product (1-based, counting columns) returns ``value``."""
+def poisoned(
+    bad: int | None, value: float = float("nan"), matrix: torch.Tensor = A
+) -> LambdaOperator:
+    """``matrix`` whose ``bad``-th product (1-based, counting columns) returns ``value``."""
     count = [0]
 
     def mm(x: torch.Tensor) -> torch.Tensor:
-        out = A @ x
+        out = matrix @ x
         cols = 1 if x.dim() == 1 else x.shape[1]
         for j in range(cols):
             count[0] += 1
@@ -65,7 +67,7 @@ def poisoned(bad: int | None, value: float = float("nan")) -> LambdaOperator:
                     out[3, j] = value
         return out
 
-    return LambdaOperator(mm, N, dtype=torch.float64, matmat_fn=mm)
+    return LambdaOperator(mm, matrix.shape[0], dtype=torch.float64, matmat_fn=mm)
 
 
 def _check_honest(partial: EigenResult) -> None:
@@ -240,3 +242,27 @@ def test_lanczos_on_a_hessian_whose_loss_goes_non_finite_mid_run() -> None:
     H = dense_hessian(model, data, _poisoned_loss(data, state))
     for lam, v, r in zip(partial.eigenvalues, partial.eigenvectors, partial.residuals):
         assert torch.linalg.vector_norm(H @ v - lam * v) <= r * (1 + 1e-6) + 1e-10
+
+
+@pytest.mark.parametrize("method", ["xtrace", "xdiag"])
+@pytest.mark.parametrize("bad", [23, 30, 38])
+def test_rank_deficient_fallback_names_the_product(method: str, bad: int) -> None:
+    """A bad product inside the fallback of a rank-deficient sketch (products 21-40) is
+    caught at once, with its number and the sketch probes' Hutchinson estimate."""
+    from tests._long_run_problems import low_rank, matrix
+
+    def run(op: LambdaOperator) -> Any:
+        if method == "xtrace":
+            return trace(low_rank(op), 40, method="xtrace", seed=4, block_size=3)
+        return diagonal(low_rank(op), 40, method="xdiag", seed=4, block_size=3)
+
+    clean = run(poisoned(None, matrix=matrix()))
+    assert clean.details["sketch_rank"] < clean.details["sketch_size"] == 20
+    with pytest.raises(NonFiniteError) as info:
+        run(poisoned(bad, matrix=matrix()))
+    err = info.value
+    assert err.matvec == bad and "non-finite" in str(err)
+    partial = err.partial
+    assert partial.stop_reason == "non_finite"
+    assert partial.details["partial_estimator"] == "hutchinson_on_sketch"
+    assert partial.details["num_probes"] == 20

@@ -194,3 +194,26 @@ def test_hessian_operator_new_batch_per_matvec() -> None:
     assert res.num_matvecs == 160
     assert res.eigenvalue_stderr is not None
     assert abs(res.eigenvalues[0].item() - top) <= 4 * res.eigenvalue_stderr[0].item()
+
+
+def test_stop_reason_uses_the_eigensolver_words_and_old_payloads_load(
+    matrix: torch.Tensor,
+) -> None:
+    op = LambdaOperator(lambda v: matrix @ v, N, dtype=torch.float64)
+    res = stochastic_power_iteration(op, 2, max_iter=40, seed=3, tol=1e-12)
+    assert not res.all_converged and res.stop_reason == "max_iter"
+    loose = stochastic_power_iteration(op, 1, max_iter=40, seed=3, tol=0.5)
+    assert loose.all_converged and loose.stop_reason == "converged"
+    # A payload written before the shared vocabulary: "completed", no recorded dtypes.
+    for result in (res, loose):
+        old = {k: v for k, v in result.to_dict().items() if not k.endswith("_dtype")}
+        old["stop_reason"] = "completed"
+        back = StochasticEigenResult.from_dict(old)
+        assert back.stop_reason == result.stop_reason
+        assert back.converged.dtype == torch.bool
+        assert torch.equal(back.converged, result.converged)
+        assert torch.equal(back.eigenvalue_stderr, result.eigenvalue_stderr)  # type: ignore[arg-type]
+    bad = res.to_dict()
+    bad["stop_reason"] = "finished"
+    with pytest.raises(ValueError, match="stop_reason"):
+        StochasticEigenResult.from_dict(bad)

@@ -1,5 +1,8 @@
 """Algorithms that consume curvature operators: eigensolvers and estimators."""
 
+# Long runs: the keywords every algorithm takes (checkpoint, time limit)
+from hessian_eigenthings.algorithms._run import LongRunOptions
+
 # Stochastic estimators with error bars (trace, diagonal, SLQ spectral density) and the
 # plain Lanczos tridiagonalisation that SLQ is built on
 from hessian_eigenthings.algorithms.diagonal import diagonal
@@ -18,7 +21,7 @@ from hessian_eigenthings.algorithms.power_iteration import (
     deflated_power_iteration,
     power_iteration_one,
 )
-from hessian_eigenthings.algorithms.results import EigenResult, StochasticEigenResult
+from hessian_eigenthings.algorithms.results import EigenResult, StochasticEigenResult, StopReason
 from hessian_eigenthings.algorithms.spectral_density import spectral_density
 from hessian_eigenthings.algorithms.stochastic_power_iteration import stochastic_power_iteration
 from hessian_eigenthings.algorithms.trace import trace
@@ -53,11 +56,13 @@ __all__ = [
     "spectral_density",
     "trace",
     "xtrace",
-    # estimator results
+    # estimator results, and why a run stopped (all results)
     "DiagonalResult",
     "SpectralDensityResult",
+    "StopReason",
     "TraceResult",
-    # long runs: non-finite products, checkpoints
+    # long runs: keywords, non-finite products, checkpoints
+    "LongRunOptions",
     "CheckpointError",
     "CheckpointMismatchError",
     "CorruptCheckpointError",

@@ -6,7 +6,9 @@ with the same arguments and the same path resumes from it and returns the same r
 bit for bit, as an uninterrupted run (the state holds every tensor the run reads later and
 the random generator's state, and the run continues with the same floating-point
 operations). A run that finishes deletes its checkpoint; a run stopped by ``time_limit``
-leaves it, so calling again continues it.
+writes and keeps it, so calling again continues it; a run that raises leaves it as last
+written (the state before the failing product). The run driver
+(:mod:`hessian_eigenthings.algorithms._run`) applies these rules to every algorithm.
 
 File layout (format version 1)::
 
@@ -36,10 +38,15 @@ The configuration is every argument that changes the numbers (``k``, ``which``, 
 checkpoint options are not part of it. A mismatch raises :class:`CheckpointMismatchError`
 listing expected vs found.
 
-Distributed runs (``torch.distributed`` initialised): every rank computes the same state
-(replicated vectors), rank 0 writes, and all ranks wait at a barrier after each write;
-on resume every rank reads the same file, so the path must be on a file system shared by
-the ranks. Sharded vectors (a backend whose ``local_size(n) < n``) are refused.
+Distributed runs: the processes of the operator's backend (a
+:class:`~hessian_eigenthings.backends.ReplicatedBackend` over a process group) compute the
+same state; the group's first process builds the state on the host and writes it, and
+the group waits at a barrier after each write; on resume every process reads the same
+file, so the path must be on a file system shared by the group. Only the first process
+hashes the parameters (it checks them on resume and tells the others whether the file
+matches). A backend without a group (e.g. a local operator on one rank of a larger job)
+writes and reads alone, with no collective at all. Sharded vectors (a backend whose
+``local_size(n) < n``) are refused.
 """
 
 from __future__ import annotations
@@ -51,14 +58,15 @@ import json
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hessian_eigenthings.algorithms._deadline import agree_flag
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.errors import (
+    CheckpointError,
     CheckpointMismatchError,
     CorruptCheckpointError,
 )
@@ -79,21 +87,6 @@ _LEN = struct.Struct("<Q")
 _DEFAULT_SECONDS = 300.0
 
 
-def _dist_rank() -> tuple[int, bool]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), True
-    return 0, False
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _parameters_sha256(named_params: Any) -> str:
     h = hashlib.sha256()
     for name, p in named_params:
@@ -104,11 +97,14 @@ def _parameters_sha256(named_params: Any) -> str:
     return h.hexdigest()
 
 
-def operator_identity(operator: CurvatureOperator) -> dict[str, Any]:
+def operator_identity(operator: CurvatureOperator, *, parameters: bool = True) -> dict[str, Any]:
     """What a checkpoint records about the operator (see the module docstring).
 
-    Cost for data operators: one pass over the selected parameters' bytes (moved to the
-    CPU and hashed with SHA-256; about a second per GB), once per call.
+    Args:
+        operator: The operator.
+        parameters: Include the SHA-256 of a data operator's selected parameters. Cost:
+            one pass over their bytes (copied to the CPU parameter by parameter and
+            hashed; about a second per GB).
     """
     ident: dict[str, Any] = {
         "class": type(operator).__qualname__,
@@ -117,7 +113,7 @@ def operator_identity(operator: CurvatureOperator) -> dict[str, Any]:
         "device_type": operator.device.type,
     }
     named = getattr(operator, "named_params", None)
-    if named is not None:
+    if named is not None and parameters:
         ident["parameters_sha256"] = _parameters_sha256(named)
     fingerprint = getattr(operator, "fingerprint", None)
     if fingerprint is not None:
@@ -151,7 +147,8 @@ class Checkpointer:
         path: Checkpoint file; its directory must exist.
         algorithm: Name of the algorithm (recorded and checked).
         operator: The operator (its identity is recorded and checked).
-        backend: The vector backend (sharded backends are refused).
+        backend: The vector backend: its first process writes, its group agrees (sharded
+            backends are refused).
         config: Arguments that determine the result (recorded and checked).
         every: Write every this many products (at the next point where the algorithm's
             state is complete: a convergence check, a probe block, a run).
@@ -159,7 +156,7 @@ class Checkpointer:
             neither ``every`` nor ``seconds``, every 300 seconds.
 
     Raises:
-        ValueError: Bad interval, missing directory, or a sharded backend.
+        ValueError: A missing directory, or a sharded backend.
     """
 
     def __init__(
@@ -173,12 +170,6 @@ class Checkpointer:
         every: int | None = None,
         seconds: float | None = None,
     ) -> None:
-        if every is not None and (
-            not isinstance(every, int) or isinstance(every, bool) or every < 1
-        ):
-            raise ValueError(f"checkpoint_every must be a positive int (matvecs), got {every!r}.")
-        if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
-            raise ValueError(f"checkpoint_seconds must be a positive number, got {seconds!r}.")
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise ValueError(
@@ -192,47 +183,53 @@ class Checkpointer:
         self.every = every
         self.seconds = seconds if seconds is not None or every is not None else _DEFAULT_SECONDS
         self.algorithm = algorithm
-        self.identity = operator_identity(operator)
+        self.operator = operator
+        self.backend = backend
+        self.writer = backend.is_first_process()
         self.config = {key: _jsonable(v) for key, v in config.items()}
-        self.rank, self.distributed = _dist_rank()
-        self.device = operator.device
+        self._identity: dict[str, Any] | None = None
         self._last_matvecs = 0
         self._last_time = time.monotonic()
 
-    @classmethod
-    def create(
-        cls,
-        path: str | os.PathLike[str] | None,
-        every: int | None,
-        seconds: float | None,
-        **kwargs: Any,
-    ) -> Checkpointer | None:
-        """A :class:`Checkpointer`, or ``None`` when ``path`` is ``None``."""
-        if path is None:
-            if every is not None or seconds is not None:
-                raise ValueError(
-                    "checkpoint_every / checkpoint_seconds were given without checkpoint=; "
-                    "pass checkpoint='path/to/file' to enable checkpointing."
-                )
-            return None
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(
-                f"checkpoint must be a path (str or PathLike), got {type(path).__name__}."
-            )
-        return cls(path, every=every, seconds=seconds, **kwargs)
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The operator's full identity (hashed on first use, by the writing process only)."""
+        if self._identity is None:
+            self._identity = operator_identity(self.operator)
+        return self._identity
 
     # -- reading --------------------------------------------------------------------------
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or ``None`` if the file does not exist.
 
+        Every process reads the file; the first process also checks the parameters'
+        hash, and its verdict is shared (one small broadcast under a group), so that
+        either every process resumes or every process raises.
+
         Raises:
             CorruptCheckpointError: The file is truncated, corrupt or not a checkpoint.
             CheckpointMismatchError: It belongs to another algorithm, operator or
                 configuration.
         """
-        if not self.path.exists():
-            return None
+        problem: CheckpointError | None = None
+        state = None
+        if self.path.exists():
+            try:
+                state = self._read()
+            except CheckpointError as err:
+                problem = err
+        agreed = self.backend.agree(problem is None)
+        if problem is not None:
+            raise problem
+        if not agreed:
+            raise CheckpointMismatchError(
+                f"The first process of the group refused the checkpoint file "
+                f"{str(self.path)!r} (its error says why); delete it to start the run over."
+            )
+        return state
+
+    def _read(self) -> dict[str, Any]:
         raw = self.path.read_bytes()
         where = f"checkpoint file {str(self.path)!r}"
         fix = "Delete it to start the run over."
@@ -273,10 +270,13 @@ class Checkpointer:
                 f"  algorithm: this call is {self.algorithm!r}, the checkpoint is from "
                 f"{header.get('algorithm')!r}"
             )
-        problems += [
-            f"  operator.{line.strip()}"
-            for line in _diff(self.identity, header.get("operator", {}))
-        ]
+        found = dict(header.get("operator", {}))
+        if self.writer:
+            mine = self.identity
+        else:  # only the first process hashes the parameters
+            mine = operator_identity(self.operator, parameters=False)
+            found.pop("parameters_sha256", None)
+        problems += [f"  operator.{line.strip()}" for line in _diff(mine, found)]
         problems += _diff(self.config, header.get("config", {}))
         if problems:
             raise CheckpointMismatchError(
@@ -295,18 +295,22 @@ class Checkpointer:
     # -- writing --------------------------------------------------------------------------
 
     def due(self, num_matvecs: int) -> bool:
-        """Whether the interval since the last write has passed (rank 0's clock decides)."""
+        """Whether the interval since the last write has passed (the first process decides)."""
         if self.every is not None and num_matvecs - self._last_matvecs >= self.every:
             return True
         if self.seconds is None:
             return False
-        return agree_flag(time.monotonic() - self._last_time >= self.seconds, self.device)
+        return self.backend.agree(time.monotonic() - self._last_time >= self.seconds)
 
-    def save(self, num_matvecs: int, state: dict[str, Any]) -> None:
-        """Write ``state`` atomically (rank 0 only; a barrier follows under torchrun)."""
-        if self.rank == 0:
+    def save(self, num_matvecs: int, make_state: Callable[[], dict[str, Any]]) -> None:
+        """Write ``make_state()`` atomically.
+
+        Only the first process builds the state (the host copy of a basis or sketch) and
+        writes it; the group waits at a barrier after the write.
+        """
+        if self.writer:
             buf = io.BytesIO()
-            torch.save(state, buf)
+            torch.save(make_state(), buf)
             payload = buf.getvalue()
             header = {
                 "format": FORMAT_VERSION,
@@ -330,22 +334,20 @@ class Checkpointer:
                 if tmp.exists():
                     tmp.unlink()
             _fsync_dir(self.path.parent)
-        if self.distributed:
-            _barrier()
+        self.backend.barrier()
         self._last_matvecs = num_matvecs
         self._last_time = time.monotonic()
 
-    def maybe_save(self, num_matvecs: int, make_state: Any) -> None:
-        """``save(num_matvecs, make_state())`` if :meth:`due` (state built on rank 0 only)."""
+    def maybe_save(self, num_matvecs: int, make_state: Callable[[], dict[str, Any]]) -> None:
+        """:meth:`save` if :meth:`due`."""
         if self.due(num_matvecs):
-            self.save(num_matvecs, make_state() if self.rank == 0 else {})
+            self.save(num_matvecs, make_state)
 
     def finish(self) -> None:
-        """Delete the checkpoint of a completed run (rank 0; barrier under torchrun)."""
-        if self.rank == 0 and self.path.exists():
+        """Delete the checkpoint of a completed run (first process; the group waits)."""
+        if self.writer and self.path.exists():
             self.path.unlink()
-        if self.distributed:
-            _barrier()
+        self.backend.barrier()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -41,49 +41,36 @@ projectors are ill-defined and XDiag falls back to the deflated Hutchinson diago
 ``diag(Q_r Q_r^T A)`` plus fresh probes on the residual, with the same budget.
 
 Long runs: ``checkpoint=`` saves the state between blocks of products (Hutchinson: the
-running mean and sum of squared deviations; XDiag: the probes and the sketch), and a call
-with the same arguments resumes bit for bit; ``time_limit=`` returns the estimate of the
-products made (Hutchinson: of its probes so far; XDiag: the Hutchinson diagonal of the
-sketch probes made, ``details["partial_estimator"] = "hutchinson_on_sketch"``); a
-non-finite product raises :class:`~hessian_eigenthings.errors.NonFiniteError`
-with that partial estimate. The rank-deficient XDiag fallback runs without intermediate
-writes or time checks.
+running mean and sum of squared deviations; XDiag: the probes and the sketch, also inside
+the rank-deficient fallback), and a call with the same arguments resumes bit for bit;
+``time_limit=`` returns the estimate of the products made (Hutchinson: of its probes so
+far; XDiag: the Hutchinson diagonal of the sketch probes made,
+``details["partial_estimator"] = "hutchinson_on_sketch"``); a non-finite product raises
+:class:`~hessian_eigenthings.errors.NonFiniteError` with that partial estimate.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import Any, cast
 
 import torch
+from typing_extensions import Unpack
 
-from hessian_eigenthings.algorithms._deadline import Deadline
-from hessian_eigenthings.algorithms._estimator_utils import (
-    agree_seed,
-    apply_columns,
-    check_block_size,
-    check_distribution,
-    check_num_matvecs,
-    check_operator,
-    check_single_device,
-    check_sketch_options,
-    draw_columns,
-    first_non_finite,
+from hessian_eigenthings.algorithms._calls import ProbeCall
+from hessian_eigenthings.algorithms._records import StopReason
+from hessian_eigenthings.algorithms._run import LongRunOptions, drive
+from hessian_eigenthings.algorithms._sketch import (
+    ProbeSweep,
+    SweepRun,
+    deflation_basis,
     loo_directions,
-    non_finite_error,
-    resolve_seed,
-    working_dtype,
+    numerical_rank,
 )
-from hessian_eigenthings.algorithms.checkpoint import (
-    Checkpointer,
-    generator_state,
-    restore_generator,
-)
+from hessian_eigenthings.algorithms._validation import check_choice
 from hessian_eigenthings.algorithms.estimator_results import DiagonalResult
 from hessian_eigenthings.backends.base import LinAlgBackend
-from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["DIAGONAL_METHODS", "diagonal"]
@@ -102,10 +89,7 @@ def diagonal(
     sketch_device: torch.device | str | None = None,
     block_size: int = 32,
     backend: LinAlgBackend | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> DiagonalResult:
     """Estimate ``diag(A)`` with a per-entry standard error.
 
@@ -131,14 +115,10 @@ def diagonal(
         block_size: Probes per ``operator.matmat`` call.
         backend: Vector arithmetic; default ``operator.backend``. XDiag needs whole
             vectors; Hutchinson works on shards (every entry is local).
-        checkpoint: Path of a checkpoint file, written between blocks; a call with the
-            same arguments resumes from it, bit for bit. Deleted when done, kept when
-            ``time_limit`` stops the call.
-        checkpoint_every: Write every this many products (rounded up to whole blocks).
-        checkpoint_seconds: Write when this many seconds passed since the last write.
-        time_limit: Wall-clock seconds, checked between blocks; once passed (with at
-            least 2 probes), the estimate of the products made is returned with
-            ``stop_reason="time_limit"``.
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
+            The checkpoint is written between blocks; a time-limited call (with at least
+            2 probes) returns the estimate of the products made.
 
     Returns:
         A :class:`DiagonalResult` with float64 ``estimate`` and ``stderr`` of shape
@@ -150,272 +130,195 @@ def diagonal(
         NonFiniteError: A product was inf/nan; ``err.partial`` is the estimate of the
             products before it (``None`` with fewer than 2 probes).
     """
-    if method not in DIAGONAL_METHODS:
-        raise ValueError(f"Unknown diagonal method {method!r}; expected one of {DIAGONAL_METHODS}.")
-    operator = check_operator(operator, "diagonal")
-    m = check_num_matvecs(num_matvecs, _MIN_MATVECS[method], method)
-    distribution = check_distribution(distribution)
-    block_size = check_block_size(block_size)
-    _, store = check_sketch_options(None, sketch_device, operator)
-    backend = backend if backend is not None else operator.backend
-    if method == "xdiag":
-        check_single_device(backend, operator, "diagonal(method='xdiag')")
-        if min(m // 2, operator.size) < 2:
-            raise ValueError(f"xdiag needs an operator of size >= 2, got size {operator.size}.")
-    seed_ = agree_seed(resolve_seed(seed), backend, operator.device)
-    checkpointer = Checkpointer.create(
-        checkpoint,
-        checkpoint_every,
-        checkpoint_seconds,
-        algorithm=f"diagonal-{method}",
-        operator=operator,
+    method = check_choice(method, DIAGONAL_METHODS, "diagonal method")
+    xdiag = method == "xdiag"
+    call = ProbeCall.check(
+        "diagonal",
+        method,
+        _MIN_MATVECS[method],
+        operator,
+        num_matvecs,
+        distribution=distribution,
+        seed=seed,
+        block_size=block_size,
         backend=backend,
-        config={
-            "num_matvecs": m,
-            "distribution": distribution,
-            "block_size": block_size,
-            "sketch_device": store if method == "xdiag" else None,
-            "seed": seed,
-            "dtype": working_dtype(operator),
-        },
+        long_run=long_run,
+        sketch_device=sketch_device if xdiag else None,  # Hutchinson holds no sketch
+        whole_vectors=xdiag,
     )
-    run = _HutchinsonDiagonal if method == "hutchinson" else _XDiag
-    runner = run(operator, backend, m, seed_, distribution, store, block_size)
-    if checkpointer is not None:
-        saved = checkpointer.load()
-        if saved is not None:
-            runner.load(saved)
-    deadline = Deadline(time_limit)
-    start = runner.used()
-    while not runner.done():
-        if runner.used() > start and deadline.expired(operator.device):
-            cut = runner.partial("time_limit")
-            if cut is not None:
-                if checkpointer is not None:
-                    checkpointer.save(runner.used(), runner.state())
-                return cut
-        if checkpointer is not None:
-            checkpointer.maybe_save(runner.used(), runner.state)
-        runner.step()
-    out = runner.result()
-    if checkpointer is not None:
-        checkpointer.finish()
-    return out
+    if xdiag and min(call.num_matvecs // 2, call.operator.size) < 2:
+        raise ValueError(f"xdiag needs an operator of size >= 2, got size {call.operator.size}.")
+    run = _XDiag(call) if xdiag else _HutchinsonDiagonal(call)
+    sketch_device_ = call.store if xdiag else None
+    return drive(run, call.config(run.dtype, sketch_device=sketch_device_), call.long_run)
 
 
-class _Run(ABC):
-    """A resumable estimator run: ``step()`` makes one block of products."""
+def _mean_stderr_per_entry(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean of a ``(n, b)`` float64 block and its standard error ``std / sqrt(b)``."""
+    return X.mean(dim=1), X.std(dim=1, correction=1) / math.sqrt(X.shape[1])
 
-    method = ""
 
-    def __init__(
-        self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
-        m: int,
-        seed: int,
-        distribution: str,
-        store: torch.device,
-        block_size: int,
-    ) -> None:
-        self.op, self.backend, self.m, self.seed = operator, backend, m, seed
-        self.distribution, self.store, self.block_size = distribution, store, block_size
-        self.dtype = working_dtype(operator)
-        self.gen = backend.generator(seed, operator.device)
+class _DiagonalRun(SweepRun[DiagonalResult]):
+    """A diagonal estimator's run; its state is ``tensors`` plus the sweep position."""
+
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call)
+        self.m = call.num_matvecs
         self.tensors: dict[str, torch.Tensor] = {}
-        self.counters: dict[str, Any] = {}
-
-    def draw(self, num: int) -> torch.Tensor:
-        return draw_columns(
-            self.backend,
-            self.op,
-            num,
-            generator=self.gen,
-            dtype=self.dtype,
-            distribution=self.distribution,
-        )
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "generator": generator_state(self.gen),
-            "tensors": {k: t.cpu() for k, t in self.tensors.items()},
-            "counters": dict(self.counters),
-        }
-
-    def load(self, saved: dict[str, Any]) -> None:
-        self.seed = int(saved["seed"])
-        restore_generator(self.gen, saved["generator"])
-        self.tensors = {k: t.to(self._device_of(k)) for k, t in saved["tensors"].items()}
-        self.counters = dict(saved["counters"])
-
-    def _device_of(self, key: str) -> torch.device:
-        return self.op.device
-
-    def product(self, X: torch.Tensor) -> torch.Tensor:
-        """``A X`` (moved to ``X``'s device), refusing non-finite columns."""
-        try:
-            out = self.op.matmat(X.to(self.op.device)).to(X.device)
-        except NonFiniteError as err:
-            raise self._error(self.used() + 1, err) from err
-        bad = first_non_finite(out)
-        if bad is not None:
-            raise self._error(self.used() + bad + 1, None)
-        return out
-
-    def _error(self, first_bad: int, cause: NonFiniteError | None) -> Exception:
-        partial = self.partial("non_finite")
-        note = (
-            "err.partial is None (fewer than 2 clean probes)"
-            if partial is None
-            else f"err.partial holds the estimate from the {partial.num_matvecs} products before it"
-        )
-        return non_finite_error(
-            f"diagonal ({self.method})", self.op, first_bad, cause, partial, note
-        )
 
     def make(
-        self, est: torch.Tensor, se: torch.Tensor, used: int, details: dict[str, Any], stop: str
+        self,
+        est: torch.Tensor,
+        se: torch.Tensor,
+        used: int,
+        details: dict[str, Any],
+        stop: StopReason,
     ) -> DiagonalResult:
         return DiagonalResult(
             estimate=est,
             stderr=se,
             num_matvecs=used,
-            operator_size=self.op.size,
-            method=self.method,
-            distribution=self.distribution,
-            seed=self.seed,
             details=details,
             stop_reason=stop,
+            **self.about(),
         )
 
     @abstractmethod
-    def used(self) -> int:
-        """Products made so far."""
+    def counters(self) -> dict[str, Any]:
+        """The run's position (saved with the tensors)."""
 
     @abstractmethod
-    def done(self) -> bool:
-        """Whether the whole budget has been spent."""
+    def load_counters(self, counters: dict[str, Any]) -> None:
+        """Restore what :meth:`counters` returned."""
 
-    @abstractmethod
-    def step(self) -> None:
-        """Make the next block of products."""
+    def state_dict(self) -> dict[str, Any]:
+        tensors = {key: t.cpu() for key, t in self.tensors.items()}
+        return {"tensors": tensors, "counters": self.counters()}
 
-    @abstractmethod
-    def partial(self, stop: str) -> DiagonalResult | None:
-        """The estimate of the products made (``None`` with fewer than 2 probes)."""
-
-    @abstractmethod
-    def result(self) -> DiagonalResult:
-        """The final estimate."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tensors = {key: t.to(self.store) for key, t in state["tensors"].items()}
+        self.load_counters(dict(state["counters"]))
 
 
-class _HutchinsonDiagonal(_Run):
+class _HutchinsonDiagonal(ProbeSweep[DiagonalResult], _DiagonalRun):
     """Mean and standard error of ``omega_k * A omega_k`` (blockwise Chan et al. merge)."""
 
+    algorithm = "diagonal-hutchinson"
     method = "hutchinson"
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call)
         n_local = self.backend.local_size(self.op.size)
-        mean = torch.zeros(n_local, dtype=torch.float64, device=self.op.device)
+        mean = torch.zeros(n_local, dtype=torch.float64, device=self.store)
         self.tensors = {"mean": mean, "m2": torch.zeros_like(mean)}
-        self.counters = {"count": 0}
 
-    def used(self) -> int:
-        return int(self.counters["count"])
+    def counters(self) -> dict[str, Any]:
+        return {"count": self.col}
 
-    def done(self) -> bool:
-        return self.used() >= self.m
+    def load_counters(self, counters: dict[str, Any]) -> None:
+        self.phase, self.col = "probes", int(counters["count"])
 
-    def step(self) -> None:
-        count = self.used()
-        b = min(self.block_size, self.m - count)
-        omega = self.draw(b)
-        X = (omega * self.product(omega)).to(torch.float64)
-        block_mean = X.mean(dim=1)
-        block_m2 = ((X - block_mean[:, None]) ** 2).sum(dim=1)
+    def _take(self, col: int, X: torch.Tensor, AX: torch.Tensor) -> None:
+        b = X.shape[1]
+        P = (X * AX).to(torch.float64)
+        block_mean = P.mean(dim=1)
+        block_m2 = ((P - block_mean[:, None]) ** 2).sum(dim=1)
         mean, m2 = self.tensors["mean"], self.tensors["m2"]
         delta = block_mean - mean
-        total = count + b
+        total = col + b
         self.tensors["mean"] = mean + delta * (b / total)
-        self.tensors["m2"] = m2 + block_m2 + delta * delta * (count * b / total)
-        self.counters["count"] = total
+        self.tensors["m2"] = m2 + block_m2 + delta * delta * (col * b / total)
 
-    def _estimate(self, stop: str) -> DiagonalResult:
-        count = self.used()
+    def _estimate(self, stop: StopReason) -> DiagonalResult:
+        count = self.col
         stderr = torch.sqrt(self.tensors["m2"] / (count - 1)) / math.sqrt(count)
         return self.make(self.tensors["mean"], stderr, count, {"num_probes": count}, stop)
 
-    def partial(self, stop: str) -> DiagonalResult | None:
-        return self._estimate(stop) if self.used() >= 2 else None
+    def partial(self, stop_reason: StopReason) -> DiagonalResult | None:
+        return self._estimate(stop_reason) if self.col >= 2 else None
 
     def result(self) -> DiagonalResult:
         return self._estimate("completed")
 
 
-class _XDiag(_Run):
+class _XDiag(_DiagonalRun):
     """XDiag with ``s = min(m // 2, n)`` probes; see the module docstring.
 
-    Phases: ``"sketch"`` (``Y = A Omega`` by blocks), then QR, then ``"z"`` (``Z = A Q`` by
-    blocks); a rank-deficient sketch goes to the fallback at once.
+    Phases: ``"draw"``, ``"sketch"`` (``Y = A Omega``), then QR and the rank test, then
+    ``"z"`` (``Z = A Q``); a rank-deficient sketch goes to the shared fallback instead:
+    ``"deflate"`` (``A Q_r``) and ``"fresh"`` (fresh probes).
     """
 
+    algorithm = "diagonal-xdiag"
     method = "xdiag"
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call)
         self.s = min(self.m // 2, self.op.size)
-        omega = self.draw(self.s).to(self.store)
-        self.tensors = {"omega": omega, "Y": torch.empty_like(omega)}
-        self.counters = {"phase": "sketch", "col": 0}
+        self.rank = 0
         self.final: DiagonalResult | None = None
 
-    def _device_of(self, key: str) -> torch.device:
-        return self.store
+    def counters(self) -> dict[str, Any]:
+        return {"phase": self.phase, "col": self.col, "rank": self.rank}
+
+    def load_counters(self, counters: dict[str, Any]) -> None:
+        self.phase, self.col = str(counters["phase"]), int(counters["col"])
+        self.rank = int(counters.get("rank", 0))
+
+    def _keep(self) -> int:
+        return self.tensors["Qr"].shape[1] if "Qr" in self.tensors else 0
 
     def used(self) -> int:
-        phase, col = self.counters["phase"], int(self.counters["col"])
-        return col if phase == "sketch" else self.s + col
+        offset = {"draw": 0, "sketch": 0, "fresh": self.s + self._keep()}
+        return offset.get(self.phase, self.s) + self.col
 
     def done(self) -> bool:
         return self.final is not None
 
-    def step(self) -> None:
-        t, c = self.tensors, self.counters
-        col, bs = int(c["col"]), self.block_size
-        if c["phase"] == "sketch":
-            block = t["omega"][:, col : col + bs]
-            t["Y"][:, col : col + block.shape[1]] = self.product(block)
-            c["col"] = col + block.shape[1]
-            if c["col"] >= self.s:
-                self._after_sketch()
-        else:
-            Qb = t["Q"][:, col : col + bs]
-            t["Z"][:, col : col + Qb.shape[1]] = self.product(Qb)
-            c["col"] = col + Qb.shape[1]
-            if c["col"] >= self.s:
-                self.final = self._finish()
+    def _size(self) -> int:
+        sizes = {"draw": 0, "deflate": self._keep(), "fresh": self.s - self._keep()}
+        return sizes.get(self.phase, self.s)
 
-    def _sketch_hutchinson(self, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        X = (self.tensors["omega"][:, :cols] * self.tensors["Y"][:, :cols]).to(torch.float64)
-        return X.mean(dim=1), X.std(dim=1, correction=1) / math.sqrt(cols)
+    def _advance(self) -> None:
+        t = self.tensors
+        if self.phase == "draw":
+            omega = self.draw(self.s)
+            self.tensors = {"omega": omega, "Y": torch.empty_like(omega)}
+            self._enter("sketch")
+        elif self.phase == "sketch":
+            self._after_sketch()
+        elif self.phase == "z":
+            self.final = self._finish()
+        elif self.phase == "deflate":
+            t["low"] = (t["Qr"] * t.pop("Zr")).sum(dim=1).to(torch.float64)
+            fresh = self.s - self._keep()
+            t["X"] = torch.empty((self.op.size, fresh), dtype=torch.float64, device=self.store)
+            self._enter("fresh")
+        else:
+            mean, stderr = _mean_stderr_per_entry(t["X"])
+            estimate = t["low"] + mean
+            if not bool(torch.isfinite(estimate).all() and torch.isfinite(stderr).all()):
+                self.fail(
+                    self.s + 1, hint=" or a later one (the fallback's estimate is not finite)"
+                )
+            details = {"sketch_size": self.s, "sketch_rank": self.rank}
+            self.final = self.make(estimate, stderr, self.used(), details, "completed")
 
     def _after_sketch(self) -> None:
         t, s = self.tensors, self.s
         sk_mean, sk_se = self._sketch_hutchinson(s)
         Q, R = torch.linalg.qr(t["Y"])
         R64 = R.to(torch.float64)
-        svals = torch.linalg.svdvals(R64)
-        tol = s * float(torch.finfo(self.dtype).eps) * float(svals[0])
-        rank = int((svals > tol).sum())
-        if rank < s:
-            est, se, used, details = _xdiag_rank_deficient(
-                self.op, self.backend, Q, R64, rank, self.gen, self.distribution, self.block_size
-            )
-            if not bool(torch.isfinite(est).all() and torch.isfinite(se).all()):
-                raise self._error(s + 1, None)
-            self.final = self.make(est, se, used, details, "completed")
+        self.rank = numerical_rank(R64, self.dtype)
+        if self.rank < s:
+            Qr = deflation_basis(Q, R64, self.rank)
+            self.tensors = {
+                "Qr": Qr,
+                "Zr": torch.empty_like(Qr),
+                "sk_mean": sk_mean,
+                "sk_se": sk_se,
+            }
+            self._enter("deflate")
             return
         self.tensors = {
             "omega": t["omega"],
@@ -425,7 +328,27 @@ class _XDiag(_Run):
             "sk_mean": sk_mean,
             "sk_se": sk_se,
         }
-        self.counters = {"phase": "z", "col": 0, "rank": rank}
+        self._enter("z")
+
+    def _columns(self, col: int, b: int) -> torch.Tensor:
+        t = self.tensors
+        if self.phase == "fresh":
+            return self.draw(b)
+        source = {"sketch": "omega", "z": "Q", "deflate": "Qr"}[self.phase]
+        return t[source][:, col : col + b]
+
+    def _take(self, col: int, X: torch.Tensor, AX: torch.Tensor) -> None:
+        t, b = self.tensors, X.shape[1]
+        if self.phase == "fresh":
+            Qr = t["Qr"]
+            t["X"][:, col : col + b] = (X * (AX - Qr @ (Qr.T @ AX))).to(torch.float64)
+        else:
+            target = {"sketch": "Y", "z": "Z", "deflate": "Zr"}[self.phase]
+            t[target][:, col : col + b] = AX
+
+    def _sketch_hutchinson(self, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.tensors
+        return _mean_stderr_per_entry((t["omega"][:, :cols] * t["Y"][:, :cols]).to(torch.float64))
 
     def _finish(self) -> DiagonalResult:
         t, s = self.tensors, self.s
@@ -437,14 +360,13 @@ class _XDiag(_Run):
         coef = (S.to(torch.float64) * R64).sum(0).to(Q.dtype)  # s_i^T R e_i
         # Y e_i - Q R e_i vanishes (Y = Q R): only the left-out direction Q s_i remains.
         D = (omega * (QS * coef) + dQZ[:, None] - QS * ZS).to(torch.float64)
-        estimate = D.mean(dim=1)
-        stderr = D.std(dim=1, correction=1) / math.sqrt(s)
-        details = {"sketch_size": s, "sketch_rank": int(self.counters["rank"])}
+        estimate, stderr = _mean_stderr_per_entry(D)
+        details = {"sketch_size": s, "sketch_rank": self.rank}
         return self.make(estimate, stderr, 2 * s, details, "completed")
 
-    def partial(self, stop: str) -> DiagonalResult | None:
-        if self.counters["phase"] == "sketch":
-            cols = int(self.counters["col"])
+    def partial(self, stop_reason: StopReason) -> DiagonalResult | None:
+        if self.phase in ("draw", "sketch"):
+            cols = self.col
             if cols < 2:
                 return None
             mean, se = self._sketch_hutchinson(cols)
@@ -452,46 +374,7 @@ class _XDiag(_Run):
             cols = self.s
             mean, se = self.tensors["sk_mean"], self.tensors["sk_se"]
         details = {"partial_estimator": "hutchinson_on_sketch", "num_probes": cols}
-        return self.make(mean, se, self.used(), details, stop)
+        return self.make(mean, se, self.used(), details, stop_reason)
 
     def result(self) -> DiagonalResult:
         return cast(DiagonalResult, self.final)  # set when done() became True
-
-
-def _xdiag_rank_deficient(
-    operator: CurvatureOperator,
-    backend: LinAlgBackend,
-    Q: torch.Tensor,
-    R64: torch.Tensor,
-    rank: int,
-    gen: torch.Generator,
-    distribution: str,
-    block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, int]]:
-    """Deflated Hutchinson diagonal on a numerically rank-deficient sketch.
-
-    As in XTrace's fallback: with ``r' = min(r, s - 2)`` leading directions ``Q_r`` of the
-    sketch, ``diag(A) = diag(Q_r Q_r^T A) + diag((I - Q_r Q_r^T) A)``; the first term is
-    exact (``r'`` products), the second is estimated with the ``s - r'`` remaining products
-    on fresh probes, ``g * (I - Q_r Q_r^T) A g``, whose per-entry spread gives the error.
-    """
-    s = R64.shape[0]
-    keep = min(rank, s - 2)
-    U, _, _ = torch.linalg.svd(R64)
-    Qr = Q @ U[:, :keep].to(Q.dtype)
-    Zr = apply_columns(operator, Qr, block_size)
-    low = (Qr * Zr).sum(dim=1).to(torch.float64)
-    del Zr
-    fresh = s - keep
-    X = torch.empty((Q.shape[0], fresh), dtype=torch.float64, device=Q.device)
-    for start in range(0, fresh, block_size):
-        b = min(block_size, fresh - start)
-        G = draw_columns(
-            backend, operator, b, generator=gen, dtype=Q.dtype, distribution=distribution
-        ).to(Q.device)
-        AG = operator.matmat(G.to(operator.device)).to(Q.device)
-        X[:, start : start + b] = (G * (AG - Qr @ (Qr.T @ AG))).to(torch.float64)
-    estimate = low + X.mean(dim=1)
-    stderr = X.std(dim=1, correction=1) / math.sqrt(fresh)
-    used = s + keep + fresh
-    return estimate, stderr, used, {"sketch_size": s, "sketch_rank": rank}

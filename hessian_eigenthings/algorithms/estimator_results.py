@@ -22,17 +22,12 @@ from hessian_eigenthings.algorithms._density_smoothing import (
     smooth_density,
     to_axis,
 )
+from hessian_eigenthings.algorithms._records import ResultRecord, StopReason
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 __all__ = ["DiagonalResult", "SpectralDensityResult", "TraceResult"]
-
-
-def _check_type(d: dict[str, Any], name: str) -> None:
-    if not isinstance(d, dict) or d.get("type") != name:
-        got = d.get("type") if isinstance(d, dict) else type(d).__name__
-        raise ValueError(f"Expected a dict produced by {name}.to_dict(), got type {got!r}.")
 
 
 def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
@@ -43,8 +38,8 @@ def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
     return mean, float(np.std(samples, ddof=1) / math.sqrt(samples.size))
 
 
-@dataclass(frozen=True, eq=False)
-class TraceResult:
+@dataclass(eq=False)
+class TraceResult(ResultRecord):
     """A stochastic estimate of ``tr(A)`` (or ``tr(f(A))``) with its standard error.
 
     Attributes:
@@ -78,7 +73,19 @@ class TraceResult:
     seed: int | None
     samples: np.ndarray
     details: dict[str, Any] = field(default_factory=dict)
-    stop_reason: str = ""
+    stop_reason: StopReason = ""
+
+    @classmethod
+    def from_samples(
+        cls, samples: np.ndarray, *, offset: float | None = None, **fields: Any
+    ) -> TraceResult:
+        """The mean of ``samples`` (plus ``offset``) and its standard error.
+
+        ``stderr = std(samples, ddof=1) / sqrt(m)``; ``fields`` are the other attributes.
+        """
+        mean, stderr = _mean_stderr(samples)
+        estimate = mean if offset is None else offset + mean
+        return cls(estimate=estimate, stderr=stderr, samples=samples, **fields)
 
     def interval(self, z: float = 3.0) -> tuple[float, float]:
         """``(estimate - z * stderr, estimate + z * stderr)``."""
@@ -86,39 +93,6 @@ class TraceResult:
 
     def __float__(self) -> float:
         return float(self.estimate)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (``json.dumps`` works on it)."""
-        return {
-            "type": "TraceResult",
-            "estimate": self.estimate,
-            "stderr": self.stderr,
-            "num_matvecs": self.num_matvecs,
-            "operator_size": self.operator_size,
-            "method": self.method,
-            "distribution": self.distribution,
-            "seed": self.seed,
-            "samples": np.asarray(self.samples, dtype=np.float64).tolist(),
-            "details": dict(self.details),
-            "stop_reason": self.stop_reason,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TraceResult:
-        """Inverse of :meth:`to_dict`."""
-        _check_type(d, "TraceResult")
-        return cls(
-            estimate=float(d["estimate"]),
-            stderr=float(d["stderr"]),
-            num_matvecs=int(d["num_matvecs"]),
-            operator_size=int(d["operator_size"]),
-            method=str(d["method"]),
-            distribution=str(d["distribution"]),
-            seed=None if d["seed"] is None else int(d["seed"]),
-            samples=np.asarray(d["samples"], dtype=np.float64),
-            details=dict(d.get("details", {})),
-            stop_reason=str(d.get("stop_reason", "")),
-        )
 
     def __repr__(self) -> str:
         return (
@@ -128,8 +102,8 @@ class TraceResult:
         )
 
 
-@dataclass(frozen=True, eq=False)
-class DiagonalResult:
+@dataclass(eq=False)
+class DiagonalResult(ResultRecord):
     """A stochastic estimate of ``diag(A)`` with a per-entry standard error.
 
     Attributes:
@@ -156,38 +130,7 @@ class DiagonalResult:
     distribution: str
     seed: int | None
     details: dict[str, Any] = field(default_factory=dict)
-    stop_reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (the vectors become lists: ``O(n)`` entries)."""
-        return {
-            "type": "DiagonalResult",
-            "estimate": self.estimate.detach().cpu().double().tolist(),
-            "stderr": self.stderr.detach().cpu().double().tolist(),
-            "num_matvecs": self.num_matvecs,
-            "operator_size": self.operator_size,
-            "method": self.method,
-            "distribution": self.distribution,
-            "seed": self.seed,
-            "details": dict(self.details),
-            "stop_reason": self.stop_reason,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DiagonalResult:
-        """Inverse of :meth:`to_dict` (tensors come back as float64 on the CPU)."""
-        _check_type(d, "DiagonalResult")
-        return cls(
-            estimate=torch.tensor(d["estimate"], dtype=torch.float64),
-            stderr=torch.tensor(d["stderr"], dtype=torch.float64),
-            num_matvecs=int(d["num_matvecs"]),
-            operator_size=int(d["operator_size"]),
-            method=str(d["method"]),
-            distribution=str(d["distribution"]),
-            seed=None if d["seed"] is None else int(d["seed"]),
-            details=dict(d.get("details", {})),
-            stop_reason=str(d.get("stop_reason", "")),
-        )
+    stop_reason: StopReason = ""
 
     def __repr__(self) -> str:
         return (
@@ -197,8 +140,8 @@ class DiagonalResult:
         )
 
 
-@dataclass(frozen=True, eq=False)
-class SpectralDensityResult:
+@dataclass(eq=False)
+class SpectralDensityResult(ResultRecord):
     r"""Stochastic Lanczos Quadrature estimate of the spectral density of ``A``.
 
     Each run ``r`` gives Gauss-quadrature nodes ``theta_{rj}`` (Ritz values) and weights
@@ -263,7 +206,7 @@ class SpectralDensityResult:
     zero_mass: float
     negative_mass: float
     negative_density: np.ndarray | None = None
-    stop_reason: str = ""
+    stop_reason: StopReason = ""
 
     @classmethod
     def from_quadrature(
@@ -282,7 +225,7 @@ class SpectralDensityResult:
         sigma: float | None = None,
         grid: np.ndarray | Sequence[float] | None = None,
         num_grid_points: int = 1024,
-        stop_reason: str = "",
+        stop_reason: StopReason = "",
     ) -> SpectralDensityResult:
         """Smooth per-run quadrature rules into a density (no operator products).
 
@@ -480,60 +423,6 @@ class SpectralDensityResult:
             mark_eigenvalues=mark_eigenvalues,
             yscale=yscale,
             **line_kwargs,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict holding the quadrature and the smoothed density."""
-        return {
-            "type": "SpectralDensityResult",
-            "grid": self.grid.tolist(),
-            "density": self.density.tolist(),
-            "nodes": [n.tolist() for n in self.nodes],
-            "weights": [w.tolist() for w in self.weights],
-            "probe_norms_sq": self.probe_norms_sq.tolist(),
-            "num_runs": self.num_runs,
-            "lanczos_steps": self.lanczos_steps,
-            "sigma": self.sigma,
-            "scale": self.scale,
-            "trace": self.trace.to_dict(),
-            "operator_size": self.operator_size,
-            "num_matvecs": self.num_matvecs,
-            "distribution": self.distribution,
-            "seed": self.seed,
-            "zero_tol": self.zero_tol,
-            "zero_mass": self.zero_mass,
-            "negative_mass": self.negative_mass,
-            "negative_density": (
-                None if self.negative_density is None else self.negative_density.tolist()
-            ),
-            "stop_reason": self.stop_reason,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SpectralDensityResult:
-        """Inverse of :meth:`to_dict`."""
-        _check_type(d, "SpectralDensityResult")
-        neg = d.get("negative_density")
-        return cls(
-            grid=np.asarray(d["grid"], dtype=np.float64),
-            density=np.asarray(d["density"], dtype=np.float64),
-            nodes=tuple(np.asarray(n, dtype=np.float64) for n in d["nodes"]),
-            weights=tuple(np.asarray(w, dtype=np.float64) for w in d["weights"]),
-            probe_norms_sq=np.asarray(d["probe_norms_sq"], dtype=np.float64),
-            num_runs=int(d["num_runs"]),
-            lanczos_steps=int(d["lanczos_steps"]),
-            sigma=float(d["sigma"]),
-            scale=str(d["scale"]),
-            trace=TraceResult.from_dict(d["trace"]),
-            operator_size=int(d["operator_size"]),
-            num_matvecs=int(d["num_matvecs"]),
-            distribution=str(d["distribution"]),
-            seed=None if d["seed"] is None else int(d["seed"]),
-            zero_tol=float(d["zero_tol"]),
-            zero_mass=float(d["zero_mass"]),
-            negative_mass=float(d["negative_mass"]),
-            negative_density=None if neg is None else np.asarray(neg, dtype=np.float64),
-            stop_reason=str(d.get("stop_reason", "")),
         )
 
     def __repr__(self) -> str:

@@ -23,37 +23,17 @@ contribution to the Hutchinson variance dominates.
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Any
 
-import numpy as np
 import torch
+from typing_extensions import Unpack
 
-from hessian_eigenthings.algorithms._deadline import Deadline
-from hessian_eigenthings.algorithms._estimator_utils import (
-    agree_seed,
-    check_block_size,
-    check_distribution,
-    check_num_matvecs,
-    check_operator,
-    check_single_device,
-    check_sketch_options,
-    draw_columns,
-    first_non_finite,
-    non_finite_error,
-    paired_dots,
-    resolve_seed,
-    working_dtype,
-)
-from hessian_eigenthings.algorithms.checkpoint import (
-    Checkpointer,
-    generator_state,
-    restore_generator,
-)
+from hessian_eigenthings.algorithms._calls import ProbeCall
+from hessian_eigenthings.algorithms._records import StopReason
+from hessian_eigenthings.algorithms._run import LongRunOptions, drive
+from hessian_eigenthings.algorithms._sketch import TraceRun, paired_dots
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
-from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["MIN_MATVECS_HUTCH_PLUS_PLUS", "hutch_plus_plus"]
@@ -72,10 +52,7 @@ def hutch_plus_plus(
     sketch_device: torch.device | str | None = None,
     block_size: int = 32,
     backend: LinAlgBackend | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> TraceResult:
     """Estimate ``tr(A)`` with Hutch++ and an honest standard error.
 
@@ -115,16 +92,13 @@ def hutch_plus_plus(
         sketch_device: Device that holds the sketch; default the operator's device.
         block_size: Probes per ``operator.matmat`` call.
         backend: Vector arithmetic; default ``operator.backend`` (whole vectors needed).
-        checkpoint: Path of a checkpoint file, written between blocks (it holds the
-            sketch: ``O(n k)`` numbers); a call with the same arguments resumes from it,
-            bit for bit. Deleted when done, kept when ``time_limit`` stops the call.
-        checkpoint_every: Write every this many products (rounded up to whole blocks).
-        checkpoint_seconds: Write when this many seconds passed since the last write.
-        time_limit: Wall-clock seconds, checked between blocks. Once passed, the partial
-            estimate is returned with ``stop_reason="time_limit"``: with at least 2
-            residual probes done, Hutch++ with those probes (``details["residual_probes"]``
-            says how many); before that, Hutchinson on the sketch probes done so far
-            (``omega_i^T A omega_i`` from the sketch products, unbiased;
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
+            The checkpoint is written between blocks and holds the sketch (``O(n k)``
+            numbers). A time-limited call returns, with at least 2 residual probes done,
+            Hutch++ with those probes (``details["residual_probes"]`` says how many);
+            before that, Hutchinson on the sketch probes done so far (``omega_i^T A
+            omega_i`` from the sketch products, unbiased;
             ``details["partial_estimator"] = "hutchinson_on_sketch"``).
 
     Returns:
@@ -135,222 +109,134 @@ def hutch_plus_plus(
         NonFiniteError: A product was inf/nan; ``err.partial`` is the partial estimate
             from the products before it (as for ``time_limit``), or ``None``.
     """
-    operator = check_operator(operator, "hutch_plus_plus")
-    m = check_num_matvecs(num_matvecs, MIN_MATVECS_HUTCH_PLUS_PLUS, "hutch++")
-    distribution = check_distribution(distribution)
-    block_size = check_block_size(block_size)
-    cap, store = check_sketch_options(max_sketch_size, sketch_device, operator)
-    backend = backend if backend is not None else operator.backend
-    check_single_device(backend, operator, "hutch_plus_plus")
-    seed_ = agree_seed(resolve_seed(seed), backend, operator.device)
-    dtype = working_dtype(operator)
-    n = operator.size
-    deadline = Deadline(time_limit)
-    k = min(m // 3, n if cap is None else min(cap, n))
-    num_resid = m - 2 * k
-    checkpointer = Checkpointer.create(
-        checkpoint,
-        checkpoint_every,
-        checkpoint_seconds,
-        algorithm="hutch++",
-        operator=operator,
-        backend=backend,
-        config={
-            "num_matvecs": m,
-            "distribution": distribution,
-            "max_sketch_size": cap,
-            "block_size": block_size,
-            "seed": seed,
-            "dtype": dtype,
-        },
-    )
-    gen = backend.generator(seed_, operator.device)
-
-    def draw(num: int) -> torch.Tensor:
-        return draw_columns(
-            backend, operator, num, generator=gen, dtype=dtype, distribution=distribution
-        )
-
-    # The run is a sequence of phases, each a loop over blocks of columns:
-    #   "sketch":   Y = A S (S drawn up front), and the sketch forms s_i^T y_i;
-    #   "low_rank": tr(Q^T A Q) with Q R = Y;
-    #   "residual": Hutchinson on P A P with fresh probes P g_j.
-    # Between blocks the state below is complete (saved / resumed there).
-    phase, col = "sketch", 0
-    empty = torch.empty(0, dtype=dtype, device=store)
-    S, Y, Q = empty, empty, empty
-    sketch_forms = torch.empty(k, dtype=torch.float64, device=store)
-    low_rank = torch.zeros((), dtype=torch.float64, device=store)
-    forms = torch.empty(num_resid, dtype=torch.float64, device=store)
-    saved = checkpointer.load() if checkpointer is not None else None
-    if saved is not None:
-        phase, col, seed_ = str(saved["phase"]), int(saved["col"]), int(saved["seed"])
-        restore_generator(gen, saved["generator"])
-        sketch_forms.copy_(saved["sketch_forms"])
-        low_rank = saved["low_rank"].to(store)
-        forms[: saved["forms"].shape[0]] = saved["forms"].to(store)
-        if phase == "sketch":
-            S, Y = saved["S"].to(store), saved["Y"].to(store)
-        else:
-            Q = saved["Q"].to(store)
-    else:
-        S = draw(k).to(store)
-        Y = torch.empty_like(S)
-
-    def used() -> int:
-        return {"sketch": col, "low_rank": k + col, "residual": 2 * k + col}[phase]
-
-    used_at_start = used()
-
-    def state() -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "phase": phase,
-            "col": col,
-            "seed": seed_,
-            "generator": generator_state(gen),
-            "sketch_forms": sketch_forms.cpu(),
-            "low_rank": low_rank.cpu(),
-            "forms": forms[: col if phase == "residual" else 0].cpu(),
-        }
-        if phase == "sketch":
-            out["S"], out["Y"] = S.cpu(), Y.cpu()
-        else:
-            out["Q"] = Q.cpu()
-        return out
-
-    def partial(stop_reason: str) -> TraceResult | None:
-        if phase == "residual" and col >= 2:
-            return _result(
-                float(low_rank),
-                forms[:col].cpu().numpy(),
-                k,
-                n,
-                distribution,
-                seed_,
-                stop_reason,
-                num_matvecs=2 * k + col,
-            )
-        done = col if phase == "sketch" else k
-        if done < 2:
-            return None
-        samples = sketch_forms[:done].cpu().numpy()
-        return TraceResult(
-            estimate=float(samples.mean()),
-            stderr=float(samples.std(ddof=1) / math.sqrt(done)),
-            num_matvecs=used(),
-            operator_size=n,
-            method="hutch++",
-            distribution=distribution,
-            seed=seed_,
-            samples=samples,
-            details={
-                "partial_estimator": "hutchinson_on_sketch",
-                "num_probes": done,
-                "dof": done - 1,
-                "sketch_size": k,
-            },
-            stop_reason=stop_reason,
-        )
-
-    def product(X: torch.Tensor) -> torch.Tensor:
-        try:
-            out = operator.matmat(X.to(operator.device)).to(store)
-        except NonFiniteError as err:
-            p = partial("non_finite")
-            raise non_finite_error("Hutch++", operator, used() + 1, err, p, _note(p)) from err
-        bad = first_non_finite(out)
-        if bad is not None:
-            p = partial("non_finite")
-            raise non_finite_error("Hutch++", operator, used() + bad + 1, None, p, _note(p))
-        return out
-
-    while True:
-        if phase == "sketch" and col >= k:
-            Q, _ = torch.linalg.qr(Y)
-            S = Y = empty  # free the sketch
-            phase, col = "low_rank", 0
-        if phase == "low_rank" and col >= k:
-            phase, col = "residual", 0
-        if phase == "residual" and col >= num_resid:
-            break
-        # The limit is checked only after this call made products (a resumed call that
-        # finds the limit passed at once still advances by one block).
-        expired = used() > used_at_start and deadline.expired(operator.device)
-        cut = partial("time_limit") if expired else None
-        if cut is not None:
-            if checkpointer is not None:
-                checkpointer.save(used(), state())
-            return cut
-        if checkpointer is not None:
-            checkpointer.maybe_save(used(), state)
-        if phase == "sketch":
-            b = min(block_size, k - col)
-            Sb = S[:, col : col + b]
-            Yb = product(Sb)
-            Y[:, col : col + b] = Yb
-            sketch_forms[col : col + b] = paired_dots(backend, n, Sb, Yb)
-        elif phase == "low_rank":
-            Qb = Q[:, col : col + block_size]
-            b = Qb.shape[1]
-            low_rank = low_rank + paired_dots(backend, n, Qb, product(Qb)).sum()
-        else:
-            b = min(block_size, num_resid - col)
-            G = draw(b).to(store)
-            G = G - Q @ (Q.T @ G)
-            G = G - Q @ (Q.T @ G)  # P G orthogonal to Q
-            forms[col : col + b] = paired_dots(backend, n, G, product(G))
-        col += b
-
-    out = _result(
-        float(low_rank),
-        forms.cpu().numpy(),
-        k,
-        n,
-        distribution,
-        seed_,
-        "completed",
-        num_matvecs=2 * k + num_resid,
-    )
-    if checkpointer is not None:
-        checkpointer.finish()
-    return out
-
-
-def _note(partial: TraceResult | None) -> str:
-    if partial is None:
-        return "err.partial is None (fewer than 2 clean probes)"
-    return (
-        f"err.partial holds the estimate from the {partial.num_matvecs} products before it "
-        f"({partial.details.get('partial_estimator', 'hutch++')})"
-    )
-
-
-def _result(
-    low: float,
-    samples: np.ndarray,
-    k: int,
-    n: int,
-    distribution: str,
-    seed: int,
-    stop_reason: str,
-    *,
-    num_matvecs: int,
-) -> TraceResult:
-    num_resid = samples.size
-    return TraceResult(
-        estimate=low + float(samples.mean()),
-        stderr=float(samples.std(ddof=1) / math.sqrt(num_resid)),
-        num_matvecs=num_matvecs,
-        operator_size=n,
-        method="hutch++",
+    call = ProbeCall.check(
+        "hutch_plus_plus",
+        "hutch++",
+        MIN_MATVECS_HUTCH_PLUS_PLUS,
+        operator,
+        num_matvecs,
         distribution=distribution,
         seed=seed,
-        samples=samples,
-        details={
-            "sketch_size": k,
-            "residual_probes": num_resid,
-            "low_rank_trace": low,
-            "dof": num_resid - 1,
-        },
-        stop_reason=stop_reason,
+        block_size=block_size,
+        backend=backend,
+        long_run=long_run,
+        max_sketch_size=max_sketch_size,
+        sketch_device=sketch_device,
+        whole_vectors=True,
     )
+    m, n, cap = call.num_matvecs, call.operator.size, call.max_sketch_size
+    k = min(m // 3, n if cap is None else min(cap, n))
+    run = _HutchPlusPlus(call, k, m - 2 * k)
+    return drive(run, call.config(run.dtype, max_sketch_size=cap), call.long_run)
+
+
+class _HutchPlusPlus(TraceRun):
+    """Hutch++ as phases of column sweeps.
+
+    ``"draw"`` (the sketch ``S``), ``"sketch"`` (``Y = A S`` and the sketch forms
+    ``s_i^T y_i``), ``"low_rank"`` (``tr(Q^T A Q)`` with ``Q R = Y``), then
+    ``"residual"`` (Hutchinson on ``P A P`` with fresh probes ``P g_j``).
+    """
+
+    algorithm = method = "hutch++"
+
+    def __init__(self, call: ProbeCall, k: int, num_resid: int) -> None:
+        super().__init__(call)
+        self.k, self.num_resid = k, num_resid
+        empty = torch.empty(0, dtype=self.dtype, device=self.store)
+        self.S, self.Y, self.Q = empty, empty, empty
+        self.sketch_forms = torch.empty(k, dtype=torch.float64, device=self.store)
+        self.low_rank = torch.zeros((), dtype=torch.float64, device=self.store)
+        self.forms = torch.empty(num_resid, dtype=torch.float64, device=self.store)
+
+    def _offset(self) -> int:
+        return {"draw": 0, "sketch": 0, "low_rank": self.k, "residual": 2 * self.k}[self.phase]
+
+    def used(self) -> int:
+        return self._offset() + self.col
+
+    def done(self) -> bool:
+        return self.phase == "residual" and self.col >= self.num_resid
+
+    def _size(self) -> int:
+        return {"draw": 0, "sketch": self.k, "low_rank": self.k}.get(self.phase, self.num_resid)
+
+    def _advance(self) -> None:
+        if self.phase == "draw":
+            self.S = self.draw(self.k)
+            self.Y = torch.empty_like(self.S)
+            self._enter("sketch")
+        elif self.phase == "sketch":
+            self.Q, _ = torch.linalg.qr(self.Y)
+            self.S = self.Y = self.S.new_empty(0)  # free the sketch
+            self._enter("low_rank")
+        else:
+            self._enter("residual")
+
+    def _columns(self, col: int, b: int) -> torch.Tensor:
+        if self.phase == "sketch":
+            return self.S[:, col : col + b]
+        if self.phase == "low_rank":
+            return self.Q[:, col : col + b]
+        G = self.draw(b)
+        G = G - self.Q @ (self.Q.T @ G)
+        return G - self.Q @ (self.Q.T @ G)  # P G, orthogonal to Q
+
+    def _take(self, col: int, X: torch.Tensor, AX: torch.Tensor) -> None:
+        forms = paired_dots(self.backend, self.op.size, X, AX)
+        if self.phase == "sketch":
+            self.Y[:, col : col + X.shape[1]] = AX
+            self.sketch_forms[col : col + X.shape[1]] = forms
+        elif self.phase == "low_rank":
+            self.low_rank = self.low_rank + forms.sum()
+        else:
+            self.forms[col : col + X.shape[1]] = forms
+
+    def partial(self, stop_reason: StopReason) -> TraceResult | None:
+        if self.phase == "residual" and self.col >= 2:
+            return self._estimate(stop_reason)
+        done = self.col if self.phase in ("draw", "sketch") else self.k
+        return self._on_sketch(self.sketch_forms[:done], stop_reason, sketch_size=self.k)
+
+    def result(self) -> TraceResult:
+        return self._estimate("completed")
+
+    def _estimate(self, stop_reason: StopReason) -> TraceResult:
+        low, resid = float(self.low_rank), self.col
+        return self._trace(
+            self.forms[:resid].cpu().numpy(),
+            stop_reason,
+            offset=low,
+            num_matvecs=2 * self.k + resid,
+            details={
+                "sketch_size": self.k,
+                "residual_probes": resid,
+                "low_rank_trace": low,
+                "dof": resid - 1,
+            },
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        resid = self.col if self.phase == "residual" else 0
+        out: dict[str, Any] = {
+            "phase": self.phase,
+            "col": self.col,
+            "sketch_forms": self.sketch_forms.cpu(),
+            "low_rank": self.low_rank.cpu(),
+            "forms": self.forms[:resid].cpu(),
+        }
+        if self.phase == "sketch":
+            out["S"], out["Y"] = self.S.cpu(), self.Y.cpu()
+        elif self.phase != "draw":
+            out["Q"] = self.Q.cpu()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phase, self.col = str(state["phase"]), int(state["col"])
+        self.sketch_forms.copy_(state["sketch_forms"])
+        self.low_rank = state["low_rank"].to(self.store)
+        self.forms[: state["forms"].shape[0]] = state["forms"].to(self.store)
+        if self.phase == "sketch":
+            self.S, self.Y = state["S"].to(self.store), state["Y"].to(self.store)
+        elif self.phase != "draw":
+            self.Q = state["Q"].to(self.store)

@@ -16,35 +16,17 @@ decays like ``1 / sqrt(m)`` (Avron & Toledo 2011).
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Any
 
-import numpy as np
 import torch
+from typing_extensions import Unpack
 
-from hessian_eigenthings.algorithms._deadline import Deadline
-from hessian_eigenthings.algorithms._estimator_utils import (
-    agree_seed,
-    check_block_size,
-    check_distribution,
-    check_num_matvecs,
-    check_operator,
-    draw_columns,
-    first_non_finite,
-    non_finite_error,
-    paired_dots,
-    resolve_seed,
-    working_dtype,
-)
-from hessian_eigenthings.algorithms.checkpoint import (
-    Checkpointer,
-    generator_state,
-    restore_generator,
-)
+from hessian_eigenthings.algorithms._calls import ProbeCall
+from hessian_eigenthings.algorithms._records import StopReason
+from hessian_eigenthings.algorithms._run import LongRunOptions, drive, first_non_finite
+from hessian_eigenthings.algorithms._sketch import ProbeSweep, TraceRun, paired_dots
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
-from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["MIN_MATVECS_HUTCHINSON", "hutchinson"]
@@ -61,10 +43,7 @@ def hutchinson(
     seed: int | None = None,
     block_size: int = 32,
     backend: LinAlgBackend | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> TraceResult:
     """Estimate ``tr(A)`` with Hutchinson's estimator and its standard error.
 
@@ -85,14 +64,10 @@ def hutchinson(
         seed: ``None`` draws a fresh seed (recorded in the result); an int reproduces.
         block_size: Probes per ``operator.matmat`` call.
         backend: Vector arithmetic; default ``operator.backend``.
-        checkpoint: Path of a checkpoint file (quadratic forms so far and the generator
-            state, written between blocks); a call with the same arguments resumes from
-            it, bit for bit. Deleted when done, kept when ``time_limit`` stops the call.
-        checkpoint_every: Write every this many products (rounded up to whole blocks).
-        checkpoint_seconds: Write when this many seconds passed since the last write.
-        time_limit: Wall-clock seconds, checked between blocks: once passed (with at
-            least 2 forms), the estimate of the forms so far is returned,
-            ``stop_reason="time_limit"`` and ``num_matvecs`` the products used.
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
+            The checkpoint holds the quadratic forms so far, written between blocks; a
+            time-limited call returns the estimate of the forms made (at least 2).
 
     Returns:
         A :class:`TraceResult` whose ``samples`` are the ``m`` quadratic forms.
@@ -108,113 +83,64 @@ def hutchinson(
         >>> hutchinson(op, 10, seed=0).estimate  # diagonal A: exact with Rademacher probes
         5050.0
     """
-    operator = check_operator(operator, "hutchinson")
-    m = check_num_matvecs(num_matvecs, MIN_MATVECS_HUTCHINSON, "hutchinson")
-    distribution = check_distribution(distribution)
-    block_size = check_block_size(block_size)
-    backend = backend if backend is not None else operator.backend
-    seed_ = agree_seed(resolve_seed(seed), backend, operator.device)
-    dtype = working_dtype(operator)
-    deadline = Deadline(time_limit)
-    checkpointer = Checkpointer.create(
-        checkpoint,
-        checkpoint_every,
-        checkpoint_seconds,
-        algorithm="hutchinson",
-        operator=operator,
-        backend=backend,
-        config={
-            "num_matvecs": m,
-            "distribution": distribution,
-            "block_size": block_size,
-            "seed": seed,
-            "dtype": dtype,
-        },
-    )
-    gen = backend.generator(seed_, operator.device)
-
-    forms = torch.empty(m, dtype=torch.float64, device=operator.device)
-    done = 0
-    if checkpointer is not None:
-        saved = checkpointer.load()
-        if saved is not None:
-            done = int(saved["done"])
-            forms[:done] = saved["forms"].to(operator.device)
-            seed_ = int(saved["seed"])
-            restore_generator(gen, saved["generator"])
-
-    def state() -> dict[str, Any]:
-        return {
-            "done": done,
-            "forms": forms[:done].cpu(),
-            "seed": seed_,
-            "generator": generator_state(gen),
-        }
-
-    def result(count: int, stop_reason: str) -> TraceResult:
-        return _result(forms[:count].cpu().numpy(), operator.size, distribution, seed_, stop_reason)
-
-    stop_reason = "completed"
-    done_at_start = done
-    while done < m:
-        # Checked only after this call made products (a resumed call advances a block).
-        if done >= 2 and done > done_at_start and deadline.expired(operator.device):
-            stop_reason = "time_limit"
-            if checkpointer is not None:
-                checkpointer.save(done, state())
-            break
-        if checkpointer is not None:
-            checkpointer.maybe_save(done, state)
-        b = min(block_size, m - done)
-        omega = draw_columns(
-            backend, operator, b, generator=gen, dtype=dtype, distribution=distribution
-        )
-        try:
-            block = paired_dots(backend, operator.size, omega, operator.matmat(omega))
-        except NonFiniteError as err:
-            raise _error(operator, done, err, result) from err
-        bad = first_non_finite(block)
-        if bad is not None:
-            forms[done : done + bad] = block[:bad]
-            raise _error(operator, done + bad, None, result)
-        forms[done : done + b] = block
-        done += b
-    out = result(done, stop_reason)
-    if checkpointer is not None and stop_reason == "completed":
-        checkpointer.finish()
-    return out
-
-
-def _error(
-    operator: CurvatureOperator,
-    clean: int,
-    cause: NonFiniteError | None,
-    result: Any,
-) -> Exception:
-    partial = result(clean, "non_finite") if clean >= 2 else None
-    note = (
-        f"err.partial holds the estimate from the {clean} quadratic forms before it"
-        if partial is not None
-        else "err.partial is None (fewer than 2 clean quadratic forms)"
-    )
-    return non_finite_error("Hutchinson", operator, clean + 1, cause, partial, note)
-
-
-def _result(
-    samples: np.ndarray, n: int, distribution: str, seed: int, stop_reason: str
-) -> TraceResult:
-    m = samples.size
-    estimate = float(samples.mean())
-    stderr = float(samples.std(ddof=1) / math.sqrt(m))
-    return TraceResult(
-        estimate=estimate,
-        stderr=stderr,
-        num_matvecs=m,
-        operator_size=n,
-        method="hutchinson",
+    call = ProbeCall.check(
+        "hutchinson",
+        "hutchinson",
+        MIN_MATVECS_HUTCHINSON,
+        operator,
+        num_matvecs,
         distribution=distribution,
         seed=seed,
-        samples=samples,
-        details={"num_probes": m, "dof": m - 1},
-        stop_reason=stop_reason,
+        block_size=block_size,
+        backend=backend,
+        long_run=long_run,
     )
+    run = _Hutchinson(call)
+    return drive(run, call.config(run.dtype), call.long_run)
+
+
+class _Hutchinson(ProbeSweep[TraceResult], TraceRun):
+    """One sweep of ``m`` fresh probes, keeping their quadratic forms ``omega^T A omega``.
+
+    The forms, not the products, are checked for inf/nan (a smaller host sync), so that
+    the clean forms of a block with a bad product still reach the partial result.
+    """
+
+    algorithm = method = "hutchinson"
+    check_products = False
+
+    def __init__(self, call: ProbeCall) -> None:
+        super().__init__(call)
+        self.forms = torch.empty(self.m, dtype=torch.float64, device=self.op.device)
+
+    def _take(self, col: int, X: torch.Tensor, AX: torch.Tensor) -> None:
+        block = paired_dots(self.backend, self.op.size, X, AX)
+        bad = first_non_finite(block)
+        if bad is not None:
+            self.forms[col : col + bad] = block[:bad]
+            self.col += bad  # the clean forms of the block belong to the partial result
+            self.fail(col + bad + 1)
+        self.forms[col : col + X.shape[1]] = block
+
+    def partial(self, stop_reason: StopReason) -> TraceResult | None:
+        return self._estimate(stop_reason) if self.col >= 2 else None
+
+    def result(self) -> TraceResult:
+        return self._estimate("completed")
+
+    def _estimate(self, stop_reason: StopReason) -> TraceResult:
+        count = self.col
+        return self._trace(
+            self.forms[:count].cpu().numpy(),
+            stop_reason,
+            num_matvecs=count,
+            details={"num_probes": count, "dof": count - 1},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.col, "forms": self.forms[: self.col].cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._enter("probes")
+        self.col = int(state["done"])
+        self.forms[: self.col] = state["forms"].to(self.forms.device)

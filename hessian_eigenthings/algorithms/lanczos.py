@@ -75,51 +75,33 @@ work (matvec, Gram-Schmidt, norms) stays on the device.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
+from typing_extensions import Unpack
 
-from hessian_eigenthings.algorithms._deadline import Deadline
-from hessian_eigenthings.algorithms._estimator_utils import agree_seed
-from hessian_eigenthings.algorithms.checkpoint import (
-    Checkpointer,
-    generator_state,
-    restore_generator,
-)
+from hessian_eigenthings.algorithms._calls import SolverCall
+from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
+from hessian_eigenthings.algorithms._records import StopReason
+from hessian_eigenthings.algorithms._run import LongRunOptions, ProductFailure, ResumableRun, drive
+from hessian_eigenthings.algorithms._validation import check_choice, check_int
+from hessian_eigenthings.algorithms.checkpoint import generator_state, restore_generator
 from hessian_eigenthings.algorithms.results import EigenResult
-from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
-from hessian_eigenthings.errors import NonFiniteError
+from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
 
-__all__ = ["LanczosProgress", "LanczosState", "default_tol", "lanczos"]
+__all__ = [
+    "LanczosProgress",
+    "LanczosState",
+    "default_basis_size",
+    "default_tol",
+    "default_vector_dtype",
+    "lanczos",
+]
 
 _WHICH = ("LM", "LA", "SA")
-
-
-def _eps(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).eps)
-
-
-def default_vector_dtype(operator_dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the Lanczos vectors: the operator's, or float32 for bf16/fp16 operators."""
-    if operator_dtype in (torch.float32, torch.float64):
-        return operator_dtype
-    return torch.float32
-
-
-def default_tol(operator_dtype: torch.dtype, vector_dtype: torch.dtype | None = None) -> float:
-    r"""Default relative-residual tolerance for an operator and vector dtype.
-
-    ``max(sqrt(eps_vec), 4 eps_op)``: the square root of the vector dtype's unit roundoff
-    (float64: 1.5e-8, float32: 3.5e-4), raised to four roundoffs of the operator's dtype
-    for reduced-precision operators (bfloat16: 3.1e-2, float16: 3.9e-3), below which a
-    residual says nothing about the operator the model actually computes.
-    """
-    vdtype = vector_dtype or default_vector_dtype(operator_dtype)
-    return max(math.sqrt(_eps(vdtype)), 4.0 * _eps(operator_dtype))
 
 
 def default_basis_size(k: int, n: int) -> int:
@@ -247,71 +229,34 @@ def _wanted_order(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(theta, descending=False, stable=True)
 
 
-def _validate(
-    operator: CurvatureOperator,
-    k: int,
-    which: str,
-    max_iter: int | None,
-    tol: float | None,
-    seed: int | None,
-    basis_size: int | None,
-) -> None:
-    if not isinstance(operator, CurvatureOperator):
-        raise TypeError(
-            f"lanczos expects a CurvatureOperator, got {type(operator).__name__}. Wrap a "
-            "function v -> A v with LambdaOperator(matvec_fn, size, dtype=..., device=...)."
-        )
-    if not operator.symmetric:
-        raise ValueError(
-            f"lanczos requires a symmetric operator, but {operator!r} has symmetric=False. "
-            "Lanczos is only correct for symmetric A; if your operator is symmetric, "
-            "construct it with symmetric=True (or set operator.symmetric = True)."
-        )
-    n = operator.size
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
-        raise ValueError(f"k must be an int with 1 <= k <= operator.size = {n}, got {k!r}.")
-    if which not in _WHICH:
-        raise ValueError(f"Unknown which={which!r}; expected one of {_WHICH}.")
-    if max_iter is not None and (
-        not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < k
-    ):
-        raise ValueError(
-            f"max_iter (the matvec budget) must be an int >= k = {k}, got {max_iter!r}: "
-            "each of the k Ritz pairs needs at least one product with the operator."
-        )
-    if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(f"tol must be a float in (0, 1), got {tol!r}.")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
-    if basis_size is not None and (
-        not isinstance(basis_size, int) or not min(k + 1, n) <= basis_size <= n
-    ):
-        raise ValueError(
-            f"basis_size must be an int in [min(k + 1, n), n] = [{min(k + 1, n)}, {n}], "
-            f"got {basis_size!r}."
-        )
+class _Lanczos(ResumableRun[EigenResult]):
+    """The run: one :class:`LanczosState` plus the fixed configuration.
 
+    A step is one pass of the original loop body: expand the basis by up to
+    ``check_every`` products, handle breakdowns, then (once ``k`` vectors are processed)
+    the Rayleigh-Ritz check, the callback, the stopping tests, the verification logic and
+    the restart.
+    """
 
-class _Lanczos:
-    """The run: one :class:`LanczosState` plus the fixed configuration."""
+    algorithm = "lanczos"
 
     def __init__(
         self,
-        operator: CurvatureOperator,
-        backend: LinAlgBackend,
+        call: SolverCall,
         *,
-        k: int,
         which: str,
         basis_size: int,
         max_matvecs: int,
         tol: float,
-        seed: int,
         vector_dtype: torch.dtype,
         reorthogonalize: bool,
         basis_device: torch.device,
+        callback: Callable[[LanczosProgress], None] | None,
     ) -> None:
-        self.op = operator
-        self.backend = backend
+        super().__init__(call.operator, call.backend, call.seed)
+        operator, backend, k, seed = call.operator, call.backend, call.k, call.seed
+        self.callback = callback
+        self.final: EigenResult | None = None
         self.k = k
         self.which = which
         self.m = basis_size
@@ -324,10 +269,9 @@ class _Lanczos:
         # Products after a verification vector joins before the run may stop: one cycle.
         self.verify_steps = max(1, basis_size - _num_keep(k, basis_size, basis_size))
         self.n = operator.size
-        eps = _eps(vector_dtype)
-        self.eps = eps
-        self.breakdown_tol = eps**0.75
-        self.floor_factor = eps ** (1.0 / 3.0)
+        self.eps = eps(vector_dtype)
+        self.breakdown_tol = self.eps**0.75
+        self.floor_factor = self.eps ** (1.0 / 3.0)
         device = basis_device
         self.basis_device = basis_device
         n_local = backend.local_size(self.n)
@@ -340,7 +284,7 @@ class _Lanczos:
             num_matvecs=0,
             restarts=0,
             seed=seed,
-            generator=backend.generator(seed, operator.device),
+            generator=self.gen,
         )
         self._add_random_vector()
 
@@ -351,7 +295,7 @@ class _Lanczos:
         basis = self.state.basis[:p]
         coef = torch.zeros(p, dtype=w.dtype, device=w.device)
         for _ in range(self.passes):
-            h = self.backend.block_dot(basis, w)
+            h = self.backend.gram(basis.T, w)
             w = w - h @ basis
             coef = coef + h
         return w, coef
@@ -385,11 +329,11 @@ class _Lanczos:
 
     def _expand(
         self, steps: int
-    ) -> tuple[list[tuple[int, int, torch.Tensor, torch.Tensor]], NonFiniteError | None]:
+    ) -> tuple[list[tuple[int, int, torch.Tensor, torch.Tensor]], ProductFailure | None]:
         """Multiply the next ``steps`` pending vectors; return per-step breakdown data.
 
-        A :class:`NonFiniteError` raised by the operator stops the expansion and is
-        returned (the state holds the products before it).
+        A product the operator refused (a data operator's ``NonFiniteError``) stops the
+        expansion and is returned: the state holds the products before it.
         """
         st = self.state
         log: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
@@ -397,9 +341,9 @@ class _Lanczos:
             j, p = st.num_processed, st.num_basis
             self._ensure_capacity(p + 1)
             try:
-                w = self.op.matvec(st.basis[j].to(self.op.device)).to(self.basis_device)
-            except NonFiniteError as err:
-                return log, err
+                w = self.apply(st.basis[j], check=False)  # checked through its norms
+            except ProductFailure as failure:
+                return log, failure
             st.num_matvecs += 1
             w_norm = self.backend.norm(w)
             w, coef = self._orthogonalize(w, p)
@@ -418,24 +362,26 @@ class _Lanczos:
     def _handle_breakdown(
         self,
         log: list[tuple[int, int, torch.Tensor, torch.Tensor]],
-        operator_error: NonFiniteError | None = None,
+        failure: ProductFailure | None = None,
     ) -> None:
         """Truncate the cycle at the first product that lay in the span of the basis.
 
-        A non-finite product (or ``operator_error``) rolls the state back to the
-        products before it and raises :class:`NonFiniteError` with the partial result.
+        A non-finite product rolls the state back to the products before it and ends the
+        run (the driver raises ``NonFiniteError`` with the Ritz pairs of that state); so
+        does a product the operator refused (``failure``), after the clean ones.
         """
+        if log:
+            norms = torch.stack([torch.stack([b, a]) for _, _, b, a in log])
+            norms = norms.to("cpu", torch.float64)
+            finite = torch.isfinite(norms).all(dim=1)
+            if not bool(finite.all()):
+                bad = int((~finite).nonzero()[0, 0])
+                self._roll_back(log[bad][0], log[bad][1])
+                self.fail(self.state.num_matvecs - (len(log) - bad) + 1)
+        if failure is not None:
+            raise failure
         if not log:
-            if operator_error is not None:
-                self._raise_non_finite(operator_error, None)
             return
-        norms = torch.stack([torch.stack([b, a]) for _, _, b, a in log]).to("cpu", torch.float64)
-        finite = torch.isfinite(norms).all(dim=1)
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0, 0])
-            self._raise_non_finite(operator_error, log[bad], len(log) - bad)
-        if operator_error is not None:
-            self._raise_non_finite(operator_error, None)
         broken = (norms[:, 0] <= self.breakdown_tol * norms[:, 1]).nonzero()
         if broken.numel() == 0:
             return
@@ -454,56 +400,19 @@ class _Lanczos:
         if st.num_basis == st.num_processed and st.num_basis < self.n:
             self._add_random_vector()
 
-    def _raise_non_finite(
-        self,
-        operator_error: NonFiniteError | None,
-        bad_step: tuple[int, int, torch.Tensor, torch.Tensor] | None,
-        discarded: int = 0,
-    ) -> None:
+    def _roll_back(self, j: int, p: int) -> None:
+        """Forget product ``j`` (basis row ``p``) and everything after it."""
         st = self.state
-        if bad_step is not None:
-            # Products from the bad one on never reach the result: roll back to before it.
-            j, p = bad_step[0], bad_step[1]
-            first_bad = st.num_matvecs - discarded + 1
-            st.num_processed, st.num_basis = j, p
-            st.projected[p:].zero_()
-            st.projected[:, j:].zero_()
-            cause = (
-                f"{type(self.op).__name__}.matvec returned non-finite values (inf/nan) at "
-                f"product {first_bad} of this Lanczos run"
-            )
-        else:
-            first_bad = st.num_matvecs + 1
-            cause = f"Lanczos product {first_bad} failed: {operator_error}"
-        partial = None
-        if st.num_processed >= self.k:
-            ritz = self._ritz()
-            conv = ritz.residuals[: self.k] <= self.tol * ritz.scale[: self.k]
-            partial = self._result(ritz, conv, "non_finite")
-        where = (
-            f"err.partial holds the Ritz pairs of the {st.num_processed} clean products before "
-            "it (converged flags as computed)"
-            if partial is not None
-            else f"fewer than k = {self.k} clean products were made, so err.partial is None"
-        )
-        raise NonFiniteError(
-            f"{cause}; {where}. Check the model's loss and parameters for overflow (e.g. a "
-            "bf16 model) or a bad batch.",
-            partial=partial,
-            matvec=first_bad,
-            batch_index=None if operator_error is None else operator_error.batch_index,
-            param_names=() if operator_error is None else operator_error.param_names,
-        ) from operator_error
+        st.num_processed, st.num_basis = j, p
+        st.projected[p:].zero_()
+        st.projected[:, j:].zero_()
 
     def _ritz(self) -> _Ritz:
         st = self.state
         q, p = st.num_processed, st.num_basis
         h = st.projected[:p, :q].to("cpu")
         if not torch.isfinite(h).all():
-            raise NonFiniteError(
-                f"{type(self.op).__name__}.matvec produced non-finite values (inf/nan) during "
-                "Lanczos; check the model's loss and parameters for overflow at this point."
-            )
+            self.fail(st.num_matvecs, hint=" or before it (the projected matrix is not finite)")
         h_qq, h_pq = h[:q], h[q:]
         theta, s = torch.linalg.eigh((h_qq + h_qq.T) / 2)
         order = _wanted_order(theta, self.which)
@@ -553,97 +462,86 @@ class _Lanczos:
             out.append(padded)
         return out
 
-    def run(
-        self,
-        callback: Callable[[LanczosProgress], None] | None,
-        checkpointer: Checkpointer | None = None,
-        deadline: Deadline | None = None,
-    ) -> EigenResult:
-        result = self._loop(callback, checkpointer, deadline)
-        if checkpointer is not None and result.stop_reason != "time_limit":
-            checkpointer.finish()
-        return result
+    # -- the run --------------------------------------------------------------------------
 
-    def _loop(
-        self,
-        callback: Callable[[LanczosProgress], None] | None,
-        checkpointer: Checkpointer | None,
-        deadline: Deadline | None,
-    ) -> EigenResult:
+    def used(self) -> int:
+        return self.state.num_matvecs
+
+    def done(self) -> bool:
+        return self.final is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state.load_dict(state)
+
+    def partial(self, stop_reason: StopReason) -> EigenResult | None:
+        if self.state.num_processed < self.k:
+            return None
+        ritz = self._ritz()
+        return self._result(
+            ritz, ritz.residuals[: self.k] <= self.tol * ritz.scale[: self.k], stop_reason
+        )
+
+    def result(self) -> EigenResult:
+        return cast(EigenResult, self.final)  # set when done() became True
+
+    def step(self) -> None:
         st = self.state
         k = self.k
-        progressed = False
-        while True:
-            # Top of the loop: the whole run is in self.state (saved and resumed here).
-            # Checked only after this call made products (a resumed call always advances).
-            if (
-                deadline is not None
-                and progressed
-                and st.num_processed >= k
-                and deadline.expired(self.op.device)
-            ):
-                if checkpointer is not None:
-                    checkpointer.save(st.num_matvecs, st.to_dict())
-                ritz = self._ritz()
-                conv = ritz.residuals[:k] <= self.tol * ritz.scale[:k]
-                return self._result(ritz, conv, "time_limit")
-            if checkpointer is not None:
-                checkpointer.maybe_save(st.num_matvecs, st.to_dict)
-            steps = min(
-                self.m - st.num_processed,
-                self.max_matvecs - st.num_matvecs,
-                self.check_every,
-            )
-            log, operator_error = self._expand(steps) if steps > 0 else ([], None)
-            progressed = progressed or bool(log)
-            if st.since_verification >= 0:
-                st.since_verification += len(log)
-            self._handle_breakdown(log, operator_error)
-            if st.num_processed < k:
-                if st.num_matvecs >= self.max_matvecs:
-                    raise RuntimeError(
-                        f"lanczos spent its budget of {self.max_matvecs} matvecs but the "
-                        f"operator's Krylov spaces gave only {st.num_processed} < k = {k} "
-                        "independent directions (repeated breakdowns); raise max_iter."
-                    )
-                continue
-            ritz = self._ritz()
-            conv = ritz.residuals[:k] <= self.tol * ritz.scale[:k]
-            if callback is not None:
-                callback(
-                    LanczosProgress(
-                        restart=st.restarts,
-                        num_matvecs=st.num_matvecs,
-                        ritz_values=ritz.values[:k].clone(),
-                        residuals=ritz.residuals[:k].clone(),
-                        converged=conv.clone(),
-                        verifying=st.since_verification >= 0,
-                    )
+        steps = min(self.m - st.num_processed, self.max_matvecs - st.num_matvecs, self.check_every)
+        log, failure = self._expand(steps) if steps > 0 else ([], None)
+        if st.since_verification >= 0:
+            st.since_verification += len(log)
+        self._handle_breakdown(log, failure)
+        if st.num_processed < k:
+            if st.num_matvecs >= self.max_matvecs:
+                raise RuntimeError(
+                    f"lanczos spent its budget of {self.max_matvecs} matvecs but the "
+                    f"operator's Krylov spaces gave only {st.num_processed} < k = {k} "
+                    "independent directions (repeated breakdowns); raise max_iter."
                 )
-            exhausted = st.num_processed >= self.n
-            if exhausted or st.num_matvecs >= self.max_matvecs:
-                reason = "converged" if bool(conv.all()) else "max_iter"
-                return self._result(ritz, conv, "exhausted" if exhausted else reason)
-            if bool(conv.all()):
-                if st.reference is None or not self._unchanged(ritz, st.reference):
-                    # (Re)start verification: a fresh random direction joins the basis.
-                    st.reference = ritz.values[:k].clone()
-                    if st.num_basis < self.n:
-                        if st.num_processed >= self.m:
-                            self._restart(ritz)
-                        self._add_random_vector()
-                    st.since_verification = 0
-                    continue
-                if st.since_verification >= self.verify_steps or st.num_basis >= self.n:
-                    return self._result(ritz, conv, "converged")
-            if st.num_processed >= self.m:
-                self._restart(ritz)
+            return
+        ritz = self._ritz()
+        conv = ritz.residuals[:k] <= self.tol * ritz.scale[:k]
+        if self.callback is not None:
+            self.callback(
+                LanczosProgress(
+                    restart=st.restarts,
+                    num_matvecs=st.num_matvecs,
+                    ritz_values=ritz.values[:k].clone(),
+                    residuals=ritz.residuals[:k].clone(),
+                    converged=conv.clone(),
+                    verifying=st.since_verification >= 0,
+                )
+            )
+        exhausted = st.num_processed >= self.n
+        if exhausted or st.num_matvecs >= self.max_matvecs:
+            reason: StopReason = "converged" if bool(conv.all()) else "max_iter"
+            self.final = self._result(ritz, conv, "exhausted" if exhausted else reason)
+            return
+        if bool(conv.all()):
+            if st.reference is None or not self._unchanged(ritz, st.reference):
+                # (Re)start verification: a fresh random direction joins the basis.
+                st.reference = ritz.values[:k].clone()
+                if st.num_basis < self.n:
+                    if st.num_processed >= self.m:
+                        self._restart(ritz)
+                    self._add_random_vector()
+                st.since_verification = 0
+                return
+            if st.since_verification >= self.verify_steps or st.num_basis >= self.n:
+                self.final = self._result(ritz, conv, "converged")
+                return
+        if st.num_processed >= self.m:
+            self._restart(ritz)
 
     def _unchanged(self, ritz: _Ritz, reference: torch.Tensor) -> bool:
         delta = (ritz.values[: self.k] - reference).abs()
         return bool((delta <= 2 * self.tol * ritz.scale[: self.k]).all())
 
-    def _result(self, ritz: _Ritz, conv: torch.Tensor, stop_reason: str) -> EigenResult:
+    def _result(self, ritz: _Ritz, conv: torch.Tensor, stop_reason: StopReason) -> EigenResult:
         st = self.state
         q, k = st.num_processed, self.k
         s_k = ritz.vectors[:, :k].to(device=st.basis.device, dtype=self.dtype)
@@ -677,10 +575,7 @@ def lanczos(
     basis_size: int | None = None,
     vector_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> EigenResult:
     r"""Top-``k`` eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -722,19 +617,12 @@ def lanczos(
             host memory; cost per product: one vector copied to the GPU and one back
             (``2 n`` entries over PCIe) and the Gram-Schmidt work (``4 p n`` flops for two
             passes) done on the CPU. Eigenvectors are returned on this device.
-        checkpoint: Path of a checkpoint file (see
-            :mod:`~hessian_eigenthings.algorithms.checkpoint`). If it exists and matches
-            this operator and these arguments, the run resumes from it (bit for bit the
-            same result as an uninterrupted run); it is deleted when the run finishes and
-            kept when ``time_limit`` stops it.
-        checkpoint_every: Write the checkpoint every this many products (rounded up to
-            the next convergence check).
-        checkpoint_seconds: Write it when this many seconds passed since the last write
-            (default 300 when neither interval is given).
-        time_limit: Wall-clock seconds; when passed (checked at every convergence check,
-            once ``k`` products exist), the current Ritz pairs are returned with their
-            honest ``converged`` flags and ``stop_reason="time_limit"`` (and the
-            checkpoint, if any, is written so that calling again continues).
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
+            The checkpoint holds the whole :class:`LanczosState` and is written at
+            convergence checks; a time-limited call (checked at every convergence check,
+            once ``k`` products exist) returns the current Ritz pairs with their honest
+            ``converged`` flags.
 
     Returns:
         An :class:`~hessian_eigenthings.algorithms.results.EigenResult` ordered by
@@ -761,53 +649,40 @@ def lanczos(
         >>> torch.allclose(eigenvalues, torch.tensor([100.0, 99.0, 98.0], dtype=torch.float64))
         True
     """
-    _validate(operator, k, which, max_iter, tol, seed, basis_size)
-    vdtype = vector_dtype or default_vector_dtype(operator.dtype)
-    if not vdtype.is_floating_point or _eps(vdtype) > _eps(operator.dtype):
+    call = SolverCall.check(
+        "lanczos", operator, k, tol=tol, seed=seed, backend=backend, long_run=long_run
+    )
+    n, k = call.operator.size, call.k
+    which = check_choice(which, _WHICH, "which")
+    if max_iter is not None:
+        why = ": each of the k Ritz pairs needs at least one product with the operator"
+        max_iter = check_int(max_iter, "max_iter (the matvec budget)", k, why=why)
+    if basis_size is not None:
+        basis_size = check_int(basis_size, "basis_size", min(k + 1, n), n)
+    op_dtype = call.operator.dtype
+    vdtype = vector_dtype or default_vector_dtype(op_dtype)
+    if not vdtype.is_floating_point or eps(vdtype) > eps(op_dtype):
         raise TypeError(
             f"vector_dtype must be a floating dtype at least as precise as the operator's "
-            f"{operator.dtype}, got {vdtype}."
+            f"{op_dtype}, got {vdtype}."
         )
-    n = operator.size
     m = basis_size if basis_size is not None else default_basis_size(k, n)
-    backend = backend or operator.backend
-    deadline = Deadline(time_limit)
-    tol_ = float(tol) if tol is not None else default_tol(operator.dtype, vdtype)
+    tol_ = call.tol if call.tol is not None else default_tol(op_dtype, vdtype)
     max_matvecs = max_iter if max_iter is not None else 100 * m
-    bdevice = operator.device if basis_device is None else torch.device(basis_device)
-    checkpointer = Checkpointer.create(
-        checkpoint,
-        checkpoint_every,
-        checkpoint_seconds,
-        algorithm="lanczos",
-        operator=operator,
-        backend=backend,
-        config={
-            "k": k,
-            "which": which,
-            "max_iter": max_matvecs,
-            "tol": tol_,
-            "seed": seed,
-            "reorthogonalize": reorthogonalize,
-            "basis_size": m,
-            "vector_dtype": vdtype,
-        },
-    )
-    solver = _Lanczos(
-        operator,
-        backend,
-        k=k,
+    run = _Lanczos(
+        call,
         which=which,
         basis_size=m,
         max_matvecs=max_matvecs,
         tol=tol_,
-        seed=agree_seed(fresh_seed() if seed is None else seed, backend, operator.device),
         vector_dtype=vdtype,
         reorthogonalize=reorthogonalize,
-        basis_device=bdevice,
+        basis_device=call.operator.device if basis_device is None else torch.device(basis_device),
+        callback=callback,
     )
-    if checkpointer is not None:
-        saved = checkpointer.load()
-        if saved is not None:
-            solver.state.load_dict(saved)
-    return solver.run(callback, checkpointer, deadline)
+    config = {"k": k, "which": which, "max_iter": max_matvecs, "tol": tol_, "seed": call.seed_arg}
+    return drive(
+        run,
+        {**config, "reorthogonalize": reorthogonalize, "basis_size": m, "vector_dtype": vdtype},
+        call.long_run,
+    )

@@ -23,14 +23,16 @@ Rozloznik 2005), which keeps ``Q_m`` orthonormal to working precision.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from hessian_eigenthings.algorithms._validation import check_int, check_operator
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
 
-__all__ = ["LanczosTridiag", "lanczos_tridiagonal"]
+__all__ = ["LanczosTridiag", "lanczos_tridiagonal", "tridiagonalize"]
 
 # Steps between the (single, scalar) host synchronisations that test for breakdown.
 _CHECK_EVERY = 8
@@ -39,7 +41,7 @@ _CHECK_EVERY = 8
 _BREAKDOWN_FACTOR = 100.0
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class LanczosTridiag:
     """Result of :func:`lanczos_tridiagonal`.
 
@@ -126,18 +128,8 @@ def lanczos_tridiagonal(
         >>> torch.linalg.eigvalsh(res.matrix())
         tensor([1.0000, 2.0000, 3.0000, 4.0000, 5.0000], dtype=torch.float64)
     """
-    if not isinstance(operator, CurvatureOperator):
-        raise TypeError(
-            f"lanczos_tridiagonal expected a CurvatureOperator, got {type(operator).__name__}. "
-            "Wrap a matvec function with LambdaOperator."
-        )
-    if not operator.symmetric:
-        raise ValueError(
-            "lanczos_tridiagonal needs a symmetric operator (operator.symmetric is False). "
-            "Lanczos is only defined for symmetric A."
-        )
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}.")
+    operator = check_operator(operator, "lanczos_tridiagonal")
+    max_iter = check_int(max_iter, "max_iter")
     backend = backend if backend is not None else operator.backend
     n_local = backend.local_size(operator.size)
     if not isinstance(v0, torch.Tensor) or not v0.is_floating_point():
@@ -150,8 +142,24 @@ def lanczos_tridiagonal(
         )
     if v0.device != operator.device:
         raise ValueError(f"v0 must be on the operator's device {operator.device}, got {v0.device}.")
+    return tridiagonalize(
+        operator.matvec, backend, v0, min(max_iter, operator.size), reorthogonalize
+    )
+
+
+def tridiagonalize(
+    product: Callable[[torch.Tensor], torch.Tensor],
+    backend: LinAlgBackend,
+    v0: torch.Tensor,
+    m: int,
+    reorthogonalize: bool,
+) -> LanczosTridiag:
+    """The recurrence of :func:`lanczos_tridiagonal` for ``m`` steps, with ``product(q) = A q``.
+
+    Raises:
+        ValueError: ``v0`` is zero.
+    """
     dtype, device = v0.dtype, v0.device
-    m = min(max_iter, operator.size)
     eps = float(torch.finfo(dtype).eps)
 
     v0_norm = backend.norm(v0)
@@ -164,7 +172,7 @@ def lanczos_tridiagonal(
     resid = torch.zeros(m, dtype=torch.float64, device=device)
     # scale[j] = ||A q_j|| + beta_{j-1}: the size of what is orthogonalised at step j.
     scale = torch.zeros(m, dtype=torch.float64, device=device)
-    basis = torch.empty((m, n_local), dtype=dtype, device=device) if reorthogonalize else None
+    basis = torch.empty((m, v0.shape[0]), dtype=dtype, device=device) if reorthogonalize else None
     q_prev: torch.Tensor | None = None
     beta_prev = torch.zeros((), dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny
@@ -175,7 +183,7 @@ def lanczos_tridiagonal(
     for j in range(m):
         if basis is not None:
             basis[j] = q
-        w = operator.matvec(q)
+        w = product(q)
         scale[j] = (backend.norm(w) + beta_prev).to(torch.float64)
         alpha = backend.dot(q, w)
         w = w - alpha * q
@@ -184,7 +192,7 @@ def lanczos_tridiagonal(
         if basis is not None:
             prev = basis[: j + 1]
             for _ in range(2):
-                w = w - backend.block_dot(prev, w) @ prev
+                w = w - backend.gram(prev.T, w) @ prev
         beta = backend.norm(w)
         alphas[j] = alpha.to(torch.float64)
         resid[j] = beta.to(torch.float64)

@@ -34,24 +34,23 @@ pairs found before it and the last clean iterate of the current pair.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from typing_extensions import Unpack
 
-from hessian_eigenthings.algorithms._deadline import Deadline
-from hessian_eigenthings.algorithms._estimator_utils import agree_seed
-from hessian_eigenthings.algorithms.checkpoint import (
-    Checkpointer,
-    generator_state,
-    restore_generator,
+from hessian_eigenthings.algorithms._calls import SolverCall
+from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
+from hessian_eigenthings.algorithms._records import StopReason
+from hessian_eigenthings.algorithms._run import (
+    LongRunOptions,
+    ResumableRun,
+    drive,
 )
-from hessian_eigenthings.algorithms.lanczos import default_tol, default_vector_dtype
+from hessian_eigenthings.algorithms._validation import check_int
 from hessian_eigenthings.algorithms.results import EigenResult
-from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
-from hessian_eigenthings.errors import NonFiniteError
+from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["deflated_power_iteration", "power_iteration_one"]
@@ -62,287 +61,25 @@ _CHECK_EVERY = 4
 _SAFETY = 0.1
 
 
-def _check_common(
-    operator: CurvatureOperator, max_iter: int, tol: float | None, seed: int | None
-) -> None:
-    if not isinstance(operator, CurvatureOperator):
-        raise TypeError(
-            f"Power iteration expects a CurvatureOperator, got {type(operator).__name__}. "
-            "Wrap a function v -> A v with LambdaOperator(matvec_fn, size, dtype=...)."
-        )
-    if not operator.symmetric:
-        raise ValueError(
-            f"Power iteration's Rayleigh quotients and residuals assume a symmetric "
-            f"operator, but {operator!r} has symmetric=False; construct it with "
-            "symmetric=True if it is symmetric."
-        )
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int (matvecs), got {max_iter!r}.")
-    if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(f"tol must be a float in (0, 1), got {tol!r}.")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
-
-
-def _project_out(
+def project_out(
     backend: LinAlgBackend, basis: torch.Tensor | None, x: torch.Tensor
 ) -> torch.Tensor:
     """``(I - U U^T) x`` by two classical Gram-Schmidt passes (rows of ``basis`` = U)."""
     if basis is None or basis.shape[0] == 0:
         return x
     for _ in range(2):
-        x = x - backend.block_dot(basis, x) @ basis
+        x = x - backend.gram(basis.T, x) @ basis
     return x
 
 
-@dataclass
-class _Pair:
-    """Outcome of one power iteration (float64 CPU scalars, the unit vector on device)."""
-
-    theta: torch.Tensor
-    vector: torch.Tensor
-    residual: torch.Tensor
-    converged: bool
-    used: int
-    stopped: bool = False  # cut short by the time limit
-
-
-class _NonFinite(Exception):
-    """A product of the current pair was non-finite (internal; see ``_run_pairs``)."""
-
-    def __init__(self, clean: _Pair | None, first_bad: int, cause: NonFiniteError | None):
-        super().__init__("non-finite product")
-        self.clean, self.first_bad, self.cause = clean, first_bad, cause
-
-
-def _iterate(
-    operator: CurvatureOperator,
-    backend: LinAlgBackend,
-    v: torch.Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    deflate: torch.Tensor | None,
-    used: int = 0,
-    previous: float = math.inf,
-    on_check: Callable[[torch.Tensor, int, float], bool] | None = None,
-) -> _Pair:
-    """Run power iteration from unit ``v`` (``used`` products already spent on it).
-
-    ``on_check(v, used, previous)`` is called after every convergence check that does not
-    stop, with the complete state of the iteration; returning True stops it (time limit).
-    """
-    floor = float(torch.finfo(v.dtype).eps) ** (1.0 / 3.0)
-    thetas, residuals, vectors = [], [], []
-    while True:
-        try:
-            w = operator.matvec(v)
-        except NonFiniteError as err:
-            raise _NonFinite(None, used + 1, err) from err
-        used += 1
-        theta = backend.dot(v, w)
-        residual = backend.norm(w - theta * v)
-        thetas.append(theta)
-        residuals.append(residual)
-        vectors.append(v)
-        w = _project_out(backend, deflate, w)
-        v = w / backend.norm(w).clamp_min(torch.finfo(w.dtype).tiny)
-        if len(thetas) == _CHECK_EVERY or used == max_iter:
-            th = torch.stack(thetas).to("cpu", torch.float64)
-            rs = torch.stack(residuals).to("cpu", torch.float64)
-            finite = torch.isfinite(th) & torch.isfinite(rs)
-            if not bool(finite.all()):
-                bad = int((~finite).nonzero()[0, 0])
-                first_bad = used - len(thetas) + bad + 1
-                clean = None
-                if bad > 0:
-                    sc = float(
-                        torch.clamp(th[:bad].abs(), min=floor * float(th[:bad].abs().max()))[
-                            bad - 1
-                        ]
-                    )
-                    clean = _Pair(
-                        th[bad - 1],
-                        vectors[bad - 1],
-                        rs[bad - 1],
-                        bool(rs[bad - 1] <= tol * sc),
-                        first_bad - 1,
-                    )
-                raise _NonFinite(clean, first_bad, None)
-            scale = torch.clamp(th.abs(), min=floor * float(th.abs().max()))
-            # Iterate to tol / 10 (so that deflating with this vector leaves later pairs
-            # within tol); accept tol once the residual stagnates.
-            ok = (rs <= _SAFETY * tol * scale).nonzero()
-            if ok.numel() > 0:
-                i = int(ok[0, 0])
-                return _Pair(th[i], vectors[i], rs[i], True, used - len(thetas) + i + 1)
-            last = float(rs[-1])
-            if last <= tol * float(scale[-1]) and last >= 0.5 * previous:
-                return _Pair(th[-1], vectors[-1], rs[-1], True, used)
-            previous = last
-            if used == max_iter:
-                return _Pair(
-                    th[-1], vectors[-1], rs[-1], bool(last <= tol * float(scale[-1])), used
-                )
-            if on_check is not None and on_check(v, used, previous):
-                conv = bool(last <= tol * float(scale[-1]))
-                return _Pair(th[-1], vectors[-1], rs[-1], conv, used, stopped=True)
-            thetas, residuals, vectors = [], [], []
-
-
-def _start_vector(
-    operator: CurvatureOperator,
-    backend: LinAlgBackend,
-    generator: torch.Generator,
-    dtype: torch.dtype,
-    deflate: torch.Tensor | None,
+def random_unit_vector(
+    run: ResumableRun[Any], dtype: torch.dtype, deflate: torch.Tensor | None
 ) -> torch.Tensor:
-    v = backend.random(operator.size, generator=generator, dtype=dtype, device=operator.device)
-    v = _project_out(backend, deflate, v)
+    """A random start vector of ``run``, orthogonal to the rows of ``deflate``, of norm 1."""
+    backend = run.backend
+    v = backend.random(run.op.size, generator=run.gen, dtype=dtype, device=run.op.device)
+    v = project_out(backend, deflate, v)
     return v / backend.norm(v)
-
-
-def _run_pairs(
-    operator: CurvatureOperator,
-    backend: LinAlgBackend,
-    *,
-    k: int,
-    max_iter: int,
-    tol: float,
-    seed: int,
-    vdtype: torch.dtype,
-    init_vec: torch.Tensor | None,
-    method: str,
-    checkpointer: Checkpointer | None,
-    deadline: Deadline,
-) -> EigenResult:
-    """Find ``k`` pairs one after another (the shared driver of both public functions)."""
-    n = operator.size
-    gen = backend.generator(seed, operator.device)
-    found = torch.zeros((k, backend.local_size(n)), dtype=vdtype, device=operator.device)
-    thetas: list[float] = []
-    residuals: list[float] = []
-    flags: list[bool] = []
-    total = 0
-    resume: dict[str, Any] | None = None
-    if checkpointer is not None:
-        saved = checkpointer.load()
-        if saved is not None:
-            found[: len(saved["thetas"])] = saved["found"].to(operator.device)
-            thetas, residuals, flags = (
-                list(saved["thetas"]),
-                list(saved["residuals"]),
-                list(saved["flags"]),
-            )
-            total, seed = int(saved["total"]), int(saved["seed"])
-            restore_generator(gen, saved["generator"])
-            resume = saved["current"]
-
-    def result(pairs: int, extra: _Pair | None, stop_reason: str) -> EigenResult:
-        vals, res, conv = thetas[:pairs], residuals[:pairs], flags[:pairs]
-        vecs = [found[i] for i in range(pairs)]
-        if extra is not None:
-            vals, res, conv = (
-                [*vals, float(extra.theta)],
-                [*res, float(extra.residual)],
-                [*conv, extra.converged],
-            )
-            vecs.append(extra.vector)
-        spent = total + (extra.used if extra is not None else 0)
-        return EigenResult(
-            eigenvalues=torch.tensor(vals, dtype=torch.float64),
-            eigenvectors=torch.stack(vecs) if vecs else found[:0],
-            residuals=torch.tensor(res, dtype=torch.float64),
-            converged=torch.tensor(conv, dtype=torch.bool),
-            iterations=spent,
-            num_matvecs=spent,
-            which="LM",
-            tol=tol,
-            seed=None if init_vec is not None else seed,
-            method=method,
-            stop_reason=stop_reason,
-        )
-
-    stopped: _Pair | None = None
-    for i in range(len(thetas), k):
-        deflate = found[:i] if i > 0 else None
-
-        def on_check(
-            v: torch.Tensor, used: int, previous: float, i: int = i, total: int = total
-        ) -> bool:
-            def state() -> dict[str, Any]:
-                return {
-                    "found": found[:i].cpu(),
-                    "thetas": thetas,
-                    "residuals": residuals,
-                    "flags": flags,
-                    "total": total,
-                    "seed": seed,
-                    "generator": generator_state(gen),
-                    "current": {"v": v.cpu(), "used": used, "previous": previous},
-                }
-
-            if deadline.expired(operator.device):
-                if checkpointer is not None:
-                    checkpointer.save(total + used, state())
-                return True
-            if checkpointer is not None:
-                checkpointer.maybe_save(total + used, state)
-            return False
-
-        if resume is not None:
-            v = resume["v"].to(operator.device)
-            used0, previous0 = int(resume["used"]), float(resume["previous"])
-            resume = None
-        else:
-            used0, previous0 = 0, math.inf
-            if init_vec is not None and i == 0:
-                v = init_vec
-            else:
-                v = _start_vector(operator, backend, gen, vdtype, deflate)
-        try:
-            pair = _iterate(
-                operator,
-                backend,
-                v,
-                max_iter=max_iter,
-                tol=tol,
-                deflate=deflate,
-                used=used0,
-                previous=previous0,
-                on_check=on_check,
-            )
-        except _NonFinite as bad:
-            partial = result(i, bad.clean, "non_finite") if (i > 0 or bad.clean) else None
-            what = (
-                f"{method} product {total + bad.first_bad} failed: {bad.cause}"
-                if bad.cause is not None
-                else f"{type(operator).__name__}.matvec returned non-finite values (inf/nan) "
-                f"at product {total + bad.first_bad} of this {method} run"
-            )
-            raise NonFiniteError(
-                f"{what} (pair {i + 1} of {k}); err.partial holds the {i} pairs found before "
-                "it and the last clean iterate of the current pair"
-                + ("" if partial is not None else " (None: nothing clean yet)")
-                + ". Check the model for overflow (e.g. a bf16 model) or a bad batch.",
-                partial=partial,
-                matvec=total + bad.first_bad,
-                batch_index=None if bad.cause is None else bad.cause.batch_index,
-                param_names=() if bad.cause is None else bad.cause.param_names,
-            ) from bad.cause
-        if pair.stopped:
-            stopped = pair
-            break
-        found[i] = pair.vector
-        thetas.append(float(pair.theta))
-        residuals.append(float(pair.residual))
-        flags.append(pair.converged)
-        total += pair.used
-    if stopped is not None:
-        return result(len(thetas), stopped, "time_limit")
-    if checkpointer is not None:
-        checkpointer.finish()
-    return result(k, None, "converged" if all(flags) else "max_iter")
 
 
 def power_iteration_one(
@@ -353,16 +90,13 @@ def power_iteration_one(
     seed: int | None = None,
     backend: LinAlgBackend | None = None,
     init_vec: torch.Tensor | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> EigenResult:
     """The eigenpair of largest magnitude by power iteration.
 
     Args:
         operator: Symmetric curvature operator.
-        max_iter: Budget of matrix-vector products.
+        max_iter: Budget of matrix-vector products (each iteration is one product).
         tol: Relative residual tolerance (see the module docstring); default
             :func:`~hessian_eigenthings.algorithms.lanczos.default_tol`.
         seed: Seed of the random start vector; ``None`` draws a fresh one (rank 0's under
@@ -370,14 +104,11 @@ def power_iteration_one(
         backend: Vector backend; default ``operator.backend``.
         init_vec: Start vector of shape ``(size,)`` instead of a random one (not
             modified; normalised internally).
-        checkpoint: Path of a checkpoint file (written at convergence checks); a call with
-            the same arguments resumes from it, bit for bit. Deleted when done, kept when
-            ``time_limit`` stops the call. Not available with ``init_vec``.
-        checkpoint_every: Write every this many products (rounded up to a check).
-        checkpoint_seconds: Write when this many seconds passed since the last write.
-        time_limit: Wall-clock seconds; once passed (checked every 4 products), the
-            current iterate is returned with its true residual, honest ``converged``
-            flag and ``stop_reason="time_limit"``.
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
+            Checkpoints are written at convergence checks (every 4 products) and are not
+            available with ``init_vec``; a time-limited call returns the current iterate
+            with its true residual and honest ``converged`` flag.
 
     Returns:
         An :class:`EigenResult` with ``k = 1``; ``residuals`` holds the true
@@ -388,11 +119,12 @@ def power_iteration_one(
         TypeError, ValueError: Bad operator, budget, tolerance, seed or start vector.
         NonFiniteError: A product was inf/nan (``err.partial``: the last clean iterate).
     """
-    _check_common(operator, max_iter, tol, seed)
-    backend = backend or operator.backend
+    call = SolverCall.check(
+        "power_iteration_one", operator, 1, tol=tol, seed=seed, backend=backend, long_run=long_run
+    )
+    max_iter = check_int(max_iter, "max_iter", why=" (matrix-vector products)")
+    operator, backend = call.operator, call.backend
     vdtype = default_vector_dtype(operator.dtype)
-    tol_ = float(tol) if tol is not None else default_tol(operator.dtype, vdtype)
-    seed_ = agree_seed(fresh_seed() if seed is None else seed, backend, operator.device)
     v0 = None
     if init_vec is not None:
         if not isinstance(init_vec, torch.Tensor) or init_vec.shape != (
@@ -400,7 +132,7 @@ def power_iteration_one(
         ):
             got = tuple(init_vec.shape) if isinstance(init_vec, torch.Tensor) else init_vec
             raise ValueError(f"init_vec must be a tensor of shape ({operator.size},), got {got!r}.")
-        if checkpoint is not None:
+        if call.long_run.checkpoint is not None:
             raise ValueError(
                 "checkpoint= cannot be combined with init_vec (the start vector is not "
                 "recorded); drop one of them."
@@ -410,29 +142,8 @@ def power_iteration_one(
         if not bool(norm > 0):
             raise ValueError("init_vec must be nonzero.")
         v0 = v0 / norm
-    deadline = Deadline(time_limit)
-    checkpointer = Checkpointer.create(
-        checkpoint,
-        checkpoint_every,
-        checkpoint_seconds,
-        algorithm="power_iteration",
-        operator=operator,
-        backend=backend,
-        config={"max_iter": max_iter, "tol": tol_, "seed": seed, "dtype": vdtype},
-    )
-    return _run_pairs(
-        operator,
-        backend,
-        k=1,
-        max_iter=max_iter,
-        tol=tol_,
-        seed=seed_,
-        vdtype=vdtype,
-        init_vec=v0,
-        method="power_iteration",
-        checkpointer=checkpointer,
-        deadline=deadline,
-    )
+    run = _PowerIteration(call, max_iter, v0, "power_iteration")
+    return drive(run, run.config(), call.long_run)
 
 
 def deflated_power_iteration(
@@ -443,10 +154,7 @@ def deflated_power_iteration(
     tol: float | None = None,
     seed: int | None = None,
     backend: LinAlgBackend | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> EigenResult:
     """``k`` eigenpairs of largest magnitude by power iteration with projection deflation.
 
@@ -458,20 +166,19 @@ def deflated_power_iteration(
     Args:
         operator: Symmetric curvature operator.
         k: Number of eigenpairs, ``1 <= k <= size``.
-        max_iter: Budget of matrix-vector products *per eigenpair*.
+        max_iter: Budget of matrix-vector products *per eigenpair* (each iteration is
+            one product).
         tol: Relative residual tolerance; default
             :func:`~hessian_eigenthings.algorithms.lanczos.default_tol`.
         seed: Seed of the random start vectors; ``None`` draws a fresh one (rank 0's
             under a distributed backend).
         backend: Vector backend; default ``operator.backend``.
-        checkpoint: Path of a checkpoint file (pairs found, current iterate, generator
-            state; written at convergence checks); a call with the same arguments resumes
-            from it, bit for bit. Deleted when done, kept when ``time_limit`` stops it.
-        checkpoint_every: Write every this many products (rounded up to a check).
-        checkpoint_seconds: Write when this many seconds passed since the last write.
-        time_limit: Wall-clock seconds; once passed, the pairs found so far plus the
-            current iterate are returned (fewer than ``k`` rows possible), with true
-            residuals, honest flags and ``stop_reason="time_limit"``.
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
+            The checkpoint holds the pairs found and the current iterate, written at
+            convergence checks; a time-limited call returns the pairs found so far plus
+            the current iterate (fewer than ``k`` rows possible), with true residuals
+            and honest flags.
 
     Returns:
         An :class:`EigenResult` in the order found (decreasing magnitude when every pair
@@ -481,34 +188,207 @@ def deflated_power_iteration(
     Raises:
         NonFiniteError: A product was inf/nan (``err.partial``: the pairs found before it).
     """
-    _check_common(operator, max_iter, tol, seed)
-    n = operator.size
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
-        raise ValueError(f"k must be an int with 1 <= k <= operator.size = {n}, got {k!r}.")
-    backend = backend or operator.backend
-    vdtype = default_vector_dtype(operator.dtype)
-    tol_ = float(tol) if tol is not None else default_tol(operator.dtype, vdtype)
-    seed_ = agree_seed(fresh_seed() if seed is None else seed, backend, operator.device)
-    deadline = Deadline(time_limit)
-    checkpointer = Checkpointer.create(
-        checkpoint,
-        checkpoint_every,
-        checkpoint_seconds,
-        algorithm="deflated_power_iteration",
-        operator=operator,
-        backend=backend,
-        config={"k": k, "max_iter": max_iter, "tol": tol_, "seed": seed, "dtype": vdtype},
-    )
-    return _run_pairs(
+    call = SolverCall.check(
+        "deflated_power_iteration",
         operator,
-        backend,
-        k=k,
-        max_iter=max_iter,
-        tol=tol_,
-        seed=seed_,
-        vdtype=vdtype,
-        init_vec=None,
-        method="deflated_power_iteration",
-        checkpointer=checkpointer,
-        deadline=deadline,
+        k,
+        tol=tol,
+        seed=seed,
+        backend=backend,
+        long_run=long_run,
     )
+    max_iter = check_int(max_iter, "max_iter", why=" (matrix-vector products)")
+    run = _PowerIteration(call, max_iter, None, "deflated_power_iteration")
+    return drive(run, {"k": call.k, **run.config()}, call.long_run)
+
+
+@dataclass
+class _Pair:
+    """An iterate with its Rayleigh quotient and true residual (float64 CPU scalars)."""
+
+    theta: torch.Tensor
+    vector: torch.Tensor
+    residual: torch.Tensor
+    converged: bool
+    used: int
+
+
+class _PowerIteration(ResumableRun[EigenResult]):
+    """``k`` pairs one after another; a step runs to the next convergence check.
+
+    A step ends at a check where the current pair continues (the point where the driver
+    may stop or save), or when all pairs are found; pairs that finish within a step are
+    recorded and the next one starts at once.
+    """
+
+    def __init__(
+        self, call: SolverCall, max_iter: int, init_vec: torch.Tensor | None, algorithm: str
+    ) -> None:
+        super().__init__(call.operator, call.backend, call.seed)
+        operator, backend = call.operator, call.backend
+        self.algorithm, self.seed_arg = algorithm, call.seed_arg
+        vdtype = default_vector_dtype(operator.dtype)
+        self.tol = default_tol(operator.dtype, vdtype) if call.tol is None else call.tol
+        self.k, self.max_iter, self.init_vec = call.k, max_iter, init_vec
+        n_local = backend.local_size(operator.size)
+        self.found = torch.zeros((self.k, n_local), dtype=vdtype, device=operator.device)
+        self.thetas: list[float] = []
+        self.residuals: list[float] = []
+        self.flags: list[bool] = []
+        self.total = 0  # products of the pairs found
+        # The current pair: next iterate, products spent on it, last checked residual.
+        self.v: torch.Tensor | None = None
+        self.pos = 0
+        self.previous = math.inf
+        # Its last clean iterate (what a partial result adds to the pairs found).
+        self.extra: _Pair | None = None
+
+    def config(self) -> dict[str, Any]:
+        """The arguments that determine the result (recorded in checkpoints)."""
+        return {
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "seed": self.seed_arg,
+            "dtype": self.found.dtype,
+        }
+
+    def used(self) -> int:
+        return self.total + self.pos
+
+    def done(self) -> bool:
+        return len(self.thetas) >= self.k
+
+    def context(self) -> str:
+        return f" (pair {len(self.thetas) + 1} of {self.k})"
+
+    def _deflate(self) -> torch.Tensor | None:
+        i = len(self.thetas)
+        return self.found[:i] if i > 0 else None
+
+    def step(self) -> None:
+        while True:
+            v = self.v
+            if v is None:  # start the next pair
+                if self.init_vec is not None and not self.thetas:
+                    v = self.init_vec
+                else:
+                    v = random_unit_vector(self, self.found.dtype, self._deflate())
+                self.pos, self.previous = 0, math.inf
+            pair = self._interval(v)
+            if pair is None:
+                return
+            i = len(self.thetas)
+            self.found[i] = pair.vector
+            self.thetas.append(float(pair.theta))
+            self.residuals.append(float(pair.residual))
+            self.flags.append(pair.converged)
+            self.total += pair.used
+            self.v, self.pos, self.extra = None, 0, None
+            if self.done():
+                return
+
+    def _interval(self, v: torch.Tensor) -> _Pair | None:
+        """From iterate ``v``: up to ``_CHECK_EVERY`` products, then a check.
+
+        Returns the finished pair, or None when the pair continues (its next iterate is
+        then ``self.v``).
+        """
+        backend, deflate, tol = self.backend, self._deflate(), self.tol
+        floor = eps(v.dtype) ** (1.0 / 3.0)
+        thetas, residuals, vectors = [], [], []
+        while True:
+            w = self.apply(v, check=False)  # checked through theta and the residual below
+            self.pos += 1
+            theta = backend.dot(v, w)
+            thetas.append(theta)
+            residuals.append(backend.norm(w - theta * v))
+            vectors.append(v)
+            w = project_out(backend, deflate, w)
+            v = w / backend.norm(w).clamp_min(torch.finfo(w.dtype).tiny)
+            if len(thetas) == _CHECK_EVERY or self.pos == self.max_iter:
+                break
+        used = self.pos
+        th = torch.stack(thetas).to("cpu", torch.float64)
+        rs = torch.stack(residuals).to("cpu", torch.float64)
+        finite = torch.isfinite(th) & torch.isfinite(rs)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            first_bad = used - len(thetas) + bad + 1
+            self.extra = None
+            if bad > 0:
+                sc = float(
+                    torch.clamp(th[:bad].abs(), min=floor * float(th[:bad].abs().max()))[bad - 1]
+                )
+                conv = bool(rs[bad - 1] <= tol * sc)
+                self.extra = _Pair(th[bad - 1], vectors[bad - 1], rs[bad - 1], conv, first_bad - 1)
+            self.fail(self.total + first_bad)
+        scale = torch.clamp(th.abs(), min=floor * float(th.abs().max()))
+        # Iterate to tol / 10 (so that deflating with this vector leaves later pairs
+        # within tol); accept tol once the residual stagnates.
+        ok = (rs <= _SAFETY * tol * scale).nonzero()
+        if ok.numel() > 0:
+            i = int(ok[0, 0])
+            return _Pair(th[i], vectors[i], rs[i], True, used - len(thetas) + i + 1)
+        last = float(rs[-1])
+        conv = bool(last <= tol * float(scale[-1]))
+        if conv and last >= 0.5 * self.previous:
+            return _Pair(th[-1], vectors[-1], rs[-1], True, used)
+        if used == self.max_iter:
+            return _Pair(th[-1], vectors[-1], rs[-1], conv, used)
+        self.v, self.previous = v, last
+        self.extra = _Pair(th[-1], vectors[-1], rs[-1], conv, used)
+        return None
+
+    def _eigen(self, pairs: int, extra: _Pair | None, stop_reason: StopReason) -> EigenResult:
+        vals, res, conv = self.thetas[:pairs], self.residuals[:pairs], self.flags[:pairs]
+        vecs = [self.found[i] for i in range(pairs)]
+        if extra is not None:
+            vals, res = [*vals, float(extra.theta)], [*res, float(extra.residual)]
+            conv = [*conv, extra.converged]
+            vecs.append(extra.vector)
+        spent = self.total + (extra.used if extra is not None else 0)
+        return EigenResult(
+            eigenvalues=torch.tensor(vals, dtype=torch.float64),
+            eigenvectors=torch.stack(vecs) if vecs else self.found[:0],
+            residuals=torch.tensor(res, dtype=torch.float64),
+            converged=torch.tensor(conv, dtype=torch.bool),
+            iterations=spent,
+            num_matvecs=spent,
+            which="LM",
+            tol=self.tol,
+            seed=None if self.init_vec is not None else self.seed,
+            method=self.algorithm,
+            stop_reason=stop_reason,
+        )
+
+    def partial(self, stop_reason: StopReason) -> EigenResult | None:
+        if not self.thetas and self.extra is None:
+            return None
+        return self._eigen(len(self.thetas), self.extra, stop_reason)
+
+    def result(self) -> EigenResult:
+        return self._eigen(self.k, None, "converged" if all(self.flags) else "max_iter")
+
+    def state_dict(self) -> dict[str, Any]:
+        i = len(self.thetas)
+        current = None
+        if self.v is not None:
+            current = {"v": self.v.cpu(), "used": self.pos, "previous": self.previous}
+        return {
+            "found": self.found[:i].cpu(),
+            "thetas": list(self.thetas),
+            "residuals": list(self.residuals),
+            "flags": list(self.flags),
+            "total": self.total,
+            "current": current,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.thetas = list(state["thetas"])
+        self.residuals, self.flags = list(state["residuals"]), list(state["flags"])
+        self.found[: len(self.thetas)] = state["found"].to(self.found.device)
+        self.total = int(state["total"])
+        current = state["current"]
+        if current is not None:
+            self.v = current["v"].to(self.op.device)
+            self.pos, self.previous = int(current["used"]), float(current["previous"])

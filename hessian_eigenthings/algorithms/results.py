@@ -15,27 +15,18 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import MISSING, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["EigenResult", "StochasticEigenResult"]
+from hessian_eigenthings.algorithms._records import ResultRecord, StopReason
 
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"Unknown torch dtype name {name!r} in serialised EigenResult.")
-    return dtype
+__all__ = ["EigenResult", "StochasticEigenResult", "StopReason"]
 
 
 @dataclass
-class EigenResult:
+class EigenResult(ResultRecord):
     """Eigenpairs ``A v_i = lambda_i v_i`` of a symmetric operator, with their status.
 
     Attributes:
@@ -53,12 +44,15 @@ class EigenResult:
         tol: Relative-residual tolerance the flags refer to.
         seed: Seed of the random start vector(s); reruns with it reproduce the result.
         method: Name of the solver that produced the result.
-        stop_reason: Why the run stopped: ``"converged"``, ``"max_iter"`` (matvec budget
-            spent), ``"exhausted"`` (the basis spans the whole space), ``"time_limit"``
-            (``time_limit=`` passed; partial result), ``"non_finite"`` (the partial result
-            carried by a :class:`~hessian_eigenthings.errors.NonFiniteError`),
-            or ``""`` when the solver does not record it.
+        stop_reason: Why the run stopped (:data:`StopReason`): ``"converged"``,
+            ``"max_iter"`` (matvec budget spent), ``"exhausted"`` (the basis spans the
+            whole space), ``"time_limit"`` (``time_limit=`` passed; partial result),
+            ``"non_finite"`` (the partial result carried by a
+            :class:`~hessian_eigenthings.errors.NonFiniteError`), or ``""`` when the
+            solver does not record it.
     """
+
+    _default_dtypes: ClassVar[dict[str, torch.dtype]] = {"converged": torch.bool}
 
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor
@@ -70,7 +64,7 @@ class EigenResult:
     tol: float | None = None
     seed: int | None = None
     method: str = ""
-    stop_reason: str = ""
+    stop_reason: StopReason = ""
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Unpack as ``eigenvalues, eigenvectors = result``."""
@@ -95,58 +89,24 @@ class EigenResult:
                 models). Without them, :meth:`from_dict` restores an empty ``(k, 0)``
                 block.
         """
-        out: dict[str, Any] = {"type": type(self).__name__}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "eigenvectors":
-                out["eigenvectors_dtype"] = _dtype_name(value.dtype)
-                if include_eigenvectors:
-                    out["eigenvectors"] = value.detach().to("cpu", torch.float64).tolist()
-                else:
-                    out["eigenvectors"] = None
-            elif isinstance(value, torch.Tensor):
-                out[f.name] = value.detach().cpu().tolist()
-            else:
-                out[f.name] = value
+        out = super().to_dict()
+        if not include_eigenvectors:
+            out["eigenvectors"] = None
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EigenResult:
-        """Rebuild a result written by :meth:`to_dict` (tensors on the CPU).
-
-        Raises:
-            ValueError: A field is missing or the dict describes another result type.
-        """
-        expected = cls.__name__
-        if data.get("type", expected) != expected:
-            raise ValueError(
-                f"Cannot load a {data.get('type')!r} as {expected}; use "
-                f"{data.get('type')}.from_dict."
-            )
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in data:
-                if f.default is not MISSING or f.default_factory is not MISSING:
-                    continue
-                raise ValueError(f"Serialised {expected} lacks the field {f.name!r}.")
-            value = data[f.name]
-            if f.name == "eigenvectors":
-                k = len(data["eigenvalues"])
-                dtype = _dtype_from_name(data.get("eigenvectors_dtype", "float64"))
-                if value is None:
-                    kwargs[f.name] = torch.empty((k, 0), dtype=dtype)
-                else:
-                    vecs = torch.tensor(value, dtype=torch.float64).reshape(k, -1)
-                    kwargs[f.name] = vecs.to(dtype)
-            elif value is None:
-                kwargs[f.name] = None
-            elif f.name == "converged":
-                kwargs[f.name] = torch.tensor(value, dtype=torch.bool)
-            elif f.name in ("eigenvalues", "residuals") or f.name.startswith("eigenvalue_"):
-                kwargs[f.name] = torch.tensor(value, dtype=torch.float64)
-            else:
-                kwargs[f.name] = value
-        return cls(**kwargs)
+    def _decode_field(cls, name: str, hint: Any, data: dict[str, Any]) -> Any:
+        if name == "eigenvectors":
+            k = len(data["eigenvalues"])
+            if data["eigenvectors"] is None:
+                dtype = getattr(torch, data.get("eigenvectors_dtype", "float64"))
+                return torch.empty((k, 0), dtype=dtype)
+            vectors = super()._decode_field(name, hint, data)
+            return vectors.reshape(k, -1) if k > 0 else vectors
+        if name == "stop_reason" and data[name] == "completed":
+            # Written before 2.0 by stochastic power iteration: now "converged"/"max_iter".
+            return "converged" if all(data["converged"]) else "max_iter"
+        return super()._decode_field(name, hint, data)
 
 
 @dataclass

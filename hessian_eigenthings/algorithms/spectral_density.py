@@ -28,43 +28,38 @@ The same rules estimate ``tr(f(A)) ~ (1/R) sum_r ||v_r||^2 sum_j tau_{rj} f(thet
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import Unpack
 
-from hessian_eigenthings.algorithms._deadline import Deadline
 from hessian_eigenthings.algorithms._density_smoothing import check_scale
-from hessian_eigenthings.algorithms._estimator_utils import (
-    agree_seed,
-    check_distribution,
+from hessian_eigenthings.algorithms._precision import default_vector_dtype, eps
+from hessian_eigenthings.algorithms._records import StopReason
+from hessian_eigenthings.algorithms._run import (
+    LongRunOptions,
+    ResumableRun,
+    drive,
+    long_run_options,
+)
+from hessian_eigenthings.algorithms._validation import (
+    DISTRIBUTIONS,
+    check_choice,
+    check_int,
     check_operator,
     resolve_seed,
-    working_dtype,
-)
-from hessian_eigenthings.algorithms.checkpoint import (
-    Checkpointer,
-    generator_state,
-    restore_generator,
 )
 from hessian_eigenthings.algorithms.estimator_results import SpectralDensityResult
-from hessian_eigenthings.algorithms.lanczos_tridiagonal import lanczos_tridiagonal
+from hessian_eigenthings.algorithms.lanczos_tridiagonal import tridiagonalize
 from hessian_eigenthings.backends.base import LinAlgBackend
-from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["spectral_density"]
 
 # On the log scale, |theta| <= this factor * eps(vector dtype) * max|theta| counts as 0.
 _ZERO_TOL_FACTOR = 100.0
-
-
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    return value
 
 
 def spectral_density(
@@ -81,10 +76,7 @@ def spectral_density(
     reorthogonalize: bool = True,
     seed: int | None = None,
     backend: LinAlgBackend | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> SpectralDensityResult:
     """Estimate the eigenvalue density of ``A`` with Stochastic Lanczos Quadrature.
 
@@ -131,17 +123,11 @@ def spectral_density(
         seed: ``None`` draws a fresh seed (recorded in the result); an int reproduces.
             Under a distributed backend every rank uses rank 0's seed.
         backend: Vector arithmetic; default ``operator.backend``.
-        checkpoint: Path of a checkpoint file (see
-            :mod:`~hessian_eigenthings.algorithms.checkpoint`): the completed runs'
-            quadrature rules and the generator state are saved between runs, and a call
-            with the same arguments resumes from it (bit for bit the same result). Deleted
-            when all runs are done; kept when ``time_limit`` stops the call.
-        checkpoint_every: Write every this many products (rounded up to whole runs).
-        checkpoint_seconds: Write when this many seconds passed since the last write
-            (default 300 when neither interval is given).
-        time_limit: Wall-clock seconds, checked between runs; when passed (and at least
-            one run is done), the density of the runs done so far is returned with
-            ``stop_reason="time_limit"`` (``num_runs`` says how many).
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
+            The checkpoint holds the completed runs' quadrature rules, written between
+            runs; a time-limited call (with at least one run done) returns the density
+            of the runs done so far (``num_runs`` says how many).
 
     Returns:
         A :class:`SpectralDensityResult`, including ``trace`` (``tr(A)`` with a standard
@@ -164,136 +150,137 @@ def spectral_density(
         1.0
     """
     operator = check_operator(operator, "spectral_density")
-    num_runs = _positive_int(num_runs, "num_runs")
-    lanczos_steps = _positive_int(lanczos_steps, "lanczos_steps")
+    num_runs = check_int(num_runs, "num_runs")
+    lanczos_steps = check_int(lanczos_steps, "lanczos_steps")
     scale = check_scale(scale)
-    distribution = check_distribution(distribution)
+    distribution = check_choice(distribution, DISTRIBUTIONS, "probe distribution")
     if zero_tol is not None and not (isinstance(zero_tol, (int, float)) and zero_tol >= 0):
         raise ValueError(f"zero_tol must be None or a number >= 0, got {zero_tol!r}.")
+    options = long_run_options("spectral_density", long_run)
     backend = backend if backend is not None else operator.backend
-    seed_ = agree_seed(resolve_seed(seed), backend, operator.device)
-    dtype = working_dtype(operator)
-    deadline = Deadline(time_limit)
-    checkpointer = Checkpointer.create(
-        checkpoint,
-        checkpoint_every,
-        checkpoint_seconds,
-        algorithm="spectral_density",
-        operator=operator,
-        backend=backend,
-        config={
-            "num_runs": num_runs,
-            "lanczos_steps": lanczos_steps,
-            "distribution": distribution,
-            "reorthogonalize": reorthogonalize,
-            "seed": seed,
-            "vector_dtype": dtype,
+    run = _SLQ(
+        operator,
+        backend,
+        ResumableRun.agree_seed(resolve_seed(seed), backend),
+        num_runs=num_runs,
+        lanczos_steps=lanczos_steps,
+        distribution=distribution,
+        reorthogonalize=reorthogonalize,
+        zero_tol=zero_tol,
+        smoothing={
+            "scale": scale,
+            "sigma": sigma,
+            "grid": grid,
+            "num_grid_points": num_grid_points,
         },
     )
-    gen = backend.generator(seed_, operator.device)
+    config = {"num_runs": num_runs, "lanczos_steps": lanczos_steps, "distribution": distribution}
+    return drive(
+        run,
+        {**config, "reorthogonalize": reorthogonalize, "seed": seed, "vector_dtype": run.dtype},
+        options,
+    )
 
-    nodes: list[np.ndarray] = []
-    weights: list[np.ndarray] = []
-    norms_sq: list[torch.Tensor] = []
-    num_matvecs = 0
-    if checkpointer is not None:
-        saved = checkpointer.load()
-        if saved is not None:
-            nodes = [t.numpy() for t in saved["nodes"]]
-            weights = [t.numpy() for t in saved["weights"]]
-            norms_sq = list(saved["norms_sq"])
-            num_matvecs = int(saved["num_matvecs"])
-            seed_ = int(saved["seed"])
-            restore_generator(gen, saved["generator"])
 
-    def state() -> dict[str, Any]:
-        return {
-            "nodes": [torch.from_numpy(t) for t in nodes],
-            "weights": [torch.from_numpy(t) for t in weights],
-            "norms_sq": norms_sq,
-            "num_matvecs": num_matvecs,
-            "seed": seed_,
-            "generator": generator_state(gen),
-        }
+class _SLQ(ResumableRun[SpectralDensityResult]):
+    """``num_runs`` Lanczos runs from random probes; a step is one whole run."""
 
-    def result(stop_reason: str) -> SpectralDensityResult:
-        tol = zero_tol
-        if tol is None:
-            max_abs = max(float(np.max(np.abs(t))) for t in nodes)
-            tol = _ZERO_TOL_FACTOR * float(torch.finfo(dtype).eps) * max_abs
-        return SpectralDensityResult.from_quadrature(
-            nodes,
-            weights,
-            torch.stack(norms_sq).numpy(),
-            lanczos_steps=lanczos_steps,
-            operator_size=operator.size,
-            num_matvecs=num_matvecs,
-            distribution=distribution,
-            seed=seed_,
-            zero_tol=float(tol),
-            scale=scale,
-            sigma=sigma,
-            grid=grid,
-            num_grid_points=num_grid_points,
-            stop_reason=stop_reason,
+    algorithm = "spectral_density"
+
+    def __init__(
+        self,
+        operator: CurvatureOperator,
+        backend: LinAlgBackend,
+        seed: int,
+        *,
+        num_runs: int,
+        lanczos_steps: int,
+        distribution: str,
+        reorthogonalize: bool,
+        zero_tol: float | None,
+        smoothing: dict[str, Any],
+    ) -> None:
+        super().__init__(operator, backend, seed)
+        self.num_runs, self.lanczos_steps = num_runs, lanczos_steps
+        self.distribution, self.reorthogonalize = distribution, reorthogonalize
+        self.zero_tol, self.smoothing = zero_tol, smoothing
+        self.dtype = default_vector_dtype(operator.dtype)
+        self.nodes: list[np.ndarray] = []
+        self.weights: list[np.ndarray] = []
+        self.norms_sq: list[torch.Tensor] = []
+        self.num_matvecs = 0  # products of the completed runs
+
+    def used(self) -> int:
+        return self.num_matvecs
+
+    def done(self) -> bool:
+        return len(self.nodes) >= self.num_runs
+
+    def context(self) -> str:
+        return f" (during run {len(self.nodes) + 1} of {self.num_runs})"
+
+    def step(self) -> None:
+        v = self.backend.random(
+            self.op.size,
+            generator=self.gen,
+            dtype=self.dtype,
+            device=self.op.device,
+            distribution=self.distribution,
         )
-
-    def non_finite(first_bad: int, cause: NonFiniteError | None) -> NonFiniteError:
-        partial = result("non_finite") if nodes else None
-        what = (
-            f"Lanczos product {first_bad} of this SLQ run failed: {cause}"
-            if cause is not None
-            else f"{type(operator).__name__}.matvec returned non-finite values (inf/nan) at "
-            f"product {first_bad} of this SLQ run"
+        norm_sq = self.backend.dot(v, v).to(torch.float64).cpu()
+        tri = tridiagonalize(
+            lambda q: self.apply(q, check=False),
+            self.backend,
+            v,
+            min(self.lanczos_steps, self.op.size),
+            self.reorthogonalize,
         )
-        return NonFiniteError(
-            f"{what} (during run {len(nodes) + 1} of {num_runs}); err.partial holds the "
-            f"density of the {len(nodes)} runs completed before it"
-            + ("" if nodes else " (None: no run was completed)")
-            + ". Check the model's loss and parameters for overflow or a bad batch.",
-            partial=partial,
-            matvec=first_bad,
-            batch_index=None if cause is None else cause.batch_index,
-            param_names=() if cause is None else cause.param_names,
-        )
-
-    stop_reason = "completed"
-    runs_at_start = len(nodes)
-    while len(nodes) < num_runs:
-        # Checked only after this call completed a run (a resumed call always advances).
-        if len(nodes) > runs_at_start and deadline.expired(operator.device):
-            stop_reason = "time_limit"
-            if checkpointer is not None:
-                checkpointer.save(num_matvecs, state())
-            break
-        if checkpointer is not None:
-            checkpointer.maybe_save(num_matvecs, state)
-        v = backend.random(
-            operator.size,
-            generator=gen,
-            dtype=dtype,
-            device=operator.device,
-            distribution=distribution,
-        )
-        norm_sq = backend.dot(v, v).to(torch.float64).cpu()
-        try:
-            tri = lanczos_tridiagonal(
-                operator, v, lanczos_steps, reorthogonalize=reorthogonalize, backend=backend
-            )
-        except NonFiniteError as err:
-            raise non_finite(num_matvecs + 1, err) from err
         T = tri.matrix().cpu()
         if not bool(torch.isfinite(T).all()):
             bad_alpha = (~torch.isfinite(tri.alphas.cpu())).nonzero()
             j = int(bad_alpha[0, 0]) if bad_alpha.numel() > 0 else 0
-            raise non_finite(num_matvecs + j + 1, None)
-        num_matvecs += tri.num_matvecs
+            self.fail(self.num_matvecs + j + 1)
+        self.num_matvecs += tri.num_matvecs
         theta, vecs = torch.linalg.eigh(T)
-        nodes.append(theta.numpy())
-        weights.append((vecs[0] ** 2).numpy())
-        norms_sq.append(norm_sq)
+        self.nodes.append(theta.numpy())
+        self.weights.append((vecs[0] ** 2).numpy())
+        self.norms_sq.append(norm_sq)
 
-    out = result(stop_reason)
-    if checkpointer is not None and stop_reason == "completed":
-        checkpointer.finish()
-    return out
+    def partial(self, stop_reason: StopReason) -> SpectralDensityResult | None:
+        return self._density(stop_reason) if self.nodes else None
+
+    def result(self) -> SpectralDensityResult:
+        return self._density("completed")
+
+    def _density(self, stop_reason: StopReason) -> SpectralDensityResult:
+        tol = self.zero_tol
+        if tol is None:
+            max_abs = max(float(np.max(np.abs(t))) for t in self.nodes)
+            tol = _ZERO_TOL_FACTOR * eps(self.dtype) * max_abs
+        return SpectralDensityResult.from_quadrature(
+            self.nodes,
+            self.weights,
+            torch.stack(self.norms_sq).numpy(),
+            lanczos_steps=self.lanczos_steps,
+            operator_size=self.op.size,
+            num_matvecs=self.num_matvecs,
+            distribution=self.distribution,
+            seed=self.seed,
+            zero_tol=float(tol),
+            stop_reason=stop_reason,
+            **self.smoothing,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "nodes": [torch.from_numpy(t) for t in self.nodes],
+            "weights": [torch.from_numpy(t) for t in self.weights],
+            "norms_sq": self.norms_sq,
+            "num_matvecs": self.num_matvecs,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.nodes = [t.numpy() for t in state["nodes"]]
+        self.weights = [t.numpy() for t in state["weights"]]
+        self.norms_sq = list(state["norms_sq"])
+        self.num_matvecs = int(state["num_matvecs"])

@@ -48,23 +48,24 @@ continues with other batches (statistically equivalent, not identical).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
+from typing_extensions import Unpack
 
-from hessian_eigenthings.algorithms._deadline import Deadline
-from hessian_eigenthings.algorithms._estimator_utils import agree_seed
-from hessian_eigenthings.algorithms.checkpoint import (
-    Checkpointer,
-    generator_state,
-    restore_generator,
+from hessian_eigenthings.algorithms._calls import SolverCall
+from hessian_eigenthings.algorithms._precision import default_vector_dtype
+from hessian_eigenthings.algorithms._records import StopReason
+from hessian_eigenthings.algorithms._run import (
+    LongRunOptions,
+    ResumableRun,
+    drive,
+    first_non_finite,
 )
-from hessian_eigenthings.algorithms.lanczos import default_vector_dtype
-from hessian_eigenthings.algorithms.power_iteration import _check_common, _project_out
+from hessian_eigenthings.algorithms._validation import check_int
+from hessian_eigenthings.algorithms.power_iteration import project_out, random_unit_vector
 from hessian_eigenthings.algorithms.results import StochasticEigenResult
-from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
-from hessian_eigenthings.errors import NonFiniteError
+from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["stochastic_power_iteration"]
@@ -83,10 +84,7 @@ def stochastic_power_iteration(
     seed: int | None = None,
     backend: LinAlgBackend | None = None,
     num_average: int | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> StochasticEigenResult:
     r"""Top-``k`` eigenpairs of a stochastic operator by (accelerated) power iteration.
 
@@ -96,7 +94,8 @@ def stochastic_power_iteration(
         operator: Symmetric operator; typically one with ``full_dataset=False`` (a new
             batch per product). A deterministic operator works as well.
         k: Number of eigenpairs (sequential deflation), ``1 <= k <= size``.
-        max_iter: Products (= iterations) per eigenpair; no early stop.
+        max_iter: Budget of matrix-vector products *per eigenpair* (each iteration is
+            one product); all of it is spent (no early stop).
         momentum: ``beta`` of the recurrence (absolute, in units of eigenvalue
             squared); ``0`` is plain power iteration, ``~ lambda_2^2 / 4`` the
             accelerated choice of De Sa et al. (2018).
@@ -106,18 +105,18 @@ def stochastic_power_iteration(
         backend: Vector backend; default ``operator.backend``.
         num_average: Number of final iterations whose samples are averaged; default
             ``max(1, max_iter // 4)``.
-        checkpoint: Path of a checkpoint file, written every 16 iterations when due; a
-            call with the same arguments resumes from it (see the module docstring for
-            when that is bit for bit). Deleted when done, kept when ``time_limit`` stops.
-        checkpoint_every: Write every this many products (rounded up to 16 iterations).
-        checkpoint_seconds: Write when this many seconds passed since the last write.
-        time_limit: Wall-clock seconds, checked every 16 iterations; once passed, the
-            pairs found so far plus the current one are returned (the current one
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
+            Checked every 16 iterations; a resumed call is bit for bit the uninterrupted
+            one when the products are deterministic (see the module docstring). A
+            time-limited call returns the pairs found so far plus the current one (which
             averages the last ``min(num_average, t)`` of its ``t`` samples), with
-            ``stop_reason="time_limit"`` and ``converged`` judged by the same rule.
+            ``converged`` judged by the same rule.
 
     Returns:
-        A :class:`~hessian_eigenthings.algorithms.results.StochasticEigenResult`:
+        A :class:`~hessian_eigenthings.algorithms.results.StochasticEigenResult`
+        (``stop_reason`` ``"converged"`` when every pair meets ``tol``, else
+        ``"max_iter"``):
         ``eigenvalues`` are means of the ``num_average`` last samples ``<v_t, A_t v_t>``,
         ``eigenvalue_std`` / ``eigenvalue_stderr`` their spread, ``eigenvectors`` the
         final unit iterates, ``residuals`` the mean over the same window of the sampled
@@ -130,202 +129,203 @@ def stochastic_power_iteration(
             iterates overflow); a ``FloatingPointError``. ``err.partial`` holds the pairs
             found before it (``None`` if none).
     """
-    _check_common(operator, max_iter, tol, seed)
-    n = operator.size
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
-        raise ValueError(f"k must be an int with 1 <= k <= operator.size = {n}, got {k!r}.")
+    call = SolverCall.check(
+        "stochastic_power_iteration",
+        operator,
+        k,
+        tol=tol,
+        seed=seed,
+        backend=backend,
+        long_run=long_run,
+    )
+    max_iter = check_int(max_iter, "max_iter", why=" (matrix-vector products per pair)")
     if not isinstance(momentum, (int, float)) or not (momentum >= 0 and math.isfinite(momentum)):
         raise ValueError(f"momentum must be a finite float >= 0, got {momentum!r}.")
-    window = max(1, max_iter // 4) if num_average is None else num_average
-    if not isinstance(window, int) or not 1 <= window <= max_iter:
-        raise ValueError(
-            f"num_average must be an int in [1, max_iter = {max_iter}], got {num_average!r}."
-        )
-    backend = backend or operator.backend
-    vdtype = default_vector_dtype(operator.dtype)
-    seed_ = agree_seed(fresh_seed() if seed is None else seed, backend, operator.device)
-    deadline = Deadline(time_limit)
-    checkpointer = Checkpointer.create(
-        checkpoint,
-        checkpoint_every,
-        checkpoint_seconds,
-        algorithm="stochastic_power_iteration",
-        operator=operator,
-        backend=backend,
-        config={
-            "k": k,
-            "max_iter": max_iter,
-            "momentum": float(momentum),
-            "tol": float(tol),
-            "num_average": window,
-            "seed": seed,
-            "dtype": vdtype,
-        },
+    window = check_int(
+        max(1, max_iter // 4) if num_average is None else num_average,
+        "num_average",
+        1,
+        max_iter,
     )
-    gen = backend.generator(seed_, operator.device)
-    device = operator.device
-    found = torch.zeros((k, backend.local_size(n)), dtype=vdtype, device=device)
-    means: list[torch.Tensor] = []
-    stds: list[torch.Tensor] = []
-    residuals: list[torch.Tensor] = []
-    windows: list[int] = []
-    beta = float(momentum)
-    resume: dict[str, Any] | None = None
-    if checkpointer is not None:
-        saved = checkpointer.load()
-        if saved is not None:
-            means, stds = list(saved["means"]), list(saved["stds"])
-            residuals, windows = list(saved["residuals"]), list(saved["windows"])
-            found[: len(means)] = saved["found"].to(device)
-            seed_ = int(saved["seed"])
-            restore_generator(gen, saved["generator"])
-            resume = saved["current"]
+    run = _StochasticPowerIteration(call, max_iter, float(momentum), window)
+    config = {"k": call.k, "max_iter": max_iter, "momentum": float(momentum), "tol": run.tol}
+    return drive(
+        run,
+        {**config, "num_average": window, "seed": call.seed_arg, "dtype": run.found.dtype},
+        call.long_run,
+    )
 
-    lists: dict[str, list[Any]] = {
-        "means": means,
-        "stds": stds,
-        "residuals": residuals,
-        "windows": windows,
-    }
 
-    def result(
-        stop_reason: str, pairs: int | None = None, spent: int | None = None
+class _StochasticPowerIteration(ResumableRun[StochasticEigenResult]):
+    """``k`` pairs one after another, ``max_iter`` iterations each.
+
+    A step runs to the next multiple of 16 iterations of the current pair (finishing
+    pairs and starting the next ones on the way) and checks the samples for inf/nan there.
+    """
+
+    algorithm = "stochastic_power_iteration"
+
+    def __init__(self, call: SolverCall, max_iter: int, momentum: float, window: int) -> None:
+        super().__init__(call.operator, call.backend, call.seed)
+        operator, backend = call.operator, call.backend
+        vdtype = default_vector_dtype(operator.dtype)
+        self.k, self.max_iter, self.beta, self.window = call.k, max_iter, momentum, window
+        self.tol = 1e-2 if call.tol is None else call.tol
+        n_local = backend.local_size(operator.size)
+        self.found = torch.zeros((self.k, n_local), dtype=vdtype, device=operator.device)
+        # Finished pairs: mean and std of the averaged samples, residual, window size.
+        self.pairs: dict[str, list[Any]] = {"means": [], "stds": [], "residuals": [], "windows": []}
+        # The current pair: iteration t, iterates w_t, w_{t-1}, v_t, samples so far.
+        self.t = 0
+        self.w: torch.Tensor | None = None  # None: the next pair has not started
+        self.w_prev = self.v = torch.empty(0, dtype=vdtype, device=operator.device)
+        self.samples = torch.zeros(max_iter, dtype=torch.float64, device=operator.device)
+        self.res = torch.zeros_like(self.samples)
+
+    def _done_pairs(self) -> int:
+        return len(self.pairs["means"])
+
+    def used(self) -> int:
+        return self._done_pairs() * self.max_iter + self.t
+
+    def done(self) -> bool:
+        return self._done_pairs() >= self.k
+
+    def _deflate(self) -> torch.Tensor | None:
+        i = self._done_pairs()
+        return self.found[:i] if i > 0 else None
+
+    def step(self) -> None:
+        start = self.t
+        while True:
+            w = self.w
+            if w is None:  # start the next pair
+                w = random_unit_vector(self, self.found.dtype, self._deflate())
+                self.w_prev, self.v = torch.zeros_like(w), w
+                self.t, start = 0, 0
+                self.samples.zero_()
+                self.res.zero_()
+            self._iterate(w)
+            if self.t < self.max_iter and self.t % _CHECK_EVERY == 0 and self.t > start:
+                self._check_finite(self.t - _CHECK_EVERY, self.t)
+                return
+            self._check_finite(0, self.t)
+            self._finish_pair()
+            if self.done():
+                return
+
+    def _iterate(self, w: torch.Tensor) -> None:
+        """Iterations from ``w = w_t`` up to the next multiple of 16 or the end of the pair."""
+        backend, deflate, beta = self.backend, self._deflate(), self.beta
+        w_prev, v = self.w_prev, self.v
+        tiny = torch.finfo(w.dtype).tiny
+        stop = min(self.max_iter, (self.t // _CHECK_EVERY + 1) * _CHECK_EVERY)
+        for t in range(self.t, stop):
+            w_norm = backend.norm(w)
+            v = w / w_norm
+            self.t = t  # a failing product is product t + 1 of the pair
+            y = self.apply(v, check=False)  # checked through the samples
+            theta = backend.dot(v, y)
+            self.samples[t] = theta.to(torch.float64)
+            self.res[t] = backend.norm(y - theta * v).to(torch.float64)
+            w_next = project_out(backend, deflate, y) * w_norm - beta * w_prev
+            scale = backend.norm(w_next).clamp_min(tiny)
+            w_prev, w = w / scale, w_next / scale
+        self.t = stop
+        self.w, self.w_prev, self.v = w, w_prev, v
+
+    def _check_finite(self, lo: int, hi: int) -> None:
+        bad = first_non_finite(torch.stack([self.samples[lo:hi], self.res[lo:hi]]))
+        if bad is not None:
+            self.fail(
+                self._done_pairs() * self.max_iter + lo + bad + 1,
+                hint=" (or the momentum is too large: it must stay below lambda_1^2 / 4)",
+            )
+
+    def _cut(self, t: int) -> dict[str, Any]:
+        """The current pair averaged over the last ``min(num_average, t)`` samples."""
+        win = min(self.window, t)
+        tail = self.samples[t - win : t].cpu()
+        return {
+            "means": tail.mean(),
+            "stds": tail.std() if win > 1 else torch.tensor(0.0, dtype=torch.float64),
+            "residuals": self.res[t - win : t].mean().cpu(),
+            "windows": win,
+        }
+
+    def _finish_pair(self) -> None:
+        i = self._done_pairs()
+        for key, value in self._cut(self.max_iter).items():
+            self.pairs[key].append(value)
+        self.found[i] = self.v
+        self.w, self.t = None, 0
+
+    def _eigen(
+        self,
+        pairs: dict[str, list[Any]],
+        vectors: torch.Tensor,
+        spent: int,
+        stop: StopReason | None,
     ) -> StochasticEigenResult:
-        count = len(means) if pairs is None else pairs
-        mean = torch.stack(means[:count])
-        std = torch.stack(stds[:count])
-        used = torch.tensor(windows[:count], dtype=torch.float64)
-        stderr = std / used.sqrt()
-        spent = count * max_iter if spent is None else spent
+        mean = torch.stack(pairs["means"])
+        std = torch.stack(pairs["stds"])
+        stderr = std / torch.tensor(pairs["windows"], dtype=torch.float64).sqrt()
+        converged = stderr <= self.tol * mean.abs()
         return StochasticEigenResult(
             eigenvalues=mean,
-            eigenvectors=found[:count].clone(),
-            residuals=torch.stack(residuals[:count]),
-            converged=stderr <= tol * mean.abs(),
+            eigenvectors=vectors,
+            residuals=torch.stack(pairs["residuals"]),
+            converged=converged,
             iterations=spent,
             num_matvecs=spent,
             which="LM",
-            tol=float(tol),
-            seed=seed_,
-            method="stochastic_power_iteration",
+            tol=self.tol,
+            seed=self.seed,
+            method=self.algorithm,
             eigenvalue_std=std,
             eigenvalue_stderr=stderr,
-            num_samples=min(windows[:count], default=window),  # smaller for a cut pair
-            momentum=beta,
-            stop_reason=stop_reason,
+            num_samples=min(pairs["windows"]),  # smaller for a cut pair
+            momentum=self.beta,
+            stop_reason=stop or ("converged" if bool(converged.all()) else "max_iter"),
         )
 
-    def non_finite(i: int, first_bad: int, cause: NonFiniteError | None) -> NonFiniteError:
-        partial = result("non_finite", i) if i > 0 else None
-        what = (
-            f"product {first_bad} of this stochastic power iteration failed: {cause}"
-            if cause is not None
-            else f"{type(operator).__name__}.matvec produced non-finite values (inf/nan) at or "
-            f"before product {first_bad} of this stochastic power iteration (or momentum is "
-            "too large: it must stay below lambda_1^2 / 4)"
-        )
-        return NonFiniteError(
-            f"{what}; err.partial holds the {i} pairs found before it"
-            + ("" if partial is not None else " (None: no pair was finished)")
-            + ".",
-            partial=partial,
-            matvec=first_bad,
-            batch_index=None if cause is None else cause.batch_index,
-            param_names=() if cause is None else cause.param_names,
-        )
+    def partial(self, stop_reason: StopReason) -> StochasticEigenResult | None:
+        i = self._done_pairs()
+        if stop_reason != "time_limit":  # the pairs finished before the bad product
+            if i == 0:
+                return None
+            return self._eigen(self.pairs, self.found[:i].clone(), i * self.max_iter, stop_reason)
+        cut = self._cut(self.t)
+        pairs = {key: [*values, cut[key]] for key, values in self.pairs.items()}
+        vectors = torch.cat([self.found[:i], self.v[None]])
+        return self._eigen(pairs, vectors, i * self.max_iter + self.t, stop_reason)
 
-    for i in range(len(means), k):
-        deflate = found[:i] if i > 0 else None
-        samples = torch.zeros(max_iter, dtype=torch.float64, device=device)
-        res = torch.zeros(max_iter, dtype=torch.float64, device=device)
-        if resume is not None:
-            t0 = int(resume["t"])
-            w, w_prev = resume["w"].to(device), resume["w_prev"].to(device)
-            v = resume["v"].to(device)
-            samples[:t0] = resume["samples"].to(device)
-            res[:t0] = resume["res"].to(device)
-            resume = None
-        else:
-            t0 = 0
-            w = backend.random(n, generator=gen, dtype=vdtype, device=device)
-            w = _project_out(backend, deflate, w)
-            w = w / backend.norm(w)
-            w_prev = torch.zeros_like(w)
-            v = w
-        stopped_at = None
-        for t in range(t0, max_iter):
-            if t > t0 and t % _CHECK_EVERY == 0:
-                lo = t - _CHECK_EVERY
-                if not bool((torch.isfinite(samples[lo:t]) & torch.isfinite(res[lo:t])).all()):
-                    raise non_finite(i, i * max_iter + t, None)
-                if deadline.expired(device):
-                    stopped_at = t
-                    break
-                if checkpointer is not None and checkpointer.due(i * max_iter + t):
-                    checkpointer.save(
-                        i * max_iter + t,
-                        _state(lists, found[:i], seed_, gen, t, w, w_prev, v, samples, res),
-                    )
-            w_norm = backend.norm(w)
-            v = w / w_norm
-            try:
-                y = operator.matvec(v)
-            except NonFiniteError as err:
-                raise non_finite(i, i * max_iter + t + 1, err) from err
-            theta = backend.dot(v, y)
-            samples[t] = theta.to(torch.float64)
-            res[t] = backend.norm(y - theta * v).to(torch.float64)
-            w_next = _project_out(backend, deflate, y) * w_norm - beta * w_prev
-            scale = backend.norm(w_next).clamp_min(torch.finfo(vdtype).tiny)
-            w_prev, w = w / scale, w_next / scale
-        done = max_iter if stopped_at is None else stopped_at
-        if stopped_at is not None and checkpointer is not None:
-            # The resume point is iteration ``done`` of pair i, saved before the partial pair.
-            checkpointer.save(
-                i * max_iter + done,
-                _state(lists, found[:i], seed_, gen, done, w, w_prev, v, samples, res),
-            )
-        win = min(window, done)
-        tail = samples[done - win : done].cpu()
-        if not (torch.isfinite(tail).all() and torch.isfinite(res[:done]).all()):
-            raise non_finite(i, i * max_iter + done, None)
-        means.append(tail.mean())
-        stds.append(tail.std() if win > 1 else torch.tensor(0.0, dtype=torch.float64))
-        residuals.append(res[done - win : done].mean().cpu())
-        windows.append(win)
-        found[i] = v
-        if stopped_at is not None:
-            return result("time_limit", spent=i * max_iter + done)
-    out = result("completed")
-    if checkpointer is not None:
-        checkpointer.finish()
-    return out
+    def result(self) -> StochasticEigenResult:
+        return self._eigen(self.pairs, self.found.clone(), self.k * self.max_iter, None)
 
+    def state_dict(self) -> dict[str, Any]:
+        i, t = self._done_pairs(), self.t
+        current = None
+        if self.w is not None:
+            current = {
+                "t": t,
+                "w": self.w.cpu(),
+                "w_prev": self.w_prev.cpu(),
+                "v": self.v.cpu(),
+                "samples": self.samples[:t].cpu(),
+                "res": self.res[:t].cpu(),
+            }
+        return {**self.pairs, "found": self.found[:i].cpu(), "current": current}
 
-def _state(
-    lists: dict[str, list[Any]],
-    found: torch.Tensor,
-    seed: int,
-    gen: torch.Generator,
-    t: int,
-    w: torch.Tensor,
-    w_prev: torch.Tensor,
-    v: torch.Tensor,
-    samples: torch.Tensor,
-    res: torch.Tensor,
-) -> dict[str, Any]:
-    """Checkpoint state before iteration ``t`` of the current pair."""
-    return {
-        **lists,
-        "found": found.cpu(),
-        "seed": seed,
-        "generator": generator_state(gen),
-        "current": {
-            "t": t,
-            "w": w.cpu(),
-            "w_prev": w_prev.cpu(),
-            "v": v.cpu(),
-            "samples": samples[:t].cpu(),
-            "res": res[:t].cpu(),
-        },
-    }
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in self.pairs:
+            self.pairs[key] = list(state[key])
+        device = self.op.device
+        self.found[: self._done_pairs()] = state["found"].to(device)
+        current = state["current"]
+        if current is not None:
+            self.t = int(current["t"])
+            self.w, self.w_prev = current["w"].to(device), current["w_prev"].to(device)
+            self.v = current["v"].to(device)
+            self.samples[: self.t] = current["samples"].to(device)
+            self.res[: self.t] = current["res"].to(device)

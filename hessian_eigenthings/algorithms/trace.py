@@ -18,10 +18,11 @@ sharded operators.
 
 from __future__ import annotations
 
-import os
-
 import torch
+from typing_extensions import Unpack
 
+from hessian_eigenthings.algorithms._run import LongRunOptions
+from hessian_eigenthings.algorithms._validation import check_choice
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.algorithms.hutch_plus_plus import hutch_plus_plus
 from hessian_eigenthings.algorithms.hutchinson import hutchinson
@@ -46,10 +47,7 @@ def trace(
     sketch_device: torch.device | str | None = None,
     block_size: int = 32,
     backend: LinAlgBackend | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> TraceResult:
     """Estimate ``tr(A)`` with a standard error, using ``num_matvecs`` operator products.
 
@@ -67,22 +65,18 @@ def trace(
         sketch_device: Device that holds the Hutch++ / XTrace sketch (e.g. ``"cpu"``).
         block_size: Probes per ``operator.matmat`` call.
         backend: Vector arithmetic; default ``operator.backend``.
-        checkpoint: Path of a checkpoint file; a call with the same arguments resumes
-            from it and returns the same result bit for bit (see the method's function).
-        checkpoint_every: Write the checkpoint every this many products.
-        checkpoint_seconds: Write it when this many seconds passed since the last write.
-        time_limit: Wall-clock seconds; once passed, the estimate from the products made
-            so far is returned with ``stop_reason="time_limit"``.
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`);
+            what a checkpoint holds and what a time-limited call returns is described by
+            the method's function.
 
     Returns:
         A :class:`TraceResult`.
 
     Raises:
-        NonFiniteError: A product was inf/nan (``err.partial``: the partial estimate).
-
-    Raises:
         ValueError: Unknown ``method`` or ``distribution``, or ``num_matvecs`` below the
             method's minimum.
+        NonFiniteError: A product was inf/nan (``err.partial``: the partial estimate).
 
     Example:
         >>> from hessian_eigenthings import LambdaOperator
@@ -93,8 +87,7 @@ def trace(
         >>> abs(res.estimate - 75.0) < 4 * res.stderr + 1e-9
         True
     """
-    if method not in TRACE_METHODS:
-        raise ValueError(f"Unknown trace method {method!r}; expected one of {TRACE_METHODS}.")
+    method = check_choice(method, TRACE_METHODS, "trace method")
     dist = _DEFAULT_DISTRIBUTION[method] if distribution is None else distribution
     if method == "hutchinson":
         return hutchinson(
@@ -104,10 +97,7 @@ def trace(
             seed=seed,
             block_size=block_size,
             backend=backend,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            checkpoint_seconds=checkpoint_seconds,
-            time_limit=time_limit,
+            **long_run,
         )
     sketched = hutch_plus_plus if method == "hutch++" else xtrace
     return sketched(
@@ -119,8 +109,5 @@ def trace(
         sketch_device=sketch_device,
         block_size=block_size,
         backend=backend,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        checkpoint_seconds=checkpoint_seconds,
-        time_limit=time_limit,
+        **long_run,
     )

@@ -37,37 +37,24 @@ unbiased.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import Unpack
 
-from hessian_eigenthings.algorithms._deadline import Deadline
-from hessian_eigenthings.algorithms._estimator_utils import (
-    agree_seed,
-    check_block_size,
-    check_distribution,
-    check_num_matvecs,
-    check_operator,
-    check_single_device,
-    check_sketch_options,
-    draw_columns,
-    first_non_finite,
+from hessian_eigenthings.algorithms._calls import ProbeCall
+from hessian_eigenthings.algorithms._records import StopReason
+from hessian_eigenthings.algorithms._run import LongRunOptions, drive
+from hessian_eigenthings.algorithms._sketch import (
+    TraceRun,
+    deflation_basis,
     loo_directions,
-    non_finite_error,
+    numerical_rank,
     paired_dots,
-    resolve_seed,
-    working_dtype,
-)
-from hessian_eigenthings.algorithms.checkpoint import (
-    Checkpointer,
-    generator_state,
-    restore_generator,
 )
 from hessian_eigenthings.algorithms.estimator_results import TraceResult
 from hessian_eigenthings.backends.base import LinAlgBackend
-from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["MIN_MATVECS_XTRACE", "xtrace"]
@@ -95,10 +82,7 @@ def xtrace(
     sketch_device: torch.device | str | None = None,
     block_size: int = 32,
     backend: LinAlgBackend | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_seconds: float | None = None,
-    time_limit: float | None = None,
+    **long_run: Unpack[LongRunOptions],
 ) -> TraceResult:
     """Estimate ``tr(A)`` with XTrace and its leave-one-out standard error.
 
@@ -140,19 +124,15 @@ def xtrace(
         sketch_device: Device that holds the sketch; default the operator's device.
         block_size: Columns per ``operator.matmat`` call.
         backend: Vector arithmetic; default ``operator.backend`` (whole vectors needed).
-        checkpoint: Path of a checkpoint file, written between blocks of products (it
-            holds the batch's probes and sketch: ``O(n s)`` numbers); a call with the same
-            arguments resumes from it, bit for bit. The rank-deficient fallback of a batch
-            runs without intermediate writes. Deleted when done, kept when ``time_limit``
-            stops the call.
-        checkpoint_every: Write every this many products (rounded up to whole blocks).
-        checkpoint_seconds: Write when this many seconds passed since the last write.
-        time_limit: Wall-clock seconds, checked between blocks. Once passed, the partial
-            estimate is returned with ``stop_reason="time_limit"``: the mean of the
-            completed XTrace batches if there are any
-            (``details["partial_estimator"] = "xtrace_completed_batches"``), else
-            Hutchinson on the current batch's probes ``omega_i^T A omega_i`` done so far
-            (``"hutchinson_on_sketch"``); ``num_matvecs`` counts every product made.
+        **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
+            ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
+            The checkpoint is written between blocks of products (also inside a
+            rank-deficient fallback) and holds the batch's probes and sketch (``O(n s)``
+            numbers). A time-limited call returns the mean of the completed XTrace
+            batches if there are any (``details["partial_estimator"] =
+            "xtrace_completed_batches"``), else Hutchinson on the current batch's probes
+            ``omega_i^T A omega_i`` done so far (``"hutchinson_on_sketch"``);
+            ``num_matvecs`` counts every product made.
 
     Returns:
         A :class:`TraceResult`; ``samples`` are the leave-one-out estimates ``t_i`` (of all
@@ -163,244 +143,212 @@ def xtrace(
         NonFiniteError: A product was inf/nan; ``err.partial`` is the partial estimate
             from the products before it (as for ``time_limit``), or ``None``.
     """
-    operator = check_operator(operator, "xtrace")
-    m = check_num_matvecs(num_matvecs, MIN_MATVECS_XTRACE, "xtrace")
-    distribution = check_distribution(distribution)
-    block_size = check_block_size(block_size)
-    cap, store = check_sketch_options(max_sketch_size, sketch_device, operator)
-    backend = backend if backend is not None else operator.backend
-    check_single_device(backend, operator, "xtrace")
-    n = operator.size
+    call = ProbeCall.check(
+        "xtrace",
+        "xtrace",
+        MIN_MATVECS_XTRACE,
+        operator,
+        num_matvecs,
+        distribution=distribution,
+        seed=seed,
+        block_size=block_size,
+        backend=backend,
+        long_run=long_run,
+        max_sketch_size=max_sketch_size,
+        sketch_device=sketch_device,
+        whole_vectors=True,
+    )
+    n = call.operator.size
     if n < 2:
         raise ValueError(f"xtrace needs an operator of size >= 2, got size {n}.")
-    seed_ = agree_seed(resolve_seed(seed), backend, operator.device)
-    dtype = working_dtype(operator)
-    improved = distribution == "gaussian"
-    deadline = Deadline(time_limit)
-    sizes = _split(min(m // 2, n), cap)
-    checkpointer = Checkpointer.create(
-        checkpoint,
-        checkpoint_every,
-        checkpoint_seconds,
-        algorithm="xtrace",
-        operator=operator,
-        backend=backend,
-        config={
-            "num_matvecs": m,
-            "distribution": distribution,
-            "max_sketch_size": cap,
-            "block_size": block_size,
-            "seed": seed,
-            "dtype": dtype,
-        },
-    )
-    gen = backend.generator(seed_, operator.device)
+    run = _XTrace(call, _split(min(call.num_matvecs // 2, n), call.max_sketch_size))
+    return drive(run, call.config(run.dtype, max_sketch_size=call.max_sketch_size), call.long_run)
 
-    # Completed batches, and the current one: phase "draw" (nothing yet), "sketch"
-    # (Y = A Omega, block by block), "projected" (H = Q^T A Q, block by block).
-    run: dict[str, Any] = {
-        "estimates": [],
-        "variances": [],
-        "samples": [],
-        "ranks": [],
-        "dofs": [],
-        "used": 0,
-        "batch": 0,
-        "phase": "draw",
-        "col": 0,
-    }
-    cur: dict[str, torch.Tensor] = {}
-    saved = checkpointer.load() if checkpointer is not None else None
-    if saved is not None:
-        seed_ = int(saved["seed"])
-        restore_generator(gen, saved["generator"])
-        run = dict(saved["run"])
-        run["samples"] = [t.numpy() for t in run["samples"]]
-        cur = {key: t.to(store) for key, t in saved["cur"].items()}
 
-    def state() -> dict[str, Any]:
-        return {
-            "seed": seed_,
-            "generator": generator_state(gen),
-            "run": {**run, "samples": [torch.from_numpy(t) for t in run["samples"]]},
-            "cur": {key: t.cpu() for key, t in cur.items()},
+class _XTrace(TraceRun):
+    """Batches of XTrace, each a sequence of phases over its ``s`` probes.
+
+    ``"draw"`` (the probes ``Omega``), ``"sketch"`` (``Y = A Omega``), then, for a
+    full-rank sketch, ``"projected"`` (``H = Q^T A Q``, then the leave-one-out estimates),
+    or for a rank-deficient one the shared fallback: ``"deflate"`` (``Q_r^T A Q_r``) and
+    ``"fresh"`` (Hutchinson on fresh probes projected off ``Q_r``).
+    """
+
+    algorithm = method = "xtrace"
+
+    def __init__(self, call: ProbeCall, sizes: list[int]) -> None:
+        super().__init__(call)
+        self.sizes = sizes
+        self.improved = call.distribution == "gaussian"
+        # Completed batches: estimates, se^2, leave-one-out estimates, ranks, dofs.
+        self.done_batches: dict[str, list[Any]] = {
+            "estimates": [],
+            "variances": [],
+            "samples": [],
+            "ranks": [],
+            "dofs": [],
         }
+        self.products = 0
+        self.batch = 0
+        self.rank = 0
+        self.cur: dict[str, torch.Tensor] = {}
 
-    def partial(stop_reason: str) -> TraceResult | None:
-        if run["estimates"]:
-            batches = len(run["estimates"])
-            return TraceResult(
-                estimate=float(np.mean(run["estimates"])),
-                stderr=float(math.sqrt(sum(run["variances"])) / batches),
-                num_matvecs=int(run["used"]),
-                operator_size=n,
-                method="xtrace",
-                distribution=distribution,
-                seed=seed_,
-                samples=np.concatenate(run["samples"]),
-                details={
-                    "partial_estimator": "xtrace_completed_batches",
-                    "num_batches": batches,
-                    "sketch_size": sum(sizes[:batches]),
-                    "sketch_rank": int(sum(run["ranks"])),
-                    "dof": int(sum(run["dofs"])),
-                },
-                stop_reason=stop_reason,
-            )
-        if run["phase"] == "draw":
-            return None
-        done = run["col"] if run["phase"] == "sketch" else cur["quad"].shape[0]
-        if done < 2:
-            return None
-        if run["phase"] == "sketch":
-            forms = paired_dots(backend, n, cur["omega"][:, :done], cur["Y"][:, :done])
-        else:
-            forms = cur["quad"]
-        samples = forms.cpu().numpy()
-        return TraceResult(
-            estimate=float(samples.mean()),
-            stderr=float(samples.std(ddof=1) / math.sqrt(done)),
-            num_matvecs=int(run["used"]),
-            operator_size=n,
-            method="xtrace",
-            distribution=distribution,
-            seed=seed_,
-            samples=samples,
-            details={
-                "partial_estimator": "hutchinson_on_sketch",
-                "num_probes": done,
-                "dof": done - 1,
-            },
-            stop_reason=stop_reason,
-        )
+    def used(self) -> int:
+        return self.products
 
-    def product(X: torch.Tensor) -> torch.Tensor:
-        try:
-            out = operator.matmat(X.to(operator.device)).to(store)
-        except NonFiniteError as err:
-            p = partial("non_finite")
-            raise non_finite_error("XTrace", operator, run["used"] + 1, err, p, _note(p)) from err
-        bad = first_non_finite(out)
-        if bad is not None:
-            p = partial("non_finite")
-            raise non_finite_error("XTrace", operator, run["used"] + bad + 1, None, p, _note(p))
-        run["used"] += out.shape[1]
-        return out
+    def done(self) -> bool:
+        return self.batch >= len(self.sizes)
 
-    def finish_batch(
-        t: float, var: float, t_i: np.ndarray, spent: int, rank: int, dof: int
-    ) -> None:
-        if not (math.isfinite(t) and math.isfinite(var)):
-            p = partial("non_finite")
-            raise non_finite_error(
-                "XTrace",
-                operator,
-                run["used"] - spent + 1,
-                None,
-                p,
-                f"(a product of batch {run['batch'] + 1}); " + _note(p),
-            )
-        run["estimates"].append(t)
-        run["variances"].append(var)
-        run["samples"].append(t_i)
-        run["ranks"].append(rank)
-        run["dofs"].append(dof)
-        run["batch"] += 1
-        run["phase"], run["col"] = "draw", 0
-        cur.clear()
+    def _size(self) -> int:
+        s = self.sizes[self.batch]
+        if self.phase in ("sketch", "projected"):
+            return s
+        keep = self.cur["Qr"].shape[1] if "Qr" in self.cur else 0
+        return {"draw": 0, "deflate": keep}.get(self.phase, s - keep)
 
-    used_at_start = run["used"]
-    while run["batch"] < len(sizes):
-        s = sizes[run["batch"]]
-        if run["phase"] == "draw":
-            omega = draw_columns(
-                backend, operator, s, generator=gen, dtype=dtype, distribution=distribution
-            ).to(store)
-            if improved:
+    def _advance(self) -> None:
+        cur, s = self.cur, self.sizes[self.batch]
+        if self.phase == "draw":
+            omega = self.draw(s)
+            if self.improved:
+                n = self.op.size
                 omega = omega * (
                     math.sqrt(n) / torch.linalg.vector_norm(omega, dim=0, keepdim=True)
                 )
-            cur["omega"], cur["Y"] = omega, torch.empty_like(omega)
-            run["phase"], run["col"] = "sketch", 0
-        if run["phase"] == "sketch" and run["col"] >= s:
-            omega, Y = cur["omega"], cur["Y"]
-            quad = paired_dots(backend, n, omega, Y)  # omega_i^T A omega_i
-            norms_sq = paired_dots(backend, n, omega, omega)
-            Q, R = torch.linalg.qr(Y)
-            R64 = R.to(torch.float64)
-            svals = torch.linalg.svdvals(R64)
-            tol = s * float(torch.finfo(dtype).eps) * float(svals[0])
-            rank = int((svals > tol).sum())
-            if rank < s:
-                cur.clear()
-                before = run["used"]
-                t, var, t_i, spent, rank_, dof = _rank_deficient(
-                    operator, backend, Q, R64, rank, gen, distribution, block_size
-                )
-                run["used"] = before + spent - s
-                finish_batch(t, var, t_i, spent, rank_, dof)
-                continue
-            W = (Q.T @ omega).to(torch.float64)  # Q^T Omega
-            cur.clear()
-            cur.update(Q=Q, R64=R64, W=W, quad=quad, norms_sq=norms_sq)
-            cur["H"] = torch.empty((s, s), dtype=torch.float64, device=store)
-            run["phase"], run["col"] = "projected", 0
-        if run["phase"] == "projected" and run["col"] >= s:
-            t, var, t_i = _loo_estimates(cur, n, s, improved)
-            finish_batch(t, var, t_i, 2 * s, s, s - 1)
-            continue
-        # Checked only after this call made products (a resumed call always advances).
-        expired = run["used"] > used_at_start and deadline.expired(operator.device)
-        cut = partial("time_limit") if expired else None
-        if cut is not None:
-            if checkpointer is not None:
-                checkpointer.save(run["used"], state())
-            return cut
-        if checkpointer is not None:
-            checkpointer.maybe_save(run["used"], state)
-        col = run["col"]
-        if run["phase"] == "sketch":
-            block = cur["omega"][:, col : col + block_size]
-            cur["Y"][:, col : col + block.shape[1]] = product(block)
+            self.cur = {"omega": omega, "Y": torch.empty_like(omega)}
+            self._enter("sketch")
+        elif self.phase == "sketch":
+            self._after_sketch(s)
+        elif self.phase == "projected":
+            t, var, t_i = _loo_estimates(cur, self.op.size, s, self.improved)
+            self._finish_batch(t, var, t_i, 2 * s, s, s - 1)
+        elif self.phase == "deflate":
+            H = cur.pop("H")
+            cur["low"] = torch.trace(0.5 * (H + H.T)) if H.numel() else H.new_zeros(())
+            cur["forms"] = torch.empty(s - H.shape[0], dtype=torch.float64, device=self.store)
+            self._enter("fresh")
         else:
-            Q = cur["Q"]
-            Qb = Q[:, col : col + block_size]
-            cur["H"][:, col : col + Qb.shape[1]] = backend.block_gram(Q.T, product(Qb).T).to(
-                torch.float64
+            samples = cur["forms"].cpu().numpy()
+            fresh, keep = samples.size, s - samples.size
+            t_i = float(cur["low"]) + samples
+            var = float(samples.var(ddof=1) / fresh)
+            self._finish_batch(float(t_i.mean()), var, t_i, s + keep + fresh, self.rank, fresh - 1)
+
+    def _after_sketch(self, s: int) -> None:
+        omega, Y = self.cur["omega"], self.cur["Y"]
+        n = self.op.size
+        quad = paired_dots(self.backend, n, omega, Y)  # omega_i^T A omega_i
+        norms_sq = paired_dots(self.backend, n, omega, omega)
+        Q, R = torch.linalg.qr(Y)
+        R64 = R.to(torch.float64)
+        self.rank = numerical_rank(R64, self.dtype)
+        if self.rank < s:
+            Qr = deflation_basis(Q, R64, self.rank)
+            k = Qr.shape[1]
+            H = torch.empty((k, k), dtype=torch.float64, device=self.store)
+            self.cur = {"Qr": Qr, "H": H, "quad": quad}
+            self._enter("deflate")
+            return
+        W = (Q.T @ omega).to(torch.float64)  # Q^T Omega
+        H = torch.empty((s, s), dtype=torch.float64, device=self.store)
+        self.cur = {"Q": Q, "R64": R64, "W": W, "quad": quad, "norms_sq": norms_sq, "H": H}
+        self._enter("projected")
+
+    def _columns(self, col: int, b: int) -> torch.Tensor:
+        cur = self.cur
+        if self.phase == "sketch":
+            return cur["omega"][:, col : col + b]
+        if self.phase == "projected":
+            return cur["Q"][:, col : col + b]
+        if self.phase == "deflate":
+            return cur["Qr"][:, col : col + b]
+        Qr, G = cur["Qr"], self.draw(b)
+        G = G - Qr @ (Qr.T @ G)
+        return G - Qr @ (Qr.T @ G)
+
+    def _take(self, col: int, X: torch.Tensor, AX: torch.Tensor) -> None:
+        cur, b = self.cur, X.shape[1]
+        if self.phase == "sketch":
+            cur["Y"][:, col : col + b] = AX
+        elif self.phase == "fresh":
+            cur["forms"][col : col + b] = paired_dots(self.backend, self.op.size, X, AX)
+        else:  # "projected": columns of Q^T A Q; "deflate": of Q_r^T A Q_r
+            basis = cur["Q"] if self.phase == "projected" else cur["Qr"]
+            cur["H"][:, col : col + b] = self.backend.gram(basis, AX).to(torch.float64)
+        self.products += b
+
+    def _finish_batch(
+        self, t: float, var: float, t_i: np.ndarray, spent: int, rank: int, dof: int
+    ) -> None:
+        if not (math.isfinite(t) and math.isfinite(var)):
+            self.fail(
+                self.products - spent + 1,
+                hint=f" or a later one of batch {self.batch + 1} (its estimate is not finite)",
             )
-            block = Qb
-        run["col"] = col + block.shape[1]
+        for key, value in zip(self.done_batches, (t, var, t_i, rank, dof)):
+            self.done_batches[key].append(value)
+        self.batch += 1
+        self.cur = {}
+        self._enter("draw")
 
-    batches = len(run["estimates"])
-    out = TraceResult(
-        estimate=float(np.mean(run["estimates"])),
-        stderr=float(math.sqrt(sum(run["variances"])) / batches),
-        num_matvecs=int(run["used"]),
-        operator_size=n,
-        method="xtrace",
-        distribution=distribution,
-        seed=seed_,
-        samples=np.concatenate(run["samples"]),
-        details={
-            "sketch_size": min(m // 2, n),
-            "num_batches": batches,
-            "sketch_rank": int(sum(run["ranks"])),
-            "dof": int(sum(run["dofs"])),
-        },
-        stop_reason="completed",
-    )
-    if checkpointer is not None:
-        checkpointer.finish()
-    return out
+    def partial(self, stop_reason: StopReason) -> TraceResult | None:
+        if self.done_batches["estimates"]:
+            return self._batches(stop_reason, partial=True)
+        if self.phase == "draw":
+            return None
+        if self.phase == "sketch":
+            omega, Y = self.cur["omega"], self.cur["Y"]
+            forms = paired_dots(self.backend, self.op.size, omega[:, : self.col], Y[:, : self.col])
+        else:
+            forms = self.cur["quad"]
+        return self._on_sketch(forms, stop_reason)
 
+    def result(self) -> TraceResult:
+        return self._batches("completed", partial=False)
 
-def _note(partial: TraceResult | None) -> str:
-    if partial is None:
-        return "err.partial is None (fewer than 2 clean probes)"
-    return (
-        f"err.partial holds the estimate from the {partial.num_matvecs} products before it "
-        f"({partial.details.get('partial_estimator')})"
-    )
+    def _batches(self, stop_reason: StopReason, *, partial: bool) -> TraceResult:
+        b = self.done_batches
+        count = len(b["estimates"])
+        details: dict[str, Any] = (
+            {"partial_estimator": "xtrace_completed_batches"} if partial else {}
+        )
+        details.update(
+            num_batches=count,
+            sketch_size=sum(self.sizes[:count]),
+            sketch_rank=int(sum(b["ranks"])),
+            dof=int(sum(b["dofs"])),
+        )
+        return TraceResult(
+            estimate=float(np.mean(b["estimates"])),
+            stderr=float(math.sqrt(sum(b["variances"])) / count),
+            num_matvecs=self.products,
+            samples=np.concatenate(b["samples"]),
+            details=details,
+            stop_reason=stop_reason,
+            **self.about(),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        run = {
+            **self.done_batches,
+            "samples": [torch.from_numpy(t) for t in self.done_batches["samples"]],
+            "used": self.products,
+            "batch": self.batch,
+            "phase": self.phase,
+            "col": self.col,
+            "rank": self.rank,
+        }
+        return {"run": run, "cur": {key: t.cpu() for key, t in self.cur.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        run = dict(state["run"])
+        for key in self.done_batches:
+            self.done_batches[key] = list(run[key])
+        self.done_batches["samples"] = [t.numpy() for t in run["samples"]]
+        self.products, self.batch = int(run["used"]), int(run["batch"])
+        self.phase, self.col = str(run["phase"]), int(run["col"])
+        self.rank = int(run.get("rank", 0))
+        self.cur = {key: t.to(self.store) for key, t in state["cur"].items()}
 
 
 def _loo_estimates(
@@ -420,60 +368,3 @@ def _loo_estimates(
         resid = resid * ((n - s + 1) / resid_norm_sq)
     t_i = (low + resid).cpu().numpy()
     return float(t_i.mean()), float(t_i.var(ddof=1) / s), t_i
-
-
-def _projected(
-    operator: CurvatureOperator, backend: LinAlgBackend, Q: torch.Tensor, block_size: int
-) -> torch.Tensor:
-    """``H = Q^T A Q`` in float64 (symmetrised), one block of ``A Q`` at a time."""
-    k = Q.shape[1]
-    H = torch.empty((k, k), dtype=torch.float64, device=Q.device)
-    for start in range(0, k, block_size):
-        Qb = Q[:, start : start + block_size]
-        AQb = operator.matmat(Qb.to(operator.device)).to(Q.device)
-        H[:, start : start + block_size] = backend.block_gram(Q.T, AQb.T).to(torch.float64)
-    return 0.5 * (H + H.T)
-
-
-def _rank_deficient(
-    operator: CurvatureOperator,
-    backend: LinAlgBackend,
-    Q: torch.Tensor,
-    R64: torch.Tensor,
-    rank: int,
-    gen: torch.Generator,
-    distribution: str,
-    block_size: int,
-) -> tuple[float, float, np.ndarray, int, int, int]:
-    """Hutch++ on the rank-``r`` range of a numerically rank-deficient sketch.
-
-    The leave-one-out projectors need an invertible ``R``; without one, the probes cannot
-    serve as their own residual probes either (they lie in the sketch). So the remaining
-    budget goes to fresh probes: with ``r' = min(r, s - 2)`` leading left singular vectors
-    ``Q_r = Q U_{:r'}`` of ``Y``, the estimate is ``tr(Q_r^T A Q_r)`` (``r'`` products) plus
-    Hutchinson on ``(I - Q_r Q_r^T) A (I - Q_r Q_r^T)`` with ``s - r'`` fresh probes, which
-    is unbiased given ``Q_r`` and whose standard error is the usual one (as in Hutch++).
-    Total products: ``2 s``, as for the full-rank path.
-    """
-    s = R64.shape[0]
-    n = operator.size
-    keep = min(rank, s - 2)
-    U, _, _ = torch.linalg.svd(R64)
-    Qr = Q @ U[:, :keep].to(Q.dtype)
-    low = torch.trace(_projected(operator, backend, Qr, block_size)) if keep > 0 else 0.0
-    fresh = s - keep
-    forms = torch.empty(fresh, dtype=torch.float64, device=Q.device)
-    for start in range(0, fresh, block_size):
-        b = min(block_size, fresh - start)
-        G = draw_columns(
-            backend, operator, b, generator=gen, dtype=Q.dtype, distribution=distribution
-        ).to(Q.device)
-        G = G - Qr @ (Qr.T @ G)
-        G = G - Qr @ (Qr.T @ G)
-        AG = operator.matmat(G.to(operator.device)).to(Q.device)
-        forms[start : start + b] = paired_dots(backend, n, G, AG)
-    samples = forms.cpu().numpy()
-    t_i = float(low) + samples
-    estimate = float(t_i.mean())
-    var = float(samples.var(ddof=1) / fresh)
-    return estimate, var, t_i, s + keep + fresh, rank, fresh - 1

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hessian_eigenthings.backends.base import LinAlgBackend
-from hessian_eigenthings.backends.single_device import SingleDeviceBackend, draw_probes
+from hessian_eigenthings.backends.base import Draw, LinAlgBackend, seeded_generator
+from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 
 __all__ = ["ReplicatedBackend", "ShardedBackend", "broadcast_seed", "collective_device"]
 
@@ -75,7 +75,29 @@ def _broadcast_value(value: torch.Tensor, process_group: ProcessGroup) -> torch.
     return t.to(value.device)
 
 
-class ReplicatedBackend(SingleDeviceBackend):
+class _GroupAgreement:
+    """How the processes of ``process_group`` agree (shared by both distributed backends).
+
+    Seeds and flags come from the group's first rank (one small broadcast each); that
+    rank writes shared files, and :meth:`barrier` waits for the group only.
+    """
+
+    process_group: ProcessGroup
+
+    def generator(self, seed: int, device: torch.device) -> torch.Generator:
+        return seeded_generator(broadcast_seed(seed, self.process_group, device), device)
+
+    def all_agree(self, value: torch.Tensor) -> torch.Tensor:
+        return _broadcast_value(value, self.process_group)
+
+    def is_first_process(self) -> bool:
+        return dist.get_rank(self.process_group) == 0
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.process_group)
+
+
+class ReplicatedBackend(_GroupAgreement, SingleDeviceBackend):
     """Whole vectors, replicated identically on every rank of ``process_group``.
 
     Arithmetic is local (no communication); :meth:`generator` broadcasts the seed from
@@ -90,12 +112,6 @@ class ReplicatedBackend(SingleDeviceBackend):
     def __init__(self, process_group: ProcessGroup = None) -> None:
         _require_initialized("ReplicatedBackend")
         self.process_group = process_group
-
-    def generator(self, seed: int, device: torch.device) -> torch.Generator:
-        return super().generator(broadcast_seed(seed, self.process_group, device), device)
-
-    def all_agree(self, value: torch.Tensor) -> torch.Tensor:
-        return _broadcast_value(value, self.process_group)
 
     def __repr__(self) -> str:
         return f"ReplicatedBackend(world_size={dist.get_world_size(self.process_group)})"
@@ -119,21 +135,21 @@ def _check_partition(rank_ranges: Sequence[Sequence[tuple[int, int]]], size: int
         raise ValueError(f"Shard ranges cover [0, {pos}) but the vector size is {size}.")
 
 
-class ShardedBackend(LinAlgBackend[torch.Tensor]):
+class ShardedBackend(_GroupAgreement, LinAlgBackend[torch.Tensor]):
     r"""Vectors split across the ranks of ``process_group``; reductions all-reduce.
 
     Rank ``r`` holds the entries ``x[a:b]`` for each ``(a, b)`` in
     ``rank_ranges[r]``, concatenated in that order (its *local shard*, a flat tensor
     of :meth:`local_size` entries). The ranges of all ranks partition ``[0, size)``.
 
-    Reductions (:meth:`dot`, :meth:`norm`, :meth:`block_dot`, :meth:`block_gram`)
+    Reductions (:meth:`dot`, :meth:`norm`, :meth:`gram`)
     compute the local partial result and ``all_reduce`` it (one collective each), so
     every rank returns the same value. Elementwise arithmetic needs no backend: the
     algorithms apply it to the local shards directly.
 
-    :meth:`random` draws the global probe from ``generator`` in a fixed order (the
+    :meth:`probes` draws the global probes from ``generator`` in a fixed order (the
     whole ``(num, size)`` block at once when it has at most ``chunk_size`` entries,
-    otherwise row by row in chunks of ``chunk_size``) and keeps this rank's entries,
+    otherwise probe by probe in chunks of ``chunk_size``) and keeps this rank's entries,
     so probes are independent of the number of ranks, and for small problems
     identical to :class:`SingleDeviceBackend`'s. Peak extra memory: ``chunk_size``
     entries. :meth:`generator` broadcasts the seed from the group's first rank.
@@ -194,11 +210,8 @@ class ShardedBackend(LinAlgBackend[torch.Tensor]):
     def dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(torch.dot(x, y))
 
-    def block_dot(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(X @ y)
-
-    def block_gram(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(X @ Y.T)
+    def gram(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(X.T @ Y)
 
     def local_size(self, n: int) -> int:
         if n != self.size:
@@ -241,39 +254,15 @@ class ShardedBackend(LinAlgBackend[torch.Tensor]):
         return out
 
     # -- randomness --------------------------------------------------------------------
-    def generator(self, seed: int, device: torch.device) -> torch.Generator:
-        return super().generator(broadcast_seed(seed, self.process_group, device), device)
+    def _local_rows(self, n: int, num: int, draw: Draw, like: torch.Tensor) -> torch.Tensor:
+        if num * n <= self.chunk_size:
+            return self.shard(draw((num, n)))
+        block = like.new_empty((num, self.local_size(n)))
+        for i in range(num):
+            self._draw_row_into(block[i], n, draw)
+        return block
 
-    def all_agree(self, value: torch.Tensor) -> torch.Tensor:
-        return _broadcast_value(value, self.process_group)
-
-    def random(
-        self,
-        n: int,
-        *,
-        num: int | None = None,
-        generator: torch.Generator,
-        dtype: torch.dtype,
-        device: torch.device,
-        distribution: str = "gaussian",
-    ) -> torch.Tensor:
-        local = self.local_size(n)
-        rows = 1 if num is None else num
-        kw: dict[str, Any] = {
-            "generator": generator,
-            "dtype": dtype,
-            "device": device,
-            "distribution": distribution,
-        }
-        if rows * n <= self.chunk_size:
-            block = self.shard(draw_probes((rows, n), **kw))
-        else:
-            block = torch.empty(rows, local, dtype=dtype, device=device)
-            for i in range(rows):
-                self._draw_row_into(block[i], n, kw)
-        return block[0] if num is None else block
-
-    def _draw_row_into(self, out: torch.Tensor, n: int, kw: dict[str, Any]) -> None:
+    def _draw_row_into(self, out: torch.Tensor, n: int, draw: Draw) -> None:
         # Global entries are drawn chunk by chunk; local ranges are copied as they pass.
         starts = []
         pos = 0
@@ -282,7 +271,7 @@ class ShardedBackend(LinAlgBackend[torch.Tensor]):
             pos += b - a
         for c0 in range(0, n, self.chunk_size):
             c1 = min(c0 + self.chunk_size, n)
-            chunk = draw_probes((c1 - c0,), **kw)
+            chunk = draw((c1 - c0,))
             for (a, b), s in zip(self.ranges, starts):
                 lo, hi = max(a, c0), min(b, c1)
                 if lo < hi:
