@@ -47,6 +47,7 @@ from hessian_eigenthings.cli.summary import (
 )
 
 __all__ = [
+    "check_checkpoint_dir",
     "load_checkpoint",
     "make_batches",
     "read_text",
@@ -126,22 +127,14 @@ def read_text(path: str) -> str:
     return text
 
 
-def load_checkpoint(
-    path: str,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    quiet: bool = False,
-    progress: bool = False,
-) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local directory, in eval mode.
+def check_checkpoint_dir(path: str) -> Path:
+    """Check that ``path`` holds a HuggingFace model (config, weights) and a tokenizer.
 
-    ``quiet`` silences transformers' warnings; without ``progress`` its loading bars are
-    switched off (the command's progress policy applies to them too).
+    Without tokenizer files transformers silently builds an empty tokenizer from
+    ``config.json`` (every text becomes 0 tokens); this is refused here, before loading.
 
     Raises:
-        BadInput: The path is missing, is not a directory, has no model config / weights
-            or no tokenizer files, or ``transformers`` is not installed.
+        BadInput: Missing path, not a directory, no config / weights, no tokenizer files.
     """
     p = Path(path)
     if not p.exists():
@@ -172,6 +165,27 @@ def load_checkpoint(
             "Fix: tokenizer.save_pretrained(dir) with the model's tokenizer, or copy its "
             "tokenizer files into the directory."
         )
+    return p
+
+
+def load_checkpoint(
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    quiet: bool = False,
+    progress: bool = False,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local directory, in eval mode.
+
+    ``quiet`` silences transformers' warnings; without ``progress`` its loading bars are
+    switched off (the command's progress policy applies to them too).
+
+    Raises:
+        BadInput: The directory fails :func:`check_checkpoint_dir`, its tokenizer has an
+            empty vocabulary, or ``transformers`` is not installed.
+    """
+    p = check_checkpoint_dir(path)
     try:
         import transformers
     except ImportError as err:
@@ -365,6 +379,8 @@ def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> int:
         require_matplotlib()
     device = resolve_device(args.device)
     ckpt_dir = checkpoint_dir(args.checkpoint)
+    read_text(args.text)
+    check_checkpoint_dir(args.model)  # bad input is reported before joining torchrun's group
     distributed = _init_distributed(device)
     try:
         return _analyze(args, reporter, out_dir, device, ckpt_dir, distributed)

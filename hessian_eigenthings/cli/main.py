@@ -16,6 +16,7 @@ import argparse
 import importlib.util
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,7 +69,11 @@ def _seconds(text: str) -> float:
 
 
 class _RenamedOption(argparse.Action):
-    """Store the value of an old option name and warn that it was renamed."""
+    """Store the value of an option given by its new or its old name.
+
+    The old name emits a ``DeprecationWarning`` naming the new one (shown with
+    ``python -W default``; the command's output stays unchanged for existing scripts).
+    """
 
     def __init__(self, *args: Any, new_name: str, **kwargs: Any) -> None:
         self.new_name = new_name
@@ -82,10 +87,10 @@ class _RenamedOption(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         if option_string != self.new_name:
-            print(
-                f"{parser.prog}: warning: {option_string} is deprecated, use {self.new_name}",
-                file=sys.stderr,
-                flush=True,
+            warnings.warn(
+                f"{parser.prog}: {option_string} is deprecated, use {self.new_name}",
+                DeprecationWarning,
+                stacklevel=2,
             )
         setattr(namespace, self.dest, values)
 

@@ -183,13 +183,21 @@ def both_ends(
                 lines.append(hint)
     else:
         lines.append("  negative mass: not computed (add --density)")
-    if ends is not None:
+    # The positive end is known from a density, or from Lanczos at the LA / LM end (the
+    # k largest magnitudes: a larger positive eigenvalue would have been among them).
+    positive_known = density is not None or (eigen is not None and eigen.which in ("LA", "LM"))
+    if ends is not None and positive_known:
         low, high = ends
-        dominates = low < 0 and -low > max(high, 0.0)
+        dominates = low < 0 and -low > high
         summary["negative_end_dominates"] = dominates
         if dominates:
+            than = (
+                f"the largest, {high:.5g}"
+                if high > 0
+                else "any positive eigenvalue (none among those of largest magnitude)"
+            )
             lines.append(
-                f"  note: the negative end dominates: |smallest| {-low:.5g} > largest "
-                f"{max(high, 0.0):.5g}, the strongest curvature is negative (not a minimum)"
+                f"  note: the negative end dominates: the smallest eigenvalue found, "
+                f"{low:.5g}, is larger in magnitude than {than} (not a minimum)"
             )
     return lines, summary
