@@ -199,6 +199,8 @@ def plot_eigenvalues(
     Raises:
         ValueError: ``errors`` or ``converged`` does not match ``values`` in length.
     """
+    from matplotlib.ticker import MaxNLocator
+
     vals = _as_numpy(values)
     errs = None if errors is None else _as_numpy(errors)
     if errs is not None and errs.shape != vals.shape:
@@ -223,6 +225,7 @@ def plot_eigenvalues(
     label = kwargs["label"]
     index = np.arange(vals.size) + first_index
     container = ax.errorbar(index, vals, yerr=errs, **kwargs)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("index")
     ax.set_ylabel("eigenvalue")
     ax.legend(loc="best", fontsize="small")
@@ -245,6 +248,7 @@ def plot_eigenvalues(
             label=f"{label}: residual, not converged",
         )
     rax.set_yscale("log")
+    rax.xaxis.set_major_locator(MaxNLocator(integer=True))
     rax.set_ylabel("residual ||A v - lambda v||")
     if _is_twin(ax, rax):  # one legend for both, on the twin (drawn on top)
         h1, l1 = ax.get_legend_handles_labels()

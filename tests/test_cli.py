@@ -459,7 +459,7 @@ def test_analyze_psd_operators(
     assert results["trace"]["estimate"] >= sum(eig["eigenvalues"]) - 5 * results["trace"]["stderr"]
     label = "GGN" if operator == "ggn" else "empirical Fisher"
     assert f"Top-2 {label} eigenvalues (largest magnitude" in captured.out
-    assert f"Operator: {label} of the mean next-token loss." in captured.out
+    assert f"Operator: {label} of the mean next-token loss" in captured.out
     assert results["operator_label"] == label
 
 

@@ -41,6 +41,7 @@ from hessian_eigenthings.cli.stages import Stages, checkpoint_dir
 from hessian_eigenthings.cli.summary import (
     OPERATOR_LABELS,
     both_ends,
+    capitalized,
     eigen_lines,
     error_bar_hint,
     plural,
@@ -457,7 +458,11 @@ def _analyze(
         f"), {args.dtype} on {device}; {plural(len(ids), 'token')} in "
         f"{plural(len(batches), 'batch')} ({plural(n_targets, 'next-token target')}){over}."
     )
-    reporter.say(f"Operator: {label} of the mean next-token loss.")
+    what = {
+        "fisher": " (the mean of g g^T over per-token gradients g at the observed next tokens; "
+        "not the true Fisher, whose labels are drawn from the model)"
+    }.get(args.operator, "")
+    reporter.say(f"Operator: {label} of the mean next-token loss{what}.")
 
     with stages.timed("build_operator"):
         operator = _build_operator(
@@ -551,7 +556,8 @@ def _analyze(
         if tr is not None:
             partial = " (partial: --time-limit)" if tr.stop_reason == "time_limit" else ""
             reporter.say(
-                f"{label} trace (Hutch++, {plural(tr.num_matvecs, 'matvec')}){partial}: "
+                f"{capitalized(label)} trace (Hutch++, {plural(tr.num_matvecs, 'matvec')})"
+                f"{partial}: "
                 f"{float(tr.estimate):.5g} +/- {float(tr.stderr):.2g} (one standard error)"
             )
             hint = error_bar_hint(
@@ -589,7 +595,7 @@ def _analyze(
                 else ""
             )
             reporter.say(
-                f"{label} spectral density (SLQ, {plural(runs, 'run')} x "
+                f"{capitalized(label)} spectral density (SLQ, {plural(runs, 'run')} x "
                 f"{plural(steps, 'step')}){partial}: written to results.json and spectrum.png"
             )
             results["spectral_density"] = density.to_dict()
@@ -607,7 +613,10 @@ def _analyze(
                 save_eigenvalue_figure(
                     {label: eig},
                     out_dir / "eigenvalues.png",
-                    title=f"{label}: {args.k} eigenvalues ({eig.which}) and their residuals",
+                    title=(
+                        f"{capitalized(label)}: {args.k} eigenvalues ({eig.which}) and their "
+                        "residuals"
+                    ),
                 )
             if density is not None:
                 marks = {f"Lanczos ({eig.which})": eig.eigenvalues} if eig is not None else None
@@ -615,7 +624,7 @@ def _analyze(
                     density,
                     out_dir / "spectrum.png",
                     eigenvalues=marks,
-                    title=f"{label} spectral density",
+                    title=f"{capitalized(label)} spectral density",
                 )
     return _finish(results, stages, out_dir, reporter, rank)
 

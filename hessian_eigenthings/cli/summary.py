@@ -26,6 +26,7 @@ __all__ = [
     "OPERATOR_LABELS",
     "WHICH_WORDS",
     "both_ends",
+    "capitalized",
     "eigen_lines",
     "error_bar_hint",
     "plural",
@@ -39,6 +40,11 @@ WHICH_WORDS = {
 }
 # An error bar larger than this fraction of its estimate gets a hint.
 HINT_RATIO = 0.1
+
+
+def capitalized(label: str) -> str:
+    """``label`` at the start of a sentence: ``"empirical Fisher"`` -> ``"Empirical Fisher"``."""
+    return label[:1].upper() + label[1:]
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:
@@ -157,7 +163,7 @@ def both_ends(
         low, high = ends
         summary["smallest_found"], summary["largest_found"] = low, high
         lines.append(
-            f"{label} spectrum, both ends found ({' and '.join(sources)}): largest "
+            f"{capitalized(label)} spectrum, both ends found ({' and '.join(sources)}): largest "
             f"{high:.5g}, smallest {low:.5g} (the spectrum reaches at least this far)"
         )
         if density is None and eigen is not None and eigen.which != "LM":
