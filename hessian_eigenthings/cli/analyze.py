@@ -380,11 +380,11 @@ def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> int:
         require_matplotlib()
     device = resolve_device(args.device)
     ckpt_dir = checkpoint_dir(args.checkpoint)
-    read_text(args.text)
+    text = read_text(args.text)
     check_checkpoint_dir(args.model)  # bad input is reported before joining torchrun's group
     distributed = _init_distributed(device)
     try:
-        return _analyze(args, reporter, out_dir, device, ckpt_dir, distributed)
+        return _analyze(args, text, reporter, out_dir, device, ckpt_dir, distributed)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -392,6 +392,7 @@ def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> int:
 
 def _analyze(
     args: argparse.Namespace,
+    text: str,
     reporter: Reporter,
     out_dir: Path,
     device: torch.device,
@@ -399,15 +400,6 @@ def _analyze(
     distributed: bool,
 ) -> int:
     from hessian_eigenthings.algorithms.checkpoint import operator_identity
-    from hessian_eigenthings.algorithms.estimator_results import (
-        SpectralDensityResult,
-        TraceResult,
-    )
-    from hessian_eigenthings.algorithms.lanczos import lanczos
-    from hessian_eigenthings.algorithms.results import EigenResult
-    from hessian_eigenthings.algorithms.spectral_density import spectral_density
-    from hessian_eigenthings.algorithms.trace import trace
-    from hessian_eigenthings.cli.figures import save_eigenvalue_figure, save_spectrum_figure
 
     rank, world = torchrun_rank() if distributed else (0, 1)
     operator: Any = None
@@ -419,7 +411,6 @@ def _analyze(
         write=rank == 0,
     )
     dtype = _DTYPES[args.dtype]
-    text = read_text(args.text)
     with stages.timed("load_model"):
         model, tokenizer = load_checkpoint(
             args.model, dtype, device, quiet=reporter.quiet, progress=reporter.progress
@@ -495,110 +486,13 @@ def _analyze(
         "seed": args.seed,
     }
 
-    eig: EigenResult | None = None
-    if args.k > 0:
-        with reporter.task(operator, f"{label} eigenvalues") as op:
-            eig = stages.run(
-                "eigen",
-                lambda **kw: lanczos(
-                    op,
-                    args.k,
-                    which=args.which,
-                    tol=args.tol,
-                    max_iter=args.lanczos_matvecs,
-                    seed=args.seed,
-                    **kw,
-                ),
-                config={
-                    "k": args.k,
-                    "which": args.which,
-                    "tol": args.tol,
-                    "max_iter": args.lanczos_matvecs,
-                    "seed": args.seed,
-                },
-                to_dict=lambda r: r.to_dict(include_eigenvectors=False),
-                from_dict=EigenResult.from_dict,
-            )
-        if eig is not None:
-            for line in eigen_lines(label, eig, remedy="raise --lanczos-matvecs or --tol"):
-                reporter.say(line)
-            for i in range(eig.k):
-                hint = error_bar_hint(
-                    f"eigenvalue {i + 1}",
-                    float(eig.eigenvalues[i]),
-                    float(eig.residuals[i]),
-                    "raise --lanczos-matvecs or lower --tol",
-                )
-                if hint:
-                    reporter.say(hint)
-            results["eigen"] = {
-                "eigenvalues": eig.eigenvalues,
-                "residuals": eig.residuals,
-                "converged": eig.converged,
-                "iterations": eig.iterations,
-                "num_matvecs": eig.num_matvecs,
-                "which": eig.which,
-                "tol": eig.tol,
-                "seed": eig.seed,
-                "stop_reason": eig.stop_reason,
-            }
+    eig = _eigen_stage(args, stages, reporter, operator, label, results) if args.k else None
     if args.trace:
-        with reporter.task(operator, f"{label} trace", total=args.trace_matvecs) as op:
-            tr = stages.run(
-                "trace",
-                lambda **kw: trace(
-                    op, num_matvecs=args.trace_matvecs, method="hutch++", seed=args.seed, **kw
-                ),
-                config={"num_matvecs": args.trace_matvecs, "method": "hutch++", "seed": args.seed},
-                to_dict=lambda r: r.to_dict(),
-                from_dict=TraceResult.from_dict,
-            )
-        if tr is not None:
-            partial = " (partial: --time-limit)" if tr.stop_reason == "time_limit" else ""
-            reporter.say(
-                f"{capitalized(label)} trace (Hutch++, {plural(tr.num_matvecs, 'matvec')})"
-                f"{partial}: "
-                f"{float(tr.estimate):.5g} +/- {float(tr.stderr):.2g} (one standard error)"
-            )
-            hint = error_bar_hint(
-                f"{label} trace",
-                float(tr.estimate),
-                float(tr.stderr),
-                f"raise --trace-matvecs (now {args.trace_matvecs})",
-            )
-            if hint:
-                reporter.say(hint)
-            results["trace"] = {
-                "estimate": tr.estimate,
-                "stderr": tr.stderr,
-                "num_matvecs": tr.num_matvecs,
-                "method": "hutch++",
-                "stop_reason": tr.stop_reason,
-            }
+        _trace_stage(args, stages, reporter, operator, label, results)
     density = None
     if args.density:
-        runs, steps = args.density_runs, min(args.density_steps, n_params)
-        with reporter.task(operator, f"{label} spectral density", total=runs * steps) as op:
-            density = stages.run(
-                "density",
-                lambda **kw: spectral_density(
-                    op, num_runs=runs, lanczos_steps=steps, seed=args.seed, **kw
-                ),
-                config={"num_runs": runs, "lanczos_steps": steps, "seed": args.seed},
-                to_dict=lambda r: r.to_dict(),
-                from_dict=SpectralDensityResult.from_dict,
-            )
-        if density is not None:
-            partial = (
-                f" (partial: {plural(density.num_runs, 'run')} before --time-limit)"
-                if density.stop_reason == "time_limit"
-                else ""
-            )
-            reporter.say(
-                f"{capitalized(label)} spectral density (SLQ, {plural(runs, 'run')} x "
-                f"{plural(steps, 'step')}){partial}: written to results.json and spectrum.png"
-            )
-            results["spectral_density"] = density.to_dict()
+        steps = min(args.density_steps, n_params)
+        density = _density_stage(args, steps, stages, reporter, operator, label, results)
     if eig is not None or density is not None:
         lines, ends = both_ends(
             label, eigen=eig, density=density, density_remedy="raise --density-runs"
@@ -606,27 +500,176 @@ def _analyze(
         for line in lines:
             reporter.say(line)
         results["spectrum_ends"] = ends
-
     if rank == 0:
         with stages.timed("figures"):
-            if eig is not None:
-                save_eigenvalue_figure(
-                    {label: eig},
-                    out_dir / "eigenvalues.png",
-                    title=(
-                        f"{capitalized(label)}: {args.k} eigenvalues ({eig.which}) and their "
-                        "residuals"
-                    ),
-                )
-            if density is not None:
-                marks = {f"Lanczos ({eig.which})": eig.eigenvalues} if eig is not None else None
-                save_spectrum_figure(
-                    density,
-                    out_dir / "spectrum.png",
-                    eigenvalues=marks,
-                    title=f"{capitalized(label)} spectral density",
-                )
+            _figures(args, label, eig, density, out_dir)
     return _finish(results, stages, out_dir, reporter, rank)
+
+
+def _eigen_stage(
+    args: argparse.Namespace,
+    stages: Stages,
+    reporter: Reporter,
+    operator: Any,
+    label: str,
+    results: dict[str, Any],
+) -> Any:
+    """``--k`` eigenpairs at the ``--which`` end: run (or reuse), print, record."""
+    from hessian_eigenthings.algorithms.lanczos import lanczos
+    from hessian_eigenthings.algorithms.results import EigenResult
+
+    with reporter.task(operator, f"{label} eigenvalues") as op:
+        eig = stages.run(
+            "eigen",
+            lambda **kw: lanczos(
+                op,
+                args.k,
+                which=args.which,
+                tol=args.tol,
+                max_iter=args.lanczos_matvecs,
+                seed=args.seed,
+                **kw,
+            ),
+            config={
+                "k": args.k,
+                "which": args.which,
+                "tol": args.tol,
+                "max_iter": args.lanczos_matvecs,
+                "seed": args.seed,
+            },
+            to_dict=lambda r: r.to_dict(include_eigenvectors=False),
+            from_dict=EigenResult.from_dict,
+        )
+    if eig is None:
+        return None
+    for line in eigen_lines(label, eig, remedy="raise --lanczos-matvecs or --tol"):
+        reporter.say(line)
+    for i in range(eig.k):
+        hint = error_bar_hint(
+            f"eigenvalue {i + 1}",
+            float(eig.eigenvalues[i]),
+            float(eig.residuals[i]),
+            "raise --lanczos-matvecs or lower --tol",
+        )
+        if hint:
+            reporter.say(hint)
+    results["eigen"] = {
+        "eigenvalues": eig.eigenvalues,
+        "residuals": eig.residuals,
+        "converged": eig.converged,
+        "iterations": eig.iterations,
+        "num_matvecs": eig.num_matvecs,
+        "which": eig.which,
+        "tol": eig.tol,
+        "seed": eig.seed,
+        "stop_reason": eig.stop_reason,
+    }
+    return eig
+
+
+def _trace_stage(
+    args: argparse.Namespace,
+    stages: Stages,
+    reporter: Reporter,
+    operator: Any,
+    label: str,
+    results: dict[str, Any],
+) -> None:
+    """The Hutch++ trace with ``--trace-matvecs`` products: run (or reuse), print, record."""
+    from hessian_eigenthings.algorithms.estimator_results import TraceResult
+    from hessian_eigenthings.algorithms.trace import trace
+
+    with reporter.task(operator, f"{label} trace", total=args.trace_matvecs) as op:
+        tr = stages.run(
+            "trace",
+            lambda **kw: trace(
+                op, num_matvecs=args.trace_matvecs, method="hutch++", seed=args.seed, **kw
+            ),
+            config={"num_matvecs": args.trace_matvecs, "method": "hutch++", "seed": args.seed},
+            to_dict=lambda r: r.to_dict(),
+            from_dict=TraceResult.from_dict,
+        )
+    if tr is None:
+        return
+    partial = " (partial: --time-limit)" if tr.stop_reason == "time_limit" else ""
+    reporter.say(
+        f"{capitalized(label)} trace (Hutch++, {plural(tr.num_matvecs, 'matvec')}){partial}: "
+        f"{float(tr.estimate):.5g} +/- {float(tr.stderr):.2g} (one standard error)"
+    )
+    hint = error_bar_hint(
+        f"{label} trace",
+        float(tr.estimate),
+        float(tr.stderr),
+        f"raise --trace-matvecs (now {args.trace_matvecs})",
+    )
+    if hint:
+        reporter.say(hint)
+    results["trace"] = {
+        "estimate": tr.estimate,
+        "stderr": tr.stderr,
+        "num_matvecs": tr.num_matvecs,
+        "method": "hutch++",
+        "stop_reason": tr.stop_reason,
+    }
+
+
+def _density_stage(
+    args: argparse.Namespace,
+    steps: int,
+    stages: Stages,
+    reporter: Reporter,
+    operator: Any,
+    label: str,
+    results: dict[str, Any],
+) -> Any:
+    """The SLQ spectral density: run (or reuse), print, record."""
+    from hessian_eigenthings.algorithms.estimator_results import SpectralDensityResult
+    from hessian_eigenthings.algorithms.spectral_density import spectral_density
+
+    runs = args.density_runs
+    with reporter.task(operator, f"{label} spectral density", total=runs * steps) as op:
+        density = stages.run(
+            "density",
+            lambda **kw: spectral_density(
+                op, num_runs=runs, lanczos_steps=steps, seed=args.seed, **kw
+            ),
+            config={"num_runs": runs, "lanczos_steps": steps, "seed": args.seed},
+            to_dict=lambda r: r.to_dict(),
+            from_dict=SpectralDensityResult.from_dict,
+        )
+    if density is None:
+        return None
+    partial = (
+        f" (partial: {plural(density.num_runs, 'run')} before --time-limit)"
+        if density.stop_reason == "time_limit"
+        else ""
+    )
+    reporter.say(
+        f"{capitalized(label)} spectral density (SLQ, {plural(runs, 'run')} x "
+        f"{plural(steps, 'step')}){partial}: written to results.json and spectrum.png"
+    )
+    results["spectral_density"] = density.to_dict()
+    return density
+
+
+def _figures(args: argparse.Namespace, label: str, eig: Any, density: Any, out_dir: Path) -> None:
+    """``eigenvalues.png`` and ``spectrum.png`` of what was computed."""
+    from hessian_eigenthings.cli.figures import save_eigenvalue_figure, save_spectrum_figure
+
+    if eig is not None:
+        save_eigenvalue_figure(
+            {label: eig},
+            out_dir / "eigenvalues.png",
+            title=f"{capitalized(label)}: {args.k} eigenvalues ({eig.which}) and their residuals",
+        )
+    if density is not None:
+        marks = {f"Lanczos ({eig.which})": eig.eigenvalues} if eig is not None else None
+        save_spectrum_figure(
+            density,
+            out_dir / "spectrum.png",
+            eigenvalues=marks,
+            title=f"{capitalized(label)} spectral density",
+        )
 
 
 def _finish(
