@@ -213,7 +213,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         return torch.nn.functional.cross_entropy(logits, y)
 
     H = flat_hessian(loss_of_flat, flat)
-    exact = torch.linalg.eigvalsh(H).flip(0)
+    spectrum = torch.linalg.eigvalsh(H)
+    exact = spectrum[spectrum.abs().argsort(descending=True)]  # default --which LM
+    assert hess["which"] == ggn["which"] == "LM"
     got = torch.tensor(hess["eigenvalues"], dtype=torch.float64)
     bound = torch.tensor(hess["residuals"], dtype=torch.float64)
     # Residual bound of a symmetric eigenproblem, plus float32 rounding of the products.
@@ -221,6 +223,16 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert ((got - exact[:3]).abs() <= bound + float32_rounding).all(), (got, exact[:3], bound)
     exact_trace = float(torch.trace(H))
     assert abs(tr["estimate"] - exact_trace) <= 5 * tr["stderr"] + 1e-4 * abs(exact_trace)
+
+    # both ends found lie inside the spectrum; the figures exist
+    assert_png(out / "eigenvalues.png")
+    ends = results["spectrum_ends"]
+    assert float(spectrum[0]) - float32_rounding <= ends["smallest_found"]
+    assert ends["largest_found"] <= float(spectrum[-1]) + float32_rounding
+    assert ends["negative_mass"] is not None and "negative mass of the density" in proc.stdout
+    assert {"train", "hessian_eigen", "ggn_eigen", "trace", "density", "figures"} <= set(
+        results["timing_s"]
+    )
 
 
 # -- analyze --------------------------------------------------------------------------------
@@ -329,7 +341,10 @@ def test_analyze_end_to_end(checkpoint: Path, tmp_path: Path) -> None:
     assert results["data"]["num_targets"] == 4 * 31 + 21  # 4 full blocks + a block of 22
 
     H = reference_hessian(checkpoint, "transformer.h.1.ln_*", max_tokens=150, block=32)
-    exact = torch.linalg.eigvalsh(H).flip(0)
+    spectrum = torch.linalg.eigvalsh(H)
+    # default --which LM, as the library's lanczos: largest magnitude, either sign
+    exact = spectrum[spectrum.abs().argsort(descending=True)]
+    assert results["eigen"]["which"] == "LM"
     got = torch.tensor(results["eigen"]["eigenvalues"], dtype=torch.float64)
     bound = torch.tensor(results["eigen"]["residuals"], dtype=torch.float64)
     float32_rounding = 1e-5 * float(exact.abs().max())
@@ -338,6 +353,27 @@ def test_analyze_end_to_end(checkpoint: Path, tmp_path: Path) -> None:
     tr = results["trace"]
     exact_trace = float(torch.trace(H))
     assert abs(tr["estimate"] - exact_trace) <= 5 * tr["stderr"] + 1e-4 * abs(exact_trace)
+
+    # Both ends found: Ritz values lie inside [lambda_min, lambda_max] (up to rounding),
+    # and this fixture's negative end dominates, so the note is printed.
+    ends = results["spectrum_ends"]
+    lo, hi = float(spectrum[0]), float(spectrum[-1])
+    assert lo - float32_rounding <= ends["smallest_found"] < 0 < ends["largest_found"]
+    assert ends["largest_found"] <= hi + float32_rounding
+    assert -lo > hi and ends["negative_end_dominates"]
+    assert "note: the negative end dominates" in proc.stdout
+    assert f"smallest {ends['smallest_found']:.5g}" in proc.stdout
+    true_negative = float((spectrum < 0).double().mean())
+    assert 0.0 <= ends["negative_mass"] <= 1.0 and true_negative > 0
+    assert "negative mass of the density" in proc.stdout
+    # per-stage timings and statuses
+    assert {"load_model", "tokenize", "eigen", "trace", "density", "figures"} <= set(
+        results["timing_s"]
+    )
+    assert results["complete"] and all(
+        results["stages"][s]["status"] == "computed" for s in ("eigen", "trace", "density")
+    )
+    assert "in 3 batches (" in proc.stdout
 
 
 def test_analyze_quiet_prints_nothing(
@@ -421,7 +457,10 @@ def test_analyze_psd_operators(
     eig = results["eigen"]
     assert all(eig["converged"]) and min(eig["eigenvalues"]) > 0  # PSD, nonzero top pairs
     assert results["trace"]["estimate"] >= sum(eig["eigenvalues"]) - 5 * results["trace"]["stderr"]
-    assert f"Top-2 {'GGN' if operator == 'ggn' else 'Fisher'} eigenvalues" in captured.out
+    label = "GGN" if operator == "ggn" else "empirical Fisher"
+    assert f"Top-2 {label} eigenvalues (largest magnitude" in captured.out
+    assert f"Operator: {label} of the mean next-token loss" in captured.out
+    assert results["operator_label"] == label
 
 
 def test_missing_matplotlib_fails_before_computing(
@@ -446,3 +485,329 @@ def test_analyze_nothing_to_compute_exits_2(
     argv = ["analyze", "--model", str(tmp_path), "--text", "t.txt", "--k", "0"]
     assert main(argv) == EXIT_BAD_INPUT
     assert "nothing to compute" in capsys.readouterr().err
+
+
+# -- issue 18: both ends, controls, checkpoints, torchrun ---------------------------------
+
+
+def test_parser_new_options_and_their_defaults() -> None:
+    base = ["analyze", "--model", "m", "--text", "t"]
+    args = build_parser().parse_args(base)
+    assert args.which == "LM"  # as the library's lanczos
+    assert args.tol is None and args.lanczos_matvecs is None and args.trace_matvecs == 60
+    assert args.microbatch_size is None and args.checkpoint is None and args.time_limit is None
+    args = build_parser().parse_args(
+        [
+            *base, "--which", "SA", "--tol", "1e-3", "--lanczos-matvecs", "500",
+            "--trace-matvecs", "90", "--microbatch-size", "2", "--checkpoint", "ck",
+            "--time-limit", "3600",
+        ]
+    )  # fmt: skip
+    assert (args.which, args.tol, args.lanczos_matvecs, args.trace_matvecs) == (
+        "SA",
+        1e-3,
+        500,
+        90,
+    )
+    assert (args.microbatch_size, args.checkpoint, args.time_limit) == (2, "ck", 3600.0)
+    with pytest.warns(DeprecationWarning, match="use --trace-matvecs"):
+        args = build_parser().parse_args([*base, "--num-matvecs", "12"])
+    assert args.trace_matvecs == 12
+    assert build_parser().parse_args(["demo"]).which == "LM"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--which", "BE"], "argument --which: invalid choice: 'BE'"),
+        (["--tol", "0"], "argument --tol: expected a number in (0, 1), got 0"),
+        (["--tol", "1.5"], "argument --tol: expected a number in (0, 1), got 1.5"),
+        (["--time-limit", "0"], "argument --time-limit: expected a finite number of seconds"),
+        (["--time-limit", "inf"], "argument --time-limit: expected a finite number of seconds"),
+        (["--microbatch-size", "0"], "argument --microbatch-size: expected a positive integer"),
+        (["--lanczos-matvecs", "-3"], "argument --lanczos-matvecs: expected a positive integer"),
+    ],
+)
+def test_bad_option_values_exit_2(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "--model", "m", "--text", "t", *extra])
+    assert exc.value.code == EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+
+
+def test_analyze_smallest_end_with_microbatches_matches_dense(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sa"
+    code = main(
+        [
+            "analyze", "--model", str(checkpoint), "--text", str(checkpoint.parent / "text.txt"),
+            "--params", "transformer.h.1.ln_*", "--k", "2", "--which", "SA", "--tol", "1e-3",
+            "--microbatch-size", "1", "--max-tokens", "150", "--block-size", "32",
+            "--batch-size", "2", "--device", "cpu", "--out", str(out),
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["eigen"]["which"] == "SA" and results["eigen"]["tol"] == 1e-3
+    assert results["data"]["microbatch_size"] == 1
+    H = reference_hessian(checkpoint, "transformer.h.1.ln_*", max_tokens=150, block=32)
+    exact = torch.linalg.eigvalsh(H)[:2]  # the two smallest, increasing
+    got = torch.tensor(results["eigen"]["eigenvalues"], dtype=torch.float64)
+    bound = torch.tensor(results["eigen"]["residuals"], dtype=torch.float64)
+    float32_rounding = 1e-5 * float(exact.abs().max())
+    assert ((got - exact).abs() <= bound + float32_rounding).all(), (got, exact, bound)
+    assert "Top-2 Hessian eigenvalues (smallest (algebraic)" in captured.out
+    # without --density the other end is pointed at, and the mass is said to be missing
+    assert "negative mass: not computed (add --density)" in captured.out
+    assert "only the smallest (algebraic) end was searched" in captured.out
+    assert "negative end dominates" not in captured.out  # the positive end is unknown
+
+
+def test_one_batch_is_singular(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "analyze", "--model", str(checkpoint), "--text", str(checkpoint.parent / "text.txt"),
+            "--params", "transformer.ln_f.*", "--k", "1", "--max-tokens", "20",
+            "--block-size", "32", "--device", "cpu", "--out", str(tmp_path / "one"),
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "20 tokens in 1 batch (19 next-token targets)" in out
+    assert "1 batches" not in out and "1 runs" not in out
+
+
+def test_trace_error_bar_hint_follows_the_rule(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hint appears exactly when stderr > |estimate| / 10, and names the option."""
+    seen = set()
+    for matvecs in ("4", "40"):
+        out_dir = tmp_path / matvecs
+        code = main(
+            [
+                "analyze", "--model", str(checkpoint),
+                "--text", str(checkpoint.parent / "text.txt"), "--params", "transformer.h.1.*",
+                "--k", "0", "--trace", "--trace-matvecs", matvecs, "--max-tokens", "64",
+                "--block-size", "32", "--device", "cpu", "--out", str(out_dir),
+            ]
+        )  # fmt: skip
+        out = capsys.readouterr().out
+        assert code == 0
+        tr = json.loads((out_dir / "results.json").read_text())["trace"]
+        wide = tr["stderr"] > 0.1 * abs(tr["estimate"])
+        seen.add(wide)
+        hint = (
+            "the error bar is larger than a tenth of the estimate; "
+            f"raise --trace-matvecs (now {matvecs})"
+        )
+        assert (hint in out) == wide, out
+        if wide:
+            assert f"Hessian trace {tr['estimate']:.3g} +/- {tr['stderr']:.2g}" in out
+    assert True in seen  # 4 products give a wide error bar on this model
+
+
+def test_checkpoint_without_tokenizer_files_is_bad_input(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, bare / name)
+    code = main(_analyze_in_process(checkpoint, tmp_path, **{"--model": str(bare)}))
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    assert "has a model but no tokenizer files: expected tokenizer.json" in err
+    assert "got none" in err and "tokenizer.save_pretrained(dir)" in err
+    assert "--text" not in err  # the old report blamed the text ("gives 0 token(s)")
+
+
+def _run_analyze_json(argv: list[str], out: Path) -> tuple[int, dict[str, Any]]:
+    code = main([*argv, "--out", str(out)])
+    return code, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[str], dict[str, Any]]:
+    """Arguments of a small three-stage analysis, and its results without interruption."""
+    argv = [
+        "analyze", "--model", str(checkpoint), "--text", str(checkpoint.parent / "text.txt"),
+        "--params", "transformer.h.1.ln_*", "--k", "2", "--trace", "--trace-matvecs", "24",
+        "--density", "--density-runs", "3", "--density-steps", "8", "--max-tokens", "96",
+        "--block-size", "32", "--device", "cpu",
+    ]  # fmt: skip
+    code, plain = _run_analyze_json(argv, tmp_path_factory.mktemp("plain"))
+    assert code == 0
+    return argv, plain
+
+
+@pytest.mark.parametrize("cut", ["eigen", "trace", "density"])
+def test_time_limit_checkpoint_resume_and_reuse(
+    uninterrupted: tuple[list[str], dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cut: str,
+) -> None:
+    """--time-limit stops stage ``cut`` (exit 3, partial results, its checkpoint kept;
+    the later stages do not start); the rerun reuses the finished stages, continues the
+    cut one from its checkpoint and ends with the numbers of an uninterrupted run; a
+    third run reuses everything; other arguments with the same folder are refused."""
+    from hessian_eigenthings.cli import stages as stages_module
+    from hessian_eigenthings.cli.errors import EXIT_TIME_LIMIT
+
+    argv, plain = uninterrupted
+    order = ["eigen", "trace", "density"]
+    ck = tmp_path / "ck"
+
+    # 1. Stage `cut` starts with almost no time left: it does its first unit of work
+    # (a convergence check, a probe block, a run) and stops.
+    calls = iter(order)
+
+    def remaining(self: Any) -> float | None:
+        return 1e-9 if next(calls) == cut else None
+
+    monkeypatch.setattr(stages_module.Stages, "remaining", remaining)
+    code, first = _run_analyze_json(
+        [*argv, "--checkpoint", str(ck), "--time-limit", "600"], tmp_path / "first"
+    )
+    out = capsys.readouterr().out
+    monkeypatch.undo()
+    i = order.index(cut)
+    assert code == EXIT_TIME_LIMIT and not first["complete"]
+    expected = ["computed"] * i + ["time_limit"] + ["not_started"] * (2 - i)
+    assert [first["stages"][s]["status"] for s in order] == expected
+    files = sorted(p.name for p in ck.iterdir())
+    assert files == sorted([f"{s}.result.json" for s in order[:i]] + [f"{cut}.ckpt"])
+    partial = {
+        "eigen": lambda r: r["eigen"]["num_matvecs"] < plain["eigen"]["num_matvecs"],
+        "trace": lambda r: r["trace"]["num_matvecs"] < 24,
+        "density": lambda r: r["spectral_density"]["num_runs"] < 3,
+    }
+    assert partial[cut](first)
+    assert "rerun the same command to continue from the checkpoints" in out
+
+    # 2. The rerun continues to the numbers of the uninterrupted run.
+    code, second = _run_analyze_json([*argv, "--checkpoint", str(ck)], tmp_path / "second")
+    assert code == 0 and second["complete"]
+    assert [second["stages"][s]["status"] for s in order] == ["reused"] * i + ["computed"] * (3 - i)
+    assert second["eigen"]["eigenvalues"] == plain["eigen"]["eigenvalues"]
+    assert second["trace"]["estimate"] == plain["trace"]["estimate"]
+    assert second["spectral_density"]["nodes"] == plain["spectral_density"]["nodes"]
+    assert sorted(p.name for p in ck.iterdir()) == [f"{s}.result.json" for s in sorted(order)]
+
+    # 3. Finished stages are reused, not recomputed.
+    capsys.readouterr()
+    code, third = _run_analyze_json([*argv, "--checkpoint", str(ck)], tmp_path / "third")
+    out = capsys.readouterr().out
+    assert code == 0
+    assert all(v["status"] == "reused" for v in third["stages"].values())
+    assert third["eigen"]["eigenvalues"] == plain["eigen"]["eigenvalues"]
+    assert third["trace"] == second["trace"]
+    assert third["spectral_density"]["nodes"] == plain["spectral_density"]["nodes"]
+    assert "Reused finished stages from --checkpoint" in out
+
+    # 4. Other arguments with the same folder: refused, with the difference named.
+    code = main([*argv, "--seed", "7", "--checkpoint", str(ck), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert "config.seed: this run 7, the file 0" in err and "another --checkpoint folder" in err
+
+
+def test_reporter_prints_on_rank_zero_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from hessian_eigenthings.cli.progress import Reporter
+
+    Reporter(quiet=False, progress=True, rank=1).say("from rank 1")
+    Reporter(quiet=False, progress=False, rank=0).say("from rank 0")
+    assert capsys.readouterr().out == "from rank 0\n"
+    assert not Reporter(quiet=False, progress=True, rank=1).progress
+
+
+def test_errors_are_rank_prefixed_under_torchrun(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["analyze", "--model", str(tmp_path / "nope"), "--text", "t.txt", "--device", "cpu"]
+    assert main(argv) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("[rank 1] hessian-eigenthings analyze: error: --text")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.distributed
+def test_analyze_under_torchrun_matches_single_process(checkpoint: Path, tmp_path: Path) -> None:
+    """Two gloo ranks split the blocks; rank 0 alone prints and writes; same numbers."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs gloo")
+    argv = [
+        "analyze", "--model", str(checkpoint), "--text", str(checkpoint.parent / "text.txt"),
+        "--params", "transformer.h.1.ln_*", "--k", "2", "--trace", "--trace-matvecs", "24",
+        "--max-tokens", "150", "--block-size", "32", "--batch-size", "1", "--device", "cpu",
+    ]  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            MPLBACKEND="Agg",
+            PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "hessian_eigenthings", *argv, "--out", str(tmp_path / "d")],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("torchrun analyze did not finish (a hang)")
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    assert outs[1][0] == ""  # rank 1 prints nothing
+    lines = outs[0][0].splitlines()
+    assert "split over 2 ranks" in lines[0]
+    assert all(line.count("Hessian") <= 2 for line in lines)  # no two lines run together
+    dist_results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert dist_results["data"]["world_size"] == 2
+
+    code, single = _run_analyze_json(argv, tmp_path / "s")
+    assert code == 0
+    got = torch.tensor(dist_results["eigen"]["eigenvalues"], dtype=torch.float64)
+    ref = torch.tensor(single["eigen"]["eigenvalues"], dtype=torch.float64)
+    bound = torch.tensor(single["eigen"]["residuals"], dtype=torch.float64)
+    assert ((got - ref).abs() <= 2 * bound + 1e-5 * float(ref.abs().max())).all()
+    tr_d, tr_s = dist_results["trace"], single["trace"]
+    assert abs(tr_d["estimate"] - tr_s["estimate"]) <= 1e-4 * abs(tr_s["estimate"]) + 1e-6

@@ -9,10 +9,16 @@ its tokens.
 
 Operators (``--operator``): ``hessian`` (exact Hessian-vector products), ``ggn``
 (``J^T H_loss J`` with the closed-form softmax cross-entropy Hessian) and ``fisher`` (the
-empirical Fisher ``(1/N) sum_i g_i g_i^T``). Analyses: the top ``--k`` eigenvalues
-(restarted Lanczos, with residual norms), ``--trace`` (Hutch++ with its standard error) and
-``--density`` (Stochastic Lanczos Quadrature). Results go to ``OUT/results.json``,
+*empirical* Fisher ``(1/N) sum_i g_i g_i^T`` of the per-token gradients at the observed
+labels, not the true Fisher). Analyses: ``--k`` eigenvalues at the ``--which`` end
+(restarted Lanczos, with residual norms), ``--trace`` (Hutch++ with its standard error)
+and ``--density`` (Stochastic Lanczos Quadrature). Both ends of the spectrum found and
+the density's negative mass are always reported. Results go to ``OUT/results.json``,
 ``OUT/eigenvalues.png`` and ``OUT/spectrum.png``.
+
+Under ``torchrun`` the blocks are split over the ranks (batch ``i`` to rank
+``i mod world``) and the data-parallel operators sum over all of them: the result is the
+single-process one. Only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -20,17 +26,29 @@ from __future__ import annotations
 import argparse
 import difflib
 import fnmatch
-import time
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hessian_eigenthings.cli.errors import BadInput
-from hessian_eigenthings.cli.progress import Reporter
+from hessian_eigenthings.cli.errors import EXIT_OK, EXIT_TIME_LIMIT, BadInput
+from hessian_eigenthings.cli.progress import Reporter, torchrun_rank
 from hessian_eigenthings.cli.report import environment, write_json
+from hessian_eigenthings.cli.stages import Stages, checkpoint_dir
+from hessian_eigenthings.cli.summary import (
+    OPERATOR_LABELS,
+    both_ends,
+    capitalized,
+    eigen_lines,
+    error_bar_hint,
+    plural,
+)
 
 __all__ = [
+    "check_checkpoint_dir",
     "load_checkpoint",
     "make_batches",
     "read_text",
@@ -45,6 +63,19 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+# Files a tokenizer is loaded from: a fast tokenizer (tokenizer.json), the vocabularies of
+# slow ones, or a tokenizer_config.json (byte-level tokenizers need nothing else). Without
+# any of them transformers builds an empty tokenizer from config.json alone.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 _DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -56,11 +87,15 @@ _DTYPES = {
 def resolve_device(spec: str) -> torch.device:
     """``"auto"`` -> CUDA if available else CPU; otherwise a validated ``torch.device``.
 
+    Under ``torchrun`` a CUDA device without an index is the rank's ``LOCAL_RANK``.
+
     Raises:
         BadInput: Unparseable device, or a CUDA device that does not exist here.
     """
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and torchrun_rank()[1] > 1:
+        spec = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
         device = torch.device(spec)
     except RuntimeError as err:
@@ -93,6 +128,47 @@ def read_text(path: str) -> str:
     return text
 
 
+def check_checkpoint_dir(path: str) -> Path:
+    """Check that ``path`` holds a HuggingFace model (config, weights) and a tokenizer.
+
+    Without tokenizer files transformers silently builds an empty tokenizer from
+    ``config.json`` (every text becomes 0 tokens); this is refused here, before loading.
+
+    Raises:
+        BadInput: Missing path, not a directory, no config / weights, no tokenizer files.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"--model {path!r} does not exist")
+    if not p.is_dir():
+        raise BadInput(
+            f"--model {path!r} is not a directory; expected a HuggingFace checkpoint directory "
+            "(config.json, model.safetensors, tokenizer files) as written by save_pretrained"
+        )
+    present = sorted(q.name for q in p.iterdir())
+    missing = []
+    if not (p / "config.json").is_file():
+        missing.append("config.json")
+    if not any((p / name).is_file() for name in _WEIGHT_FILES):
+        missing.append(" or ".join(_WEIGHT_FILES[::2]))
+    if missing:
+        raise BadInput(
+            f"--model {path!r} does not contain a HuggingFace model: missing "
+            f"{', '.join(missing)} (directory holds {present[:10]}). Save one with "
+            "model.save_pretrained(dir) and tokenizer.save_pretrained(dir)."
+        )
+    if not any((p / name).is_file() for name in _TOKENIZER_FILES):
+        raise BadInput(
+            f"--model {path!r} has a model but no tokenizer files: expected tokenizer.json "
+            "(or a slow tokenizer's vocab.json + merges.txt, tokenizer.model, vocab.txt, or "
+            f"tokenizer_config.json), got none (directory holds {present[:10]}); "
+            "transformers would build an empty tokenizer that turns any text into 0 tokens. "
+            "Fix: tokenizer.save_pretrained(dir) with the model's tokenizer, or copy its "
+            "tokenizer files into the directory."
+        )
+    return p
+
+
 def load_checkpoint(
     path: str,
     dtype: torch.dtype,
@@ -107,29 +183,10 @@ def load_checkpoint(
     switched off (the command's progress policy applies to them too).
 
     Raises:
-        BadInput: The path is missing, is not a directory, has no model config / weights
-            or no tokenizer files, or ``transformers`` is not installed.
+        BadInput: The directory fails :func:`check_checkpoint_dir`, its tokenizer has an
+            empty vocabulary, or ``transformers`` is not installed.
     """
-    p = Path(path)
-    if not p.exists():
-        raise BadInput(f"--model {path!r} does not exist")
-    if not p.is_dir():
-        raise BadInput(
-            f"--model {path!r} is not a directory; expected a HuggingFace checkpoint directory "
-            "(config.json, model.safetensors, tokenizer files) as written by save_pretrained"
-        )
-    missing = []
-    if not (p / "config.json").is_file():
-        missing.append("config.json")
-    if not any((p / name).is_file() for name in _WEIGHT_FILES):
-        missing.append(" or ".join(_WEIGHT_FILES[::2]))
-    if missing:
-        present = sorted(q.name for q in p.iterdir())[:10]
-        raise BadInput(
-            f"--model {path!r} does not contain a HuggingFace model: missing "
-            f"{', '.join(missing)} (directory holds {present}). Save one with "
-            "model.save_pretrained(dir) and tokenizer.save_pretrained(dir)."
-        )
+    p = check_checkpoint_dir(path)
     try:
         import transformers
     except ImportError as err:
@@ -147,6 +204,13 @@ def load_checkpoint(
             f"--model {path!r} has no usable tokenizer files (tokenizer.json or the files "
             f"of a slow tokenizer): {err}"
         ) from err
+    if not getattr(tokenizer, "vocab_size", 1):
+        raise BadInput(
+            f"--model {path!r}: the tokenizer loaded from it has an empty vocabulary "
+            f"({type(tokenizer).__name__}, vocab_size 0): expected tokenizer files with a "
+            "vocabulary (tokenizer.json, or vocab.json + merges.txt, ...). Fix: "
+            "tokenizer.save_pretrained(dir) with the model's tokenizer."
+        )
     model: Any = transformers.AutoModelForCausalLM.from_pretrained(
         str(p), dtype=dtype, local_files_only=True
     )
@@ -221,14 +285,23 @@ def per_token_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
     )
 
 
-def _build_operator(kind: str, model: Any, batches: list[Any], names: list[str]) -> Any:
+def _build_operator(
+    kind: str,
+    model: Any,
+    batches: list[Any],
+    names: list[str],
+    *,
+    microbatch_size: int | None,
+    distributed: bool,
+) -> Any:
     """The ``--operator`` for the token-mean next-token loss over ``batches``.
 
     Hessian: HuggingFace's own loss (``model(**batch).loss``; for a float64 model the
     same loss computed from the logits in float64, since HuggingFace upcasts to float32
     only). GGN: the logits and the shifted cross-entropy with its closed-form Hessian
     (fused kernel on CUDA, eager on the CPU, where ``torch.compile`` time would dominate
-    a short run). Fisher: per-token losses, so the Fisher's samples are tokens.
+    a short run). Empirical Fisher: per-token losses, so its samples are tokens.
+    ``distributed``: the data-parallel versions (``batches`` is this rank's shard).
     """
     from hessian_eigenthings.loss_fns.huggingface import (
         hf_lm_forward,
@@ -239,22 +312,51 @@ def _build_operator(kind: str, model: Any, batches: list[Any], names: list[str])
     from hessian_eigenthings.operators.ggn import GGNOperator
     from hessian_eigenthings.operators.hessian import HessianOperator
 
+    Hessian: Any = HessianOperator
+    GGN: Any = GGNOperator
+    Fisher: Any = EmpiricalFisherOperator
+    if distributed:
+        from hessian_eigenthings.operators.distributed import ddp
+
+        Hessian, GGN, Fisher = (
+            ddp.DDPHessianOperator,
+            ddp.DDPGGNOperator,
+            ddp.DDPEmpiricalFisherOperator,
+        )
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
+    common: dict[str, Any] = {"param_filter": names, "microbatch_size": microbatch_size}
     if kind == "hessian":
         loss = hf_lm_loss(from_logits=dtype == torch.float64)
-        return HessianOperator(model, batches, loss, param_filter=names)
+        return Hessian(model, batches, loss, **common)
     if kind == "ggn":
         fused = "auto" if device.type == "cuda" else "eager"
-        return GGNOperator(
-            model, batches, hf_lm_forward(), hf_lm_shifted_ce(fused=fused), param_filter=names
-        )
-    return EmpiricalFisherOperator(
-        model, batches, per_token_losses, param_filter=names, weight_fn=predicted_tokens
-    )
+        return GGN(model, batches, hf_lm_forward(), hf_lm_shifted_ce(fused=fused), **common)
+    return Fisher(model, batches, per_token_losses, weight_fn=predicted_tokens, **common)
 
 
-def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> dict[str, Any]:
+def _data_fingerprint(ids: list[int], args: argparse.Namespace) -> str:
+    """SHA-256 of the token ids and how they are cut: what checkpoint files must match."""
+    h = hashlib.sha256()
+    h.update(json.dumps([args.operator, args.block_size, args.batch_size]).encode())
+    h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Join the ``torchrun`` process group (gloo on CPU, NCCL on CUDA); ``False`` alone."""
+    import torch.distributed as dist
+
+    if torchrun_rank()[1] <= 1:
+        return False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> int:
     """Validate the inputs, run the requested analyses, print and write the results.
 
     Args:
@@ -262,16 +364,10 @@ def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> dict[str, An
         reporter: Where results and progress go.
 
     Returns:
-        The results written to ``OUT/results.json``.
+        The exit code: ``0``, or ``3`` when ``--time-limit`` stopped a stage (the partial
+        results are written; rerun with the same ``--checkpoint`` to continue).
     """
-    from hessian_eigenthings.algorithms.lanczos import lanczos
-    from hessian_eigenthings.algorithms.spectral_density import spectral_density
-    from hessian_eigenthings.algorithms.trace import trace
-    from hessian_eigenthings.cli.figures import (
-        require_matplotlib,
-        save_eigenvalue_figure,
-        save_spectrum_figure,
-    )
+    import torch.distributed as dist
 
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -279,14 +375,46 @@ def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> dict[str, An
     if args.k == 0 and not args.trace and not args.density:
         raise BadInput("nothing to compute: --k 0 without --trace or --density")
     if args.k > 0 or args.density:
+        from hessian_eigenthings.cli.figures import require_matplotlib
+
         require_matplotlib()
     device = resolve_device(args.device)
-    dtype = _DTYPES[args.dtype]
+    ckpt_dir = checkpoint_dir(args.checkpoint)
     text = read_text(args.text)
-    model, tokenizer = load_checkpoint(
-        args.model, dtype, device, quiet=reporter.quiet, progress=reporter.progress
-    )
+    check_checkpoint_dir(args.model)  # bad input is reported before joining torchrun's group
+    distributed = _init_distributed(device)
+    try:
+        return _analyze(args, text, reporter, out_dir, device, ckpt_dir, distributed)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
+
+def _analyze(
+    args: argparse.Namespace,
+    text: str,
+    reporter: Reporter,
+    out_dir: Path,
+    device: torch.device,
+    ckpt_dir: Path | None,
+    distributed: bool,
+) -> int:
+    from hessian_eigenthings.algorithms.checkpoint import operator_identity
+
+    rank, world = torchrun_rank() if distributed else (0, 1)
+    operator: Any = None
+    stages = Stages(
+        time_limit=args.time_limit,
+        checkpoint=ckpt_dir,
+        identity=lambda: operator_identity(operator),
+        device=device,
+        write=rank == 0,
+    )
+    dtype = _DTYPES[args.dtype]
+    with stages.timed("load_model"):
+        model, tokenizer = load_checkpoint(
+            args.model, dtype, device, quiet=reporter.quiet, progress=reporter.progress
+        )
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", None
     )
@@ -295,93 +423,284 @@ def run_analyze(args: argparse.Namespace, *, reporter: Reporter) -> dict[str, An
             f"--block-size {args.block_size} exceeds the model's context of {max_positions} "
             "positions"
         )
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[: args.max_tokens]
+    with stages.timed("tokenize"):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[: args.max_tokens]
     if len(ids) < 2:
         raise BadInput(
-            f"--text {args.text!r} gives {len(ids)} token(s); next-token loss needs at least 2"
+            f"--text {args.text!r} gives {plural(len(ids), 'token')} with the tokenizer of "
+            f"--model {args.model!r}; next-token loss needs at least 2"
         )
     batches = make_batches(ids, args.block_size, args.batch_size, device)
+    if len(batches) < world:
+        raise BadInput(
+            f"{plural(len(batches), 'batch')} cannot be split over {world} torchrun ranks; "
+            "use more --max-tokens, a smaller --block-size or --batch-size, or fewer ranks"
+        )
     names = select_param_names(model, args.params)
     n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
     if args.k > n_params:
         raise BadInput(f"--k {args.k} exceeds the number of selected parameters ({n_params})")
     n_targets = sum(predicted_tokens(b) for b in batches)
+    label = OPERATOR_LABELS[args.operator]
+    over = f", split over {world} ranks" if world > 1 else ""
     reporter.say(
-        f"{type(model).__name__} from {args.model}: {len(names)} parameter tensors selected "
-        f"({n_params:,} entries), {args.dtype} on {device}; {len(ids):,} tokens in "
-        f"{len(batches)} batches ({n_targets:,} next-token targets)."
+        f"{type(model).__name__} from {args.model}: "
+        f"{plural(len(names), 'parameter tensor')} selected ({plural(n_params, 'entry', 'entries')}"
+        f"), {args.dtype} on {device}; {plural(len(ids), 'token')} in "
+        f"{plural(len(batches), 'batch')} ({plural(n_targets, 'next-token target')}){over}."
     )
+    what = {
+        "fisher": " (the mean of g g^T over per-token gradients g at the observed next tokens; "
+        "not the true Fisher, whose labels are drawn from the model)"
+    }.get(args.operator, "")
+    reporter.say(f"Operator: {label} of the mean next-token loss{what}.")
 
-    operator = _build_operator(args.operator, model, batches, names)
-    label = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher"}[args.operator]
+    with stages.timed("build_operator"):
+        operator = _build_operator(
+            args.operator,
+            model,
+            batches[rank::world],
+            names,
+            microbatch_size=args.microbatch_size,
+            distributed=distributed,
+        )
+    operator.fingerprint = _data_fingerprint(ids, args)
     results: dict[str, Any] = {
         "command": "analyze",
         "model": {"path": str(args.model), "class": type(model).__name__},
         "operator": args.operator,
+        "operator_label": label,
         "params": {"globs": args.params, "names": names, "num_parameters": n_params},
         "data": {
             "text": str(args.text),
             "num_tokens": len(ids),
             "block_size": args.block_size,
             "batch_size": args.batch_size,
+            "microbatch_size": args.microbatch_size,
             "num_batches": len(batches),
             "num_targets": n_targets,
+            "world_size": world,
         },
         "dtype": args.dtype,
         "device": str(device),
         "seed": args.seed,
     }
-    t0 = time.perf_counter()
-    eig = None
-    if args.k > 0:
-        with reporter.task(operator, f"{label} eigenvalues") as op:
-            eig = lanczos(op, args.k, which="LA", seed=args.seed)
-        reporter.say(f"Top-{args.k} {label} eigenvalues (residual = ||A v - lambda v||):")
-        for i in range(args.k):
-            reporter.say(
-                f"  {i + 1:>2}  {float(eig.eigenvalues[i]):>12.5g}   "
-                f"residual {float(eig.residuals[i]):.2e}"
-            )
-        results["eigen"] = {
-            "eigenvalues": eig.eigenvalues,
-            "residuals": eig.residuals,
-            "converged": eig.converged,
-            "iterations": eig.iterations,
-            "num_matvecs": eig.num_matvecs,
-            "which": eig.which,
-            "tol": eig.tol,
-            "seed": eig.seed,
-            "stop_reason": eig.stop_reason,
-        }
-        save_eigenvalue_figure(
-            {label: (eig.eigenvalues, eig.residuals)},
-            out_dir / "eigenvalues.png",
-            title=f"Top {label} eigenvalues (error bars: residual norms)",
-        )
+
+    eig = _eigen_stage(args, stages, reporter, operator, label, results) if args.k else None
     if args.trace:
-        with reporter.task(operator, f"{label} trace", total=args.num_matvecs) as op:
-            tr = trace(op, num_matvecs=args.num_matvecs, method="hutch++", seed=args.seed)
-        reporter.say(
-            f"{label} trace (Hutch++, {args.num_matvecs} matvecs): {float(tr.estimate):.5g} "
-            f"+/- {float(tr.stderr):.2g} (one standard error)"
-        )
-        results["trace"] = {
-            "estimate": tr.estimate,
-            "stderr": tr.stderr,
-            "num_matvecs": tr.num_matvecs,
-            "method": "hutch++",
-        }
+        _trace_stage(args, stages, reporter, operator, label, results)
+    density = None
     if args.density:
-        runs, steps = args.density_runs, min(args.density_steps, n_params)
-        with reporter.task(operator, f"{label} spectral density", total=runs * steps) as op:
-            density = spectral_density(op, num_runs=runs, lanczos_steps=steps, seed=args.seed)
-        results["spectral_density"] = density.to_dict()
-        marks = {f"top-{args.k} (Lanczos)": eig.eigenvalues} if eig is not None else None
-        save_spectrum_figure(
-            density, out_dir / "spectrum.png", eigenvalues=marks, title=f"{label} spectrum"
+        steps = min(args.density_steps, n_params)
+        density = _density_stage(args, steps, stages, reporter, operator, label, results)
+    if eig is not None or density is not None:
+        lines, ends = both_ends(
+            label, eigen=eig, density=density, density_remedy="raise --density-runs"
         )
-    results["timing_s"] = {"analysis": time.perf_counter() - t0}
+        for line in lines:
+            reporter.say(line)
+        results["spectrum_ends"] = ends
+    if rank == 0:
+        with stages.timed("figures"):
+            _figures(args, label, eig, density, out_dir)
+    return _finish(results, stages, out_dir, reporter, rank)
+
+
+def _eigen_stage(
+    args: argparse.Namespace,
+    stages: Stages,
+    reporter: Reporter,
+    operator: Any,
+    label: str,
+    results: dict[str, Any],
+) -> Any:
+    """``--k`` eigenpairs at the ``--which`` end: run (or reuse), print, record."""
+    from hessian_eigenthings.algorithms.lanczos import lanczos
+    from hessian_eigenthings.algorithms.results import EigenResult
+
+    with reporter.task(operator, f"{label} eigenvalues") as op:
+        eig = stages.run(
+            "eigen",
+            lambda **kw: lanczos(
+                op,
+                args.k,
+                which=args.which,
+                tol=args.tol,
+                max_iter=args.lanczos_matvecs,
+                seed=args.seed,
+                **kw,
+            ),
+            config={
+                "k": args.k,
+                "which": args.which,
+                "tol": args.tol,
+                "max_iter": args.lanczos_matvecs,
+                "seed": args.seed,
+            },
+            to_dict=lambda r: r.to_dict(include_eigenvectors=False),
+            from_dict=EigenResult.from_dict,
+        )
+    if eig is None:
+        return None
+    for line in eigen_lines(label, eig, remedy="raise --lanczos-matvecs or --tol"):
+        reporter.say(line)
+    for i in range(eig.k):
+        hint = error_bar_hint(
+            f"eigenvalue {i + 1}",
+            float(eig.eigenvalues[i]),
+            float(eig.residuals[i]),
+            "raise --lanczos-matvecs or lower --tol",
+        )
+        if hint:
+            reporter.say(hint)
+    results["eigen"] = {
+        "eigenvalues": eig.eigenvalues,
+        "residuals": eig.residuals,
+        "converged": eig.converged,
+        "iterations": eig.iterations,
+        "num_matvecs": eig.num_matvecs,
+        "which": eig.which,
+        "tol": eig.tol,
+        "seed": eig.seed,
+        "stop_reason": eig.stop_reason,
+    }
+    return eig
+
+
+def _trace_stage(
+    args: argparse.Namespace,
+    stages: Stages,
+    reporter: Reporter,
+    operator: Any,
+    label: str,
+    results: dict[str, Any],
+) -> None:
+    """The Hutch++ trace with ``--trace-matvecs`` products: run (or reuse), print, record."""
+    from hessian_eigenthings.algorithms.estimator_results import TraceResult
+    from hessian_eigenthings.algorithms.trace import trace
+
+    with reporter.task(operator, f"{label} trace", total=args.trace_matvecs) as op:
+        tr = stages.run(
+            "trace",
+            lambda **kw: trace(
+                op, num_matvecs=args.trace_matvecs, method="hutch++", seed=args.seed, **kw
+            ),
+            config={"num_matvecs": args.trace_matvecs, "method": "hutch++", "seed": args.seed},
+            to_dict=lambda r: r.to_dict(),
+            from_dict=TraceResult.from_dict,
+        )
+    if tr is None:
+        return
+    partial = " (partial: --time-limit)" if tr.stop_reason == "time_limit" else ""
+    reporter.say(
+        f"{capitalized(label)} trace (Hutch++, {plural(tr.num_matvecs, 'matvec')}){partial}: "
+        f"{float(tr.estimate):.5g} +/- {float(tr.stderr):.2g} (one standard error)"
+    )
+    hint = error_bar_hint(
+        f"{label} trace",
+        float(tr.estimate),
+        float(tr.stderr),
+        f"raise --trace-matvecs (now {args.trace_matvecs})",
+    )
+    if hint:
+        reporter.say(hint)
+    results["trace"] = {
+        "estimate": tr.estimate,
+        "stderr": tr.stderr,
+        "num_matvecs": tr.num_matvecs,
+        "method": "hutch++",
+        "stop_reason": tr.stop_reason,
+    }
+
+
+def _density_stage(
+    args: argparse.Namespace,
+    steps: int,
+    stages: Stages,
+    reporter: Reporter,
+    operator: Any,
+    label: str,
+    results: dict[str, Any],
+) -> Any:
+    """The SLQ spectral density: run (or reuse), print, record."""
+    from hessian_eigenthings.algorithms.estimator_results import SpectralDensityResult
+    from hessian_eigenthings.algorithms.spectral_density import spectral_density
+
+    runs = args.density_runs
+    with reporter.task(operator, f"{label} spectral density", total=runs * steps) as op:
+        density = stages.run(
+            "density",
+            lambda **kw: spectral_density(
+                op, num_runs=runs, lanczos_steps=steps, seed=args.seed, **kw
+            ),
+            config={"num_runs": runs, "lanczos_steps": steps, "seed": args.seed},
+            to_dict=lambda r: r.to_dict(),
+            from_dict=SpectralDensityResult.from_dict,
+        )
+    if density is None:
+        return None
+    partial = (
+        f" (partial: {plural(density.num_runs, 'run')} before --time-limit)"
+        if density.stop_reason == "time_limit"
+        else ""
+    )
+    reporter.say(
+        f"{capitalized(label)} spectral density (SLQ, {plural(runs, 'run')} x "
+        f"{plural(steps, 'step')}){partial}: written to results.json and spectrum.png"
+    )
+    results["spectral_density"] = density.to_dict()
+    return density
+
+
+def _figures(args: argparse.Namespace, label: str, eig: Any, density: Any, out_dir: Path) -> None:
+    """``eigenvalues.png`` and ``spectrum.png`` of what was computed."""
+    from hessian_eigenthings.cli.figures import save_eigenvalue_figure, save_spectrum_figure
+
+    if eig is not None:
+        save_eigenvalue_figure(
+            {label: eig},
+            out_dir / "eigenvalues.png",
+            title=f"{capitalized(label)}: {args.k} eigenvalues ({eig.which}) and their residuals",
+        )
+    if density is not None:
+        marks = {f"Lanczos ({eig.which})": eig.eigenvalues} if eig is not None else None
+        save_spectrum_figure(
+            density,
+            out_dir / "spectrum.png",
+            eigenvalues=marks,
+            title=f"{capitalized(label)} spectral density",
+        )
+
+
+def _finish(
+    results: dict[str, Any], stages: Stages, out_dir: Path, reporter: Reporter, rank: int
+) -> int:
+    """Record stages and timings, write ``results.json``, print where things went."""
+    analysis = sum(stages.timings.get(s.name, 0.0) for s in stages.stages)
+    results["stages"] = {s.name: {"status": s.status, "seconds": s.seconds} for s in stages.stages}
+    results["timing_s"] = {**stages.timings, "analysis": analysis}
+    results["complete"] = not stages.stopped
     results["environment"] = environment()
-    write_json(out_dir / "results.json", results)
+    reused = [s.name for s in stages.stages if s.status == "reused"]
+    if reused:
+        reporter.say(
+            f"Reused finished stages from --checkpoint {stages.checkpoint}: {', '.join(reused)}."
+        )
+    timing = ", ".join(f"{name} {sec:.1f} s" for name, sec in stages.timings.items())
+    reporter.say(f"Timings: {timing}.")
+    if rank == 0:
+        write_json(out_dir / "results.json", results)
+    if stages.stopped:
+        left = [s.name for s in stages.stages if s.status in ("time_limit", "not_started")]
+        resume = (
+            "rerun the same command to continue from the checkpoints"
+            if stages.checkpoint is not None
+            else "add --checkpoint DIR to continue where it stopped next time"
+        )
+        reporter.say(
+            f"--time-limit {stages.time_limit:g} s reached: {', '.join(left)} incomplete; "
+            f"partial results in {out_dir}/; {resume}."
+        )
+        return EXIT_TIME_LIMIT
     reporter.say(f"Wrote results to {out_dir}/")
-    return results
+    return EXIT_OK

@@ -4,13 +4,16 @@ Trains a small MLP on the 8x8 handwritten digits bundled with scikit-learn (1,79
 10 classes; no download) for a few seconds, then computes, for the mean cross-entropy
 over the training set (ragged batches weighted by their sizes):
 
-- the top-``k`` eigenvalues of the Hessian and of the Generalized Gauss-Newton matrix
-  (restarted Lanczos, with their residual norms ``||A v - lambda v||``),
+- ``k`` eigenvalues of the Hessian and of the Generalized Gauss-Newton matrix at the
+  ``--which`` end (default ``LM``, largest magnitude of either sign; restarted Lanczos,
+  with their residual norms ``||A v - lambda v||``),
 - the Hessian trace by Hutch++ with its standard error,
-- the Hessian spectral density by Stochastic Lanczos Quadrature,
+- the Hessian spectral density by Stochastic Lanczos Quadrature, and from everything
+  above both ends of the Hessian spectrum found and its negative mass,
 
-prints them, and writes ``OUT/results.json``, ``OUT/spectrum.png`` and the trained weights
-``OUT/model.pt`` (a ``state_dict``, so every number can be checked independently).
+prints them, and writes ``OUT/results.json``, ``OUT/eigenvalues.png``,
+``OUT/spectrum.png`` and the trained weights ``OUT/model.pt`` (a ``state_dict``, so every
+number can be checked independently).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ from torch import nn
 from hessian_eigenthings.cli.errors import BadInput
 from hessian_eigenthings.cli.progress import Reporter
 from hessian_eigenthings.cli.report import environment, write_json
+from hessian_eigenthings.cli.summary import (
+    WHICH_WORDS,
+    both_ends,
+    error_bar_hint,
+    plural,
+)
 
 __all__ = ["DemoData", "load_digits_data", "run_demo", "train_classifier"]
 
@@ -111,13 +120,18 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _eigen_table(reporter: Reporter, k: int, hess: Any, ggn: Any) -> None:
-    reporter.say(f"Top-{k} eigenvalues (Lanczos; residual = ||A v - lambda v||):")
+    reporter.say(
+        f"Top-{k} eigenvalues, {WHICH_WORDS[hess.which]} (Lanczos; residual = "
+        "||A v - lambda v||; * = not converged):"
+    )
     reporter.say(f"  {'i':>2}  {'Hessian':>12} {'residual':>10}   {'GGN':>12} {'residual':>10}")
+
+    def cell(result: Any, i: int) -> str:
+        star = " " if bool(result.converged[i]) else "*"
+        return f"{float(result.eigenvalues[i]):>12.5g} {float(result.residuals[i]):>10.2e}{star}"
+
     for i in range(k):
-        reporter.say(
-            f"  {i + 1:>2}  {float(hess.eigenvalues[i]):>12.5g} {float(hess.residuals[i]):>10.2e}"
-            f"   {float(ggn.eigenvalues[i]):>12.5g} {float(ggn.residuals[i]):>10.2e}"
-        )
+        reporter.say(f"  {i + 1:>2}  {cell(hess, i)}  {cell(ggn, i)}".rstrip())
 
 
 def _eigen_dict(result: Any) -> dict[str, Any]:
@@ -134,14 +148,42 @@ def _eigen_dict(result: Any) -> dict[str, Any]:
     }
 
 
-def run_demo(*, out: str | Path, k: int, seed: int, reporter: Reporter) -> dict[str, Any]:
-    """Train, analyse, print, and write ``results.json`` and ``spectrum.png`` under ``out``.
+def _figures(
+    density: Any,
+    hess_eig: Any,
+    ggn_eig: Any,
+    figure: Path,
+    eig_figure: Path,
+    k: int,
+    which: str,
+    n_params: int,
+) -> None:
+    from hessian_eigenthings.cli.figures import save_eigenvalue_figure, save_spectrum_figure
+
+    save_spectrum_figure(
+        density,
+        figure,
+        eigenvalues={f"Hessian, {k} eigenvalues ({which}, Lanczos)": hess_eig.eigenvalues},
+        title=f"Hessian spectral density of a digits MLP ({n_params:,} parameters)",
+    )
+    save_eigenvalue_figure(
+        {"Hessian": hess_eig, "GGN": ggn_eig},
+        eig_figure,
+        title=f"{k} eigenvalues ({which}) of the Hessian and the GGN, with residuals",
+    )
+
+
+def run_demo(
+    *, out: str | Path, k: int, seed: int, reporter: Reporter, which: str = "LM"
+) -> dict[str, Any]:
+    """Train, analyse, print, and write ``results.json`` and the figures under ``out``.
 
     Args:
         out: Output directory (created if needed).
-        k: Number of top eigenvalues of the Hessian and of the GGN.
+        k: Number of eigenvalues of the Hessian and of the GGN.
         seed: Seed of the data split, the initialisation and every estimator.
         reporter: Where results and progress go.
+        which: End of the spectrum (``"LM"``, ``"LA"``, ``"SA"``), as ``lanczos``.
 
     Returns:
         The results written to ``results.json``.
@@ -155,16 +197,16 @@ def run_demo(*, out: str | Path, k: int, seed: int, reporter: Reporter) -> dict[
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(out_dir, k, seed, reporter)
+        return _run(out_dir, k, seed, which, reporter)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out_dir: Path, k: int, seed: int, reporter: Reporter) -> dict[str, Any]:
+def _run(out_dir: Path, k: int, seed: int, which: str, reporter: Reporter) -> dict[str, Any]:
     from hessian_eigenthings.algorithms.lanczos import lanczos
     from hessian_eigenthings.algorithms.spectral_density import spectral_density
     from hessian_eigenthings.algorithms.trace import trace
-    from hessian_eigenthings.cli.figures import require_matplotlib, save_spectrum_figure
+    from hessian_eigenthings.cli.figures import require_matplotlib
     from hessian_eigenthings.loss_fns.standard import cross_entropy_loss_of_output
     from hessian_eigenthings.operators.ggn import GGNOperator
     from hessian_eigenthings.operators.hessian import HessianOperator
@@ -188,37 +230,64 @@ def _run(out_dir: Path, k: int, seed: int, reporter: Reporter) -> dict[str, Any]
     )
     sizes = [int(b[1].shape[0]) for b in batches]
     reporter.say(
-        f"Curvature of the mean training loss over {len(batches)} batches of sizes {sizes} "
-        "(weighted by samples)."
+        f"Curvature of the mean training loss over {plural(len(batches), 'batch')} of sizes "
+        f"{sizes} (weighted by samples)."
     )
 
     hessian = HessianOperator(model, batches, cross_entropy)
     ggn = GGNOperator(model, batches, logits, cross_entropy_loss_of_output())
 
+    timings: dict[str, float] = {"train": train_time}
+
+    def timed(name: str, t0: float) -> None:
+        timings[name] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     with reporter.task(hessian, "Hessian eigenvalues") as op:
-        hess_eig = lanczos(op, k, which="LA", seed=seed)
+        hess_eig = lanczos(op, k, which=which, seed=seed)
+    timed("hessian_eigen", t0)
+    t0 = time.perf_counter()
     with reporter.task(ggn, "GGN eigenvalues") as op:
-        ggn_eig = lanczos(op, k, which="LA", seed=seed)
+        ggn_eig = lanczos(op, k, which=which, seed=seed)
+    timed("ggn_eigen", t0)
     _eigen_table(reporter, k, hess_eig, ggn_eig)
 
+    t0 = time.perf_counter()
     with reporter.task(hessian, "Hessian trace", total=TRACE_MATVECS) as op:
         tr = trace(op, num_matvecs=TRACE_MATVECS, method="hutch++", seed=seed)
+    timed("trace", t0)
     reporter.say(
-        f"Hessian trace (Hutch++, {TRACE_MATVECS} matvecs): {float(tr.estimate):.5g} "
+        f"Hessian trace (Hutch++, {plural(TRACE_MATVECS, 'matvec')}): {float(tr.estimate):.5g} "
         f"+/- {float(tr.stderr):.2g} (one standard error)"
     )
+    hint = error_bar_hint(
+        "Hessian trace",
+        float(tr.estimate),
+        float(tr.stderr),
+        "the demo's budget is fixed; trace(H, num_matvecs=...) takes more",
+    )
+    if hint:
+        reporter.say(hint)
+    t0 = time.perf_counter()
     with reporter.task(hessian, "Hessian spectral density", total=SLQ_RUNS * SLQ_STEPS) as op:
         density = spectral_density(op, num_runs=SLQ_RUNS, lanczos_steps=SLQ_STEPS, seed=seed)
-    analysis_time = time.perf_counter() - t0
-
-    figure = out_dir / "spectrum.png"
-    save_spectrum_figure(
-        density,
-        figure,
-        eigenvalues={f"Hessian top-{k} (Lanczos)": hess_eig.eigenvalues},
-        title=f"Hessian spectrum of a digits MLP ({n_params:,} parameters)",
+    timed("density", t0)
+    lines, ends = both_ends(
+        "Hessian",
+        eigen=hess_eig,
+        density=density,
+        density_remedy="the demo's budget is fixed; spectral_density(H, num_runs=...) takes more",
     )
+    for line in lines:
+        reporter.say(line)
+    analysis_time = sum(timings[s] for s in ("hessian_eigen", "ggn_eigen", "trace", "density"))
+
+    t0 = time.perf_counter()
+    figure = out_dir / "spectrum.png"
+    eig_figure = out_dir / "eigenvalues.png"
+    if reporter.rank == 0:  # under torchrun every rank computes the same; rank 0 writes
+        _figures(density, hess_eig, ggn_eig, figure, eig_figure, k, which, n_params)
+    timed("figures", t0)
     results: dict[str, Any] = {
         "command": "demo",
         "seed": seed,
@@ -246,12 +315,15 @@ def _run(out_dir: Path, k: int, seed: int, reporter: Reporter) -> dict[str, Any]
             "method": "hutch++",
         },
         "spectral_density": density.to_dict(),
-        "timing_s": {"train": train_time, "analysis": analysis_time},
+        "spectrum_ends": ends,
+        "timing_s": {**timings, "analysis": analysis_time},
         "environment": environment(),
     }
-    write_json(out_dir / "results.json", results)
-    torch.save(model.state_dict(), out_dir / "model.pt")
+    if reporter.rank == 0:
+        write_json(out_dir / "results.json", results)
+        torch.save(model.state_dict(), out_dir / "model.pt")
     reporter.say(
-        f"Wrote {out_dir / 'results.json'}, {figure} and the trained weights {out_dir / 'model.pt'}"
+        f"Wrote {out_dir / 'results.json'}, {eig_figure}, {figure} and the trained weights "
+        f"{out_dir / 'model.pt'}"
     )
     return results

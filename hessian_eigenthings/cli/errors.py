@@ -8,15 +8,28 @@ The command line distinguishes two kinds of trouble, so that scripts can tell th
   values, running out of memory). The message names what failed.
 
 ``argparse`` also exits with ``2`` on malformed arguments, which is the same category.
+
+Exit code ``3`` is not an error: ``--time-limit`` stopped the analysis, the partial
+results are written, and rerunning the same command with the same ``--checkpoint``
+continues it (a job script can loop on it).
 """
 
 from __future__ import annotations
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_OK", "AnalysisFailed", "BadInput", "CLIError"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_TIME_LIMIT",
+    "AnalysisFailed",
+    "BadInput",
+    "CLIError",
+]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_TIME_LIMIT = 3
 
 
 class CLIError(Exception):

@@ -58,7 +58,7 @@ def save_spectrum_figure(
             draws the curve).
         path: PNG file to write (parent directories are created).
         eigenvalues: Label -> eigenvalues to mark (e.g. the Lanczos top-k).
-        title: Axes title.
+        title: Figure title (the axes title gives the SLQ settings).
 
     Returns:
         ``path``.
@@ -75,30 +75,37 @@ def save_spectrum_figure(
             ax.axvline(
                 lam, color=color, ls="--", lw=1.0, alpha=0.8, label=label if j == 0 else None
             )
-    ax.set_title(title)
+    ax.set_title(ax.get_title(), fontsize="medium")
+    fig.suptitle(title)
     ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
 
 
 def save_eigenvalue_figure(
-    series: Mapping[str, tuple[Any, Any]],
+    series: Mapping[str, Any],
     path: Path,
     *,
-    title: str = "Top eigenvalues",
+    title: str = "Eigenvalues",
+    xlabel: str = "index",
     ylabel: str = "eigenvalue",
 ) -> Path:
-    """Plot eigenvalues by index with their error bars (residual norms).
+    """Plot eigenvalues by index (left) and their residual norms on a log axis (right).
 
     For a symmetric matrix and a unit vector ``v``, some eigenvalue lies within
     ``||A v - theta v||`` of the Ritz value ``theta`` (Bauer-Fike / Kahan), so the
-    residual norm is an honest error bar on each reported eigenvalue.
+    residual norm is an honest error bar on each reported eigenvalue. It is usually many
+    orders of magnitude smaller than the eigenvalue, hence its own log-scale panel;
+    pairs that did not converge have hollow markers there.
 
     Args:
-        series: Label -> ``(eigenvalues, residual_norms)``.
+        series: Label -> an :class:`~hessian_eigenthings.EigenResult` (or any object
+            with ``eigenvalues``, ``residuals`` and ``converged``).
         path: PNG file to write.
-        title: Axes title.
+        title: Figure title.
+        xlabel: Label of the index axis.
         ylabel: Label of the value axis.
 
     Returns:
@@ -108,16 +115,31 @@ def save_eigenvalue_figure(
 
     from hessian_eigenthings.plotting import plot_eigenvalues
 
-    fig = _figure()
-    ax = fig.add_subplot()
-    for label, (vals, errs) in series.items():
-        plot_eigenvalues(_values(vals), _values(errs), ax=ax, label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("index (0 = largest)")
+    fig = _figure(width=9.0, height=3.9)
+    ax, rax = fig.subplots(1, 2)
+    low, high = 0.0, 0.0
+    for label, result in series.items():
+        vals = _values(result.eigenvalues)
+        low, high = min([low, *vals]), max([high, *vals])
+        plot_eigenvalues(
+            vals,
+            _values(result.residuals),
+            ax=ax,
+            residual_ax=rax,
+            converged=[bool(c) for c in result.converged],
+            first_index=1,
+            label=label,
+        )
+    for a in (ax, rax):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_xlabel(xlabel)
+        a.grid(alpha=0.3)
+    if low < 0.0 < high:  # both signs: mark zero (never stretch the axis to reach it)
+        ax.axhline(0.0, color="0.6", lw=0.8)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+    ax.set_title("eigenvalues (error bars: residual norms)", fontsize="medium")
+    rax.set_title("residual norms (log scale)", fontsize="medium")
+    fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path

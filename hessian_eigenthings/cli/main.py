@@ -7,7 +7,7 @@ Subcommands:
 - ``analyze``: the same analyses for a local HuggingFace causal-LM checkpoint on a text file.
 
 Exit codes: ``0`` success, ``2`` bad input (see :mod:`hessian_eigenthings.cli.errors`),
-``1`` the analysis failed.
+``1`` the analysis failed, ``3`` ``--time-limit`` stopped it (partial results written).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import argparse
 import importlib.util
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
-from hessian_eigenthings.cli.errors import EXIT_FAILURE, EXIT_OK, BadInput, CLIError
-from hessian_eigenthings.cli.progress import Reporter, progress_enabled
+from hessian_eigenthings.cli.errors import EXIT_FAILURE, BadInput, CLIError
+from hessian_eigenthings.cli.progress import Reporter, progress_enabled, torchrun_rank
 
 __all__ = ["build_parser", "main"]
 
@@ -44,6 +46,59 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value:g}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (> 0), got {text!r}") from None
+    if not value > 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text}")
+    return value
+
+
+class _RenamedOption(argparse.Action):
+    """Store the value of an option given by its new or its old name.
+
+    The old name emits a ``DeprecationWarning`` naming the new one (shown with
+    ``python -W default``; the command's output stays unchanged for existing scripts).
+    """
+
+    def __init__(self, *args: Any, new_name: str, **kwargs: Any) -> None:
+        self.new_name = new_name
+        super().__init__(*args, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if option_string != self.new_name:
+            warnings.warn(
+                f"{parser.prog}: {option_string} is deprecated, use {self.new_name}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        setattr(namespace, self.dest, values)
+
+
+_WHICH_HELP = (
+    "which end of the spectrum: LM largest magnitude (both signs, as the library's "
+    "lanczos), LA largest, SA smallest (default: %(default)s)"
+)
 
 
 def _common_flags() -> argparse.ArgumentParser:
@@ -76,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Matrix-free curvature of neural networks: top Hessian / GGN / Fisher "
             "eigenvalues, trace and spectral density."
         ),
-        epilog="Exit codes: 0 success, 1 the analysis failed, 2 bad input.",
+        epilog=(
+            "Exit codes: 0 success, 1 the analysis failed, 2 bad input, 3 --time-limit "
+            "stopped the analysis (partial results written; rerun with the same "
+            "--checkpoint to continue)."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -88,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small digits classifier and analyse its curvature (no download)",
         description=(
             "Train a small MLP on scikit-learn's bundled digits for a few seconds, then print "
-            "the top-k Hessian and GGN eigenvalues with residuals and the Hessian trace with "
-            "its error bar, and write OUT/results.json and OUT/spectrum.png. Needs the 'demo' "
-            "extra: pip install 'hessian-eigenthings[demo]'."
+            "k Hessian and GGN eigenvalues (--which end) with residuals, the Hessian trace "
+            "with its error bar, both ends of the Hessian spectrum and its negative mass, and "
+            "write OUT/results.json, OUT/eigenvalues.png and OUT/spectrum.png. Needs the "
+            "'demo' extra: pip install 'hessian-eigenthings[demo]'."
         ),
     )
     demo.add_argument(
@@ -102,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--k", type=_positive_int, default=5, help="number of eigenvalues (default: %(default)s)"
     )
+    demo.add_argument("--which", choices=("LM", "LA", "SA"), default="LM", help=_WHICH_HELP)
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of training and estimators (default: 0)"
     )
@@ -113,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Tokenise a text file into blocks and compute curvature of the mean next-token "
             "loss of a local HuggingFace causal-LM checkpoint (a directory with the model and "
-            "tokenizer files). Needs the 'transformers' extra."
+            "tokenizer files). Both ends of the spectrum found and the density's negative "
+            "mass are always reported. Under torchrun the blocks are split over the ranks. "
+            "Needs the 'transformers' extra."
         ),
     )
     analyze.add_argument("--model", required=True, metavar="PATH", help="checkpoint directory")
@@ -122,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--operator",
         choices=("hessian", "ggn", "fisher"),
         default="hessian",
-        help="curvature matrix (default: %(default)s)",
+        help=(
+            "curvature matrix: the Hessian, the generalized Gauss-Newton, or the empirical "
+            "Fisher (mean outer product of per-token gradients at the observed labels) "
+            "(default: %(default)s)"
+        ),
     )
     analyze.add_argument(
         "--params",
@@ -135,7 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--k",
         type=_non_negative_int,
         default=5,
-        help="number of top eigenvalues, 0 to skip (default: %(default)s)",
+        help="number of eigenvalues, 0 to skip (default: %(default)s)",
+    )
+    analyze.add_argument("--which", choices=("LM", "LA", "SA"), default="LM", help=_WHICH_HELP)
+    analyze.add_argument(
+        "--tol",
+        type=_unit_interval,
+        default=None,
+        metavar="TOL",
+        help=(
+            "relative residual tolerance of the eigenvalues (default: the library's, by "
+            "dtype: 3.5e-4 for float32, 1.5e-8 for float64)"
+        ),
+    )
+    analyze.add_argument(
+        "--lanczos-matvecs",
+        type=_positive_int,
+        default=None,
+        metavar="M",
+        help="matvec budget of the eigenvalues (default: the library's, 100 x basis size)",
     )
     analyze.add_argument("--trace", action="store_true", help="estimate the trace (Hutch++)")
     analyze.add_argument(
@@ -172,11 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", help="'cpu', 'cuda', 'cuda:1', ... (default: auto)"
     )
     analyze.add_argument(
+        "--trace-matvecs",
         "--num-matvecs",
+        dest="trace_matvecs",
         type=_positive_int,
         default=60,
         metavar="M",
-        help="matvec budget of the trace estimate (default: %(default)s)",
+        action=_RenamedOption,
+        new_name="--trace-matvecs",
+        help="matvec budget of the trace estimate (default: %(default)s; --num-matvecs is "
+        "its deprecated old name)",
     )
     analyze.add_argument(
         "--density-runs",
@@ -192,6 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="Lanczos steps per probe of the spectral density (default: %(default)s)",
     )
+    analyze.add_argument(
+        "--microbatch-size",
+        type=_positive_int,
+        default=None,
+        metavar="B",
+        help="split each batch into pieces of at most B sequences to bound memory (the "
+        "result is the same; default: no split)",
+    )
+    analyze.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="DIR",
+        help="folder of per-stage checkpoint files: a stopped or killed run continues from "
+        "them and finished stages are reused when the same command runs again",
+    )
+    analyze.add_argument(
+        "--time-limit",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="wall-clock budget of the whole command; when it passes, the partial results "
+        "are written and the exit code is 3 (rerun with the same --checkpoint to continue)",
+    )
     analyze.add_argument("--seed", type=int, default=0, help="seed of the estimators")
     analyze.add_argument(
         "--out",
@@ -202,48 +315,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace, reporter: Reporter) -> None:
+def _run(args: argparse.Namespace, reporter: Reporter) -> int:
     if args.command == "demo":
         from hessian_eigenthings.cli.demo import run_demo
 
-        run_demo(out=args.out, k=args.k, seed=args.seed, reporter=reporter)
-    elif args.command == "analyze":
+        run_demo(out=args.out, k=args.k, seed=args.seed, which=args.which, reporter=reporter)
+        return 0
+    if args.command == "analyze":
         from hessian_eigenthings.cli.analyze import run_analyze
 
-        run_analyze(args, reporter=reporter)
-    else:  # argparse rejects unknown subcommands before we get here
-        raise BadInput(f"unknown command {args.command!r}; expected 'demo' or 'analyze'")
+        return run_analyze(args, reporter=reporter)
+    # argparse rejects unknown subcommands before we get here
+    raise BadInput(f"unknown command {args.command!r}; expected 'demo' or 'analyze'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (``0``, ``1`` or ``2``).
+    """Run the command line; returns the exit code (``0``, ``1``, ``2`` or ``3``).
 
     Args:
         argv: Arguments without the program name (default ``sys.argv[1:]``).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    rank, world = torchrun_rank()
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    where = f"{prefix}{PROG} {args.command}"
     try:
         show = progress_enabled(quiet=args.quiet, force=args.progress)
         if show and importlib.util.find_spec("tqdm") is None:
             if args.progress:
                 raise BadInput("--progress needs tqdm: pip install tqdm (or drop --progress)")
             show = False
-        reporter = Reporter(quiet=args.quiet, progress=show)
-        _run(args, reporter)
+        reporter = Reporter(quiet=args.quiet, progress=show, rank=rank)
+        return _run(args, reporter)
     except CLIError as err:
-        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        print(f"{where}: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        print(f"{where}: interrupted", file=sys.stderr, flush=True)
         return EXIT_FAILURE
     except Exception as err:
         if args.traceback:
             traceback.print_exc()
         print(
-            f"{PROG} {args.command}: failed: {type(err).__name__}: {err}"
+            f"{where}: failed: {type(err).__name__}: {err}"
             + ("" if args.traceback else "\n(run again with --traceback for details)"),
             file=sys.stderr,
+            flush=True,
         )
         return EXIT_FAILURE
-    return EXIT_OK
