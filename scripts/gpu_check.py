@@ -490,7 +490,6 @@ def _operators(
     import hessian_eigenthings as he
     from hessian_eigenthings.loss_fns import huggingface as hf
 
-    shifted = getattr(hf, "hf_lm_shifted_ce", None) or hf.hf_lm_loss_of_output
     return {
         "hessian": he.HessianOperator(
             model, [batch], hf.hf_lm_loss(), **options.get("hessian", {})
@@ -498,8 +497,8 @@ def _operators(
         "ggn": he.GGNOperator(
             model,
             [batch],
-            hf.hf_lm_forward(),
-            shifted(fused=cfg["fused"]),
+            hf.hf_lm_forward,
+            hf.hf_lm_loss_of_output(fused=cfg["fused"]),
             **options.get("ggn", {}),
         ),
     }

@@ -306,7 +306,7 @@ def _build_operator(
     from hessian_eigenthings.loss_fns.huggingface import (
         hf_lm_forward,
         hf_lm_loss,
-        hf_lm_shifted_ce,
+        hf_lm_loss_of_output,
     )
     from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator
     from hessian_eigenthings.operators.ggn import GGNOperator
@@ -331,7 +331,7 @@ def _build_operator(
         return Hessian(model, batches, loss, **common)
     if kind == "ggn":
         fused = "auto" if device.type == "cuda" else "eager"
-        return GGN(model, batches, hf_lm_forward(), hf_lm_shifted_ce(fused=fused), **common)
+        return GGN(model, batches, hf_lm_forward, hf_lm_loss_of_output(fused=fused), **common)
     return Fisher(model, batches, per_token_losses, weight_fn=predicted_tokens, **common)
 
 
