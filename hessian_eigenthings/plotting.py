@@ -1,13 +1,15 @@
 """Matplotlib helpers for spectral densities and eigenvalues (needs the ``plot`` extra).
 
 matplotlib is imported only when a function here is called, so the library itself does
-not depend on it.
+not depend on it. This module sits below the algorithms: it knows a density result only
+through the :class:`DensityLike` protocol (the fields it draws), so the results' own
+``.plot()`` methods can call it without an import cycle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -15,11 +17,27 @@ import torch
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from hessian_eigenthings.algorithms.estimator_results import SpectralDensityResult
-
-__all__ = ["plot_eigenvalues", "plot_spectral_density"]
+__all__ = ["DensityLike", "plot_eigenvalues", "plot_spectral_density"]
 
 ArrayLike = Sequence[float] | np.ndarray | torch.Tensor
+
+
+class DensityLike(Protocol):
+    """What :func:`plot_spectral_density` reads of a density (a ``SpectralDensityResult``)."""
+
+    scale: str
+    grid: np.ndarray
+    density: np.ndarray
+    negative_density: np.ndarray | None
+    zero_tol: float
+    num_runs: int
+    lanczos_steps: int
+    sigma: float
+
+    @property
+    def negative_mass(self) -> float: ...
+
+    def resmooth(self, *, scale: str | None = ...) -> DensityLike: ...
 
 
 _RESIDUAL_GID = "hessian_eigenthings.residuals"
@@ -49,7 +67,7 @@ def _as_numpy(values: ArrayLike) -> np.ndarray:
 
 
 def plot_spectral_density(
-    result: SpectralDensityResult,
+    result: DensityLike,
     ax: Axes | None = None,
     *,
     scale: str | None = None,
