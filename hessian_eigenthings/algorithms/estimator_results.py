@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hessian_eigenthings._compat import deprecated
 from hessian_eigenthings.algorithms._density_smoothing import (
     check_scale,
     default_grid,
@@ -543,6 +544,28 @@ class SpectralDensityResult:
             f"grid=[{self.grid[0]:.4g}, {self.grid[-1]:.4g}] x {self.grid.size}, "
             f"trace={self.trace.estimate:.6g} +- {self.trace.stderr:.3g})"
         )
+
+    # -- 1.0.0a5 attribute names -----------------------------------------------------------
+    @property
+    def raw_eigenvalues(self) -> torch.Tensor:
+        """``(num_runs, m)`` float64 Ritz values per run, NaN-padded (1.0.0a5; use ``nodes``)."""
+        deprecated("SpectralDensityResult.raw_eigenvalues", "SpectralDensityResult.nodes")
+        return _padded(self.nodes, math.nan)
+
+    @property
+    def raw_weights(self) -> torch.Tensor:
+        """``(num_runs, m)`` float64 quadrature weights, 0-padded (1.0.0a5; use ``weights``)."""
+        deprecated("SpectralDensityResult.raw_weights", "SpectralDensityResult.weights")
+        return _padded(self.weights, 0.0)
+
+
+def _padded(rows: Sequence[np.ndarray], fill: float) -> torch.Tensor:
+    """Per-run arrays as one ``(runs, max length)`` float64 tensor padded with ``fill``."""
+    width = max(r.size for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        out[i, : r.size] = torch.from_numpy(np.asarray(r, dtype=np.float64))
+    return out
 
 
 def _quadrature_trace(

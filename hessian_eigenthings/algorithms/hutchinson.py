@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hessian_eigenthings._compat import legacy_keywords
 from hessian_eigenthings.algorithms._deadline import Deadline
 from hessian_eigenthings.algorithms._estimator_utils import (
     agree_seed,
@@ -53,6 +54,7 @@ __all__ = ["MIN_MATVECS_HUTCHINSON", "hutchinson"]
 MIN_MATVECS_HUTCHINSON = 2
 
 
+@legacy_keywords({"num_samples": "num_matvecs"})
 def hutchinson(
     operator: CurvatureOperator,
     num_matvecs: int = 100,

@@ -82,6 +82,7 @@ from typing import Any
 
 import torch
 
+from hessian_eigenthings._compat import lanczos_reorthogonalize_none, legacy_keywords
 from hessian_eigenthings.algorithms._deadline import Deadline
 from hessian_eigenthings.algorithms._estimator_utils import agree_seed
 from hessian_eigenthings.algorithms.checkpoint import (
@@ -663,6 +664,7 @@ class _Lanczos:
         )
 
 
+@legacy_keywords(translate=lanczos_reorthogonalize_none)
 def lanczos(
     operator: CurvatureOperator,
     k: int = 10,

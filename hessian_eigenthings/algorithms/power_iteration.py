@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from hessian_eigenthings._compat import legacy_keywords, power_iteration_momentum
 from hessian_eigenthings.algorithms._deadline import Deadline
 from hessian_eigenthings.algorithms._estimator_utils import agree_seed
 from hessian_eigenthings.algorithms.checkpoint import (
@@ -345,6 +346,7 @@ def _run_pairs(
     return result(k, None, "converged" if all(flags) else "max_iter")
 
 
+@legacy_keywords({"init": "init_vec"}, power_iteration_momentum)
 def power_iteration_one(
     operator: CurvatureOperator,
     *,
@@ -435,6 +437,7 @@ def power_iteration_one(
     )
 
 
+@legacy_keywords({"num_eigs": "k"}, power_iteration_momentum)
 def deflated_power_iteration(
     operator: CurvatureOperator,
     k: int = 1,

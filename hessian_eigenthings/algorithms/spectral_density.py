@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hessian_eigenthings._compat import legacy_keywords, spectral_density_grid_padding
 from hessian_eigenthings.algorithms._deadline import Deadline
 from hessian_eigenthings.algorithms._density_smoothing import check_scale
 from hessian_eigenthings.algorithms._estimator_utils import (
@@ -67,6 +68,7 @@ def _positive_int(value: object, name: str) -> int:
     return value
 
 
+@legacy_keywords(translate=spectral_density_grid_padding)
 def spectral_density(
     operator: CurvatureOperator,
     num_runs: int = 10,

@@ -39,7 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hessian_eigenthings._compat import legacy_keywords
 from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
+from hessian_eigenthings.loss_fns.single_sample import legacy_fisher_loss
 from hessian_eigenthings.operators._data import WeightFn, leading_dim
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
 from hessian_eigenthings.operators.ggn import (
@@ -85,8 +87,9 @@ class EmpiricalFisherOperator(DataCurvatureOperator):
         num_batches: Use only the first ``num_batches`` batches.
         microbatch_size: Split batches to bound memory; the result is unchanged.
         fd_eps: Finite-difference step for the unit direction.
-        weight_fn: ``batch -> number of samples``; default the batch's leading dimension.
-            It must equal the number of losses ``loss_fn`` returns.
+        weight_fn: ``batch -> number of samples``; default ``loss_fn.batch_weight`` if the
+            loss has one (per-token losses: the token count), else the batch's leading
+            dimension. It must equal the number of losses ``loss_fn`` returns.
         check_determinism: Raise at construction if the loss is random (dropout).
         backend: Vector backend for algorithms.
 
@@ -102,6 +105,7 @@ class EmpiricalFisherOperator(DataCurvatureOperator):
 
     psd = True
 
+    @legacy_keywords(translate=legacy_fisher_loss)
     def __init__(
         self,
         model: nn.Module,
@@ -132,7 +136,7 @@ class EmpiricalFisherOperator(DataCurvatureOperator):
             full_dataset=full_dataset,
             num_batches=num_batches,
             microbatch_size=microbatch_size,
-            weight_fn=weight_fn or leading_dim,
+            weight_fn=weight_fn or getattr(loss_fn, "batch_weight", None) or leading_dim,
             check_determinism=check_determinism,
             backend=backend,
         )

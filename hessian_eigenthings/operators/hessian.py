@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hessian_eigenthings._compat import legacy_keywords, microbatch_unsafe_flag
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators._data import WeightFn
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
@@ -73,6 +74,7 @@ class HessianOperator(DataCurvatureOperator):
         4
     """
 
+    @legacy_keywords(translate=microbatch_unsafe_flag)
     def __init__(
         self,
         model: nn.Module,
