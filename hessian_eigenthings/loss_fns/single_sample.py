@@ -48,6 +48,16 @@ def _in_dims(batch: Any, sample_dim: int) -> Any:
     return None
 
 
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in _tensors(v)]
+    return []
+
+
 class SingleSampleLoss:
     """A loss ``fn(model, sample) -> scalar`` of one un-batched sample.
 
@@ -87,6 +97,16 @@ class SingleSampleLoss:
         out: torch.Tensor = torch.func.vmap(one, in_dims=(in_dims,))(batch)
         return out
 
+    def num_samples(self, batch: Any) -> int:
+        """Number of samples of ``batch``: the size of its first tensor along ``sample_dim``."""
+        for leaf in _tensors(batch):
+            if leaf.dim() > 0:
+                return int(leaf.shape[self.sample_dim])
+        raise ValueError(
+            f"Cannot count the samples of a {type(batch).__name__}: it holds no tensor with a "
+            "sample dimension."
+        )
+
     def __repr__(self) -> str:
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
         return f"SingleSampleLoss({name}, sample_dim={self.sample_dim})"
@@ -122,5 +142,7 @@ def legacy_fisher_loss(owner: str, args: tuple[Any, ...], kw: dict[str, Any]) ->
     if sample_dim is not None:
         deprecated(f"{owner}(sample_dim=...)", _FISHER_REPLACEMENT, stacklevel=4)
         single = SingleSampleLoss(single.fn, sample_dim=sample_dim)
+        if kw.get("weight_fn") is None:  # samples are counted along sample_dim, not dim 0
+            kw["weight_fn"] = single.num_samples
     kw["loss_fn"] = single.batched
     return args[:3], None
