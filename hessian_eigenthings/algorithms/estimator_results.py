@@ -23,6 +23,7 @@ from hessian_eigenthings.algorithms._density_smoothing import (
     smooth_density,
     to_axis,
 )
+from hessian_eigenthings.algorithms._display import html_table
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -127,6 +128,20 @@ class TraceResult:
             f"method={self.method!r}, num_matvecs={self.num_matvecs}, "
             f"operator_size={self.operator_size})"
         )
+
+    def _repr_html_(self) -> str:
+        lo, hi = self.interval()
+        summary = [
+            ("estimate", f"{self.estimate:.8g} ± {self.stderr:.3g} (stderr)"),
+            ("3-sigma interval", f"[{lo:.6g}, {hi:.6g}]"),
+            ("method", self.method),
+            ("probes", self.distribution),
+            ("matvecs", str(self.num_matvecs)),
+            ("n", str(self.operator_size)),
+            ("seed", str(self.seed)),
+            ("stop reason", self.stop_reason or "?"),
+        ]
+        return html_table("TraceResult", summary)
 
 
 @dataclass(frozen=True, eq=False)
@@ -544,6 +559,25 @@ class SpectralDensityResult:
             f"grid=[{self.grid[0]:.4g}, {self.grid[-1]:.4g}] x {self.grid.size}, "
             f"trace={self.trace.estimate:.6g} +- {self.trace.stderr:.3g})"
         )
+
+    def _repr_html_(self) -> str:
+        summary = [
+            ("runs x Lanczos steps", f"{self.num_runs} x {self.lanczos_steps}"),
+            ("trace", f"{self.trace.estimate:.8g} ± {self.trace.stderr:.3g} (stderr)"),
+            (
+                "Ritz values",
+                f"[{min(float(n.min()) for n in self.nodes):.6g}, "
+                f"{max(float(n.max()) for n in self.nodes):.6g}]",
+            ),
+            ("negative mass", f"{self.negative_mass:.3g}"),
+            ("scale, sigma", f"{self.scale}, {self.sigma:.3g}"),
+            ("grid", f"[{self.grid[0]:.4g}, {self.grid[-1]:.4g}] x {self.grid.size}"),
+            ("integral of density", f"{self.integral():.4f}"),
+            ("matvecs", str(self.num_matvecs)),
+            ("n", str(self.operator_size)),
+            ("seed", str(self.seed)),
+        ]
+        return html_table("SpectralDensityResult (plot it with .plot())", summary)
 
     # -- 1.0.0a5 attribute names -----------------------------------------------------------
     @property

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from hessian_eigenthings.algorithms._display import fmt_list, html_table
+
 __all__ = ["EigenResult", "StochasticEigenResult"]
 
 
@@ -148,6 +150,36 @@ class EigenResult:
                 kwargs[f.name] = value
         return cls(**kwargs)
 
+    # -- display (consoles and notebooks) --------------------------------------------------
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(k={self.k}, method={self.method!r}, which={self.which!r}, "
+            f"stop_reason={self.stop_reason!r}, num_matvecs={self.num_matvecs}, "
+            f"eigenvalues={fmt_list(self.eigenvalues.tolist())}, "
+            f"residuals={fmt_list(self.residuals.tolist(), spec='.2e')}, "
+            f"converged={self.converged.tolist()[:6]}{'...' if self.k > 6 else ''})"
+        )
+
+    def _repr_html_(self) -> str:
+        values = self.eigenvalues.tolist()
+        residuals = self.residuals.tolist()
+        rows = [
+            [str(i), f"{lam:.8g}", f"{res:.2e}", f"{res / abs(lam):.2e}" if lam else "inf", str(c)]
+            for i, (lam, res, c) in enumerate(zip(values, residuals, self.converged.tolist()))
+        ]
+        summary = [
+            ("method", self.method or "?"),
+            ("which", self.which),
+            ("tol", "default" if self.tol is None else f"{self.tol:.1e}"),
+            ("converged", f"{int(self.converged.sum())} of {self.k}"),
+            ("stop reason", self.stop_reason or "?"),
+            ("matvecs", str(self.num_matvecs)),
+            ("n", str(int(self.eigenvectors.shape[-1]))),
+            ("seed", str(self.seed)),
+        ]
+        header = ["i", "eigenvalue", "residual ||Av - lv||", "relative", "converged"]
+        return html_table(type(self).__name__, summary, header, rows)
+
 
 @dataclass
 class StochasticEigenResult(EigenResult):
@@ -169,3 +201,9 @@ class StochasticEigenResult(EigenResult):
     eigenvalue_stderr: torch.Tensor | None = None
     num_samples: int = 0
     momentum: float = 0.0
+
+    def __repr__(self) -> str:  # the dataclass would generate one with every tensor in full
+        std = "" if self.eigenvalue_stderr is None else fmt_list(self.eigenvalue_stderr.tolist())
+        return (
+            f"{super().__repr__()[:-1]}, eigenvalue_stderr={std}, num_samples={self.num_samples})"
+        )
