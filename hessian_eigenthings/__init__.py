@@ -81,6 +81,7 @@ from hessian_eigenthings.operators.distributed import (
     DDPEmpiricalFisherOperator,
     DDPGGNOperator,
     DDPHessianOperator,
+    DDPMCFisherOperator,
     DDPOperatorMixin,
     ShardedHessianOperator,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "DDPEmpiricalFisherOperator",
     "DDPGGNOperator",
     "DDPHessianOperator",
+    "DDPMCFisherOperator",
     "DDPOperatorMixin",
     "ShardedHessianOperator",
     # eigensolvers and their results

@@ -4,6 +4,7 @@ from hessian_eigenthings.operators.distributed.ddp import (
     DDPEmpiricalFisherOperator,
     DDPGGNOperator,
     DDPHessianOperator,
+    DDPMCFisherOperator,
     DDPOperatorMixin,
 )
 from hessian_eigenthings.operators.distributed.sharded import ShardedHessianOperator
@@ -13,6 +14,7 @@ __all__: list[str] = [
     "DDPEmpiricalFisherOperator",
     "DDPGGNOperator",
     "DDPHessianOperator",
+    "DDPMCFisherOperator",
     "DDPOperatorMixin",
     # parameters sharded with FSDP2
     "ShardedHessianOperator",

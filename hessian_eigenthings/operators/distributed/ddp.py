@@ -46,7 +46,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hessian_eigenthings.backends.distributed import ReplicatedBackend, collective_device
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
-from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator
+from hessian_eigenthings.operators.fisher import (
+    EmpiricalFisherOperator,
+    MCFisherOperator,
+    _mix_seed,
+)
 from hessian_eigenthings.operators.ggn import GGNOperator
 from hessian_eigenthings.operators.hessian import HessianOperator
 
@@ -54,6 +58,7 @@ __all__ = [
     "DDPEmpiricalFisherOperator",
     "DDPGGNOperator",
     "DDPHessianOperator",
+    "DDPMCFisherOperator",
     "DDPOperatorMixin",
     "unwrap_ddp",
 ]
@@ -88,10 +93,9 @@ class DDPOperatorMixin(DataCurvatureOperator):
     on every rank. If every rank holds only empty batches the total weight is zero and
     the product is the zero vector.
 
-    Not provided: a DDP ``MCFisherOperator``. The mixin applies mechanically, but that
-    operator seeds its label draws by ``(seed, batch index, microbatch index)``, so with
-    an int seed all ranks would reuse the same random streams on different data, and
-    the result would not equal the single-process operator on the union.
+    :class:`DDPMCFisherOperator` adds what the Monte-Carlo Fisher needs on top: its label
+    draws are seeded by ``(seed, batch index, microbatch index)``, so the ranks agree on
+    the seed and number their batches globally.
 
     Precision: the weight travels in the buffer's dtype (the vector dtype, at least
     float32), exact up to :math:`2^{24}` samples in float32 and :math:`2^{53}` in
@@ -269,3 +273,54 @@ class DDPEmpiricalFisherOperator(DDPOperatorMixin, EmpiricalFisherOperator):
     ``process_group``. ``N`` counts the samples of all ranks; one ``all_reduce`` of
     ``size + 1`` entries per matvec.
     """
+
+
+class DDPMCFisherOperator(DDPOperatorMixin, MCFisherOperator):
+    r"""Monte-Carlo Fisher over the union of every rank's shard.
+
+    Takes every argument of :class:`~hessian_eigenthings.operators.fisher.MCFisherOperator`
+    (``model, dataloader, forward_fn``, then keyword options) plus ``process_group``.
+    The labels of global batch ``g`` and microbatch ``m`` are drawn from a generator seeded
+    by ``(seed, g, m)``, exactly as the single-process operator does on the union of the
+    shards (rank 0's batches first, then rank 1's, ...), so the two are the same matrix:
+
+    .. math::
+
+        \hat F v = \frac{1}{W} \sum_r \sum_{b \in B_r} w_b \, \frac{1}{R_b}
+        \sum_{i \in b} J_i^\top \Big( \frac{1}{S} \sum_{s=1}^{S} r_{is}
+        \langle r_{is}, J_i v \rangle \Big),
+
+    with one ``all_reduce`` of ``size + 1`` entries per matvec. Construction adds one
+    ``all_gather`` of two integers per rank: rank 0's seed (so ``seed=None`` and seeds
+    that differ between ranks agree) and each rank's number of batches (the global index
+    of its first batch), for which every rank iterates its loader once (``len(loader)`` is
+    not trusted: ``num_batches`` and loaders without a length must count the same way).
+    With ``full_dataset=False`` each rank numbers its stream from its own offset, so ranks
+    never share a label stream.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *args: Any,
+        process_group: ProcessGroup = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, *args, process_group=process_group, **kwargs)
+        local = sum(1 for _ in self.source._full_pass())
+        self.source.batch_index = -1
+        first = next(self.model.parameters())
+        dev = collective_device(self.process_group, first.device)
+        mine = torch.tensor([self.seed, local], dtype=torch.int64, device=dev)
+        world = dist.get_world_size(self.process_group)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine, group=self.process_group)
+        rank = dist.get_rank(self.process_group)
+        self.seed = int(gathered[0][0])
+        self.batch_offset = sum(int(t[1]) for t in gathered[:rank])
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = super()._generator(device)  # tracks this rank's (batch, microbatch) position
+        index = self.batch_offset + self.source.batch_index
+        gen.manual_seed(_mix_seed(self.seed, index, self._microbatch_index))
+        return gen
