@@ -174,7 +174,9 @@ class EigenResult:
             ("converged", f"{int(self.converged.sum())} of {self.k}"),
             ("stop reason", self.stop_reason or "?"),
             ("matvecs", str(self.num_matvecs)),
-            ("n", str(int(self.eigenvectors.shape[-1]))),
+            ("n", str(int(self.eigenvectors.shape[-1])))
+            if self.eigenvectors.numel()
+            else ("eigenvectors", "not stored"),
             ("seed", str(self.seed)),
         ]
         header = ["i", "eigenvalue", "residual ||Av - lv||", "relative", "converged"]
