@@ -16,12 +16,14 @@ import difflib
 import fnmatch
 import inspect
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from hessian_eigenthings._compat import deprecated
 
 __all__ = [
     "ParamFilter",
@@ -32,6 +34,11 @@ __all__ = [
     "match_regex",
     "select_params",
     "unflatten",
+    # 1.0.0a5 names (deprecated aliases)
+    "params_to_vector",
+    "select_parameters",
+    "total_size",
+    "vector_to_params",
 ]
 
 
@@ -390,3 +397,40 @@ def unflatten(vec: torch.Tensor, like: Any, cast: bool = True) -> list[torch.Ten
         out.append(piece.to(t.dtype) if cast and piece.dtype != t.dtype else piece)
         start += t.numel()
     return out
+
+
+# -- 1.0.0a5 names (deprecated aliases) ------------------------------------------------------
+def select_parameters(
+    model: nn.Module, param_filter: ParamFilterLike = None
+) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` of the selected parameters (1.0.0a5; use :func:`select_params`)."""
+    deprecated("select_parameters(model, param_filter)", "dict(select_params(model, param_filter))")
+    return dict(select_params(model, param_filter))
+
+
+def total_size(params: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:
+    """Number of entries of a parameter collection (1.0.0a5; use :class:`ParamLayout`)."""
+    deprecated("total_size(params)", "ParamLayout.of(named_params).size")
+    items = params.values() if isinstance(params, Mapping) else params
+    return sum(int(p.numel()) for p in items)
+
+
+def params_to_vector(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Concatenate ``{name: tensor}`` into one flat vector (1.0.0a5; use :func:`flatten`)."""
+    deprecated("params_to_vector(params)", "flatten(params.values())")
+    return flatten(params.values())
+
+
+def vector_to_params(
+    vec: torch.Tensor, reference: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Split a flat vector into ``{name: view shaped like reference[name]}``.
+
+    1.0.0a5 name; use :func:`unflatten` (``dict(zip(ref, unflatten(vec, ref.values(),
+    cast=False)))``). The pieces are views of ``vec`` in its dtype, as before.
+    """
+    deprecated(
+        "vector_to_params(vec, reference)",
+        "dict(zip(reference, unflatten(vec, list(reference.values()), cast=False)))",
+    )
+    return dict(zip(reference, unflatten(vec, list(reference.values()), cast=False)))

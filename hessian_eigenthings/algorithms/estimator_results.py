@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hessian_eigenthings._compat import deprecated
 from hessian_eigenthings.algorithms._density_smoothing import (
     check_scale,
     default_grid,
@@ -22,6 +23,7 @@ from hessian_eigenthings.algorithms._density_smoothing import (
     smooth_density,
     to_axis,
 )
+from hessian_eigenthings.algorithms._display import html_table
 from hessian_eigenthings.algorithms._records import ResultRecord, StopReason
 
 if TYPE_CHECKING:
@@ -100,6 +102,20 @@ class TraceResult(ResultRecord):
             f"method={self.method!r}, num_matvecs={self.num_matvecs}, "
             f"operator_size={self.operator_size})"
         )
+
+    def _repr_html_(self) -> str:
+        lo, hi = self.interval()
+        summary = [
+            ("estimate", f"{self.estimate:.8g} ± {self.stderr:.3g} (stderr)"),
+            ("3-sigma interval", f"[{lo:.6g}, {hi:.6g}]"),
+            ("method", self.method),
+            ("probes", self.distribution),
+            ("matvecs", str(self.num_matvecs)),
+            ("n", str(self.operator_size)),
+            ("seed", str(self.seed)),
+            ("stop reason", self.stop_reason or "?"),
+        ]
+        return html_table("TraceResult", summary)
 
 
 @dataclass(eq=False)
@@ -432,6 +448,47 @@ class SpectralDensityResult(ResultRecord):
             f"grid=[{self.grid[0]:.4g}, {self.grid[-1]:.4g}] x {self.grid.size}, "
             f"trace={self.trace.estimate:.6g} +- {self.trace.stderr:.3g})"
         )
+
+    def _repr_html_(self) -> str:
+        summary = [
+            ("runs x Lanczos steps", f"{self.num_runs} x {self.lanczos_steps}"),
+            ("trace", f"{self.trace.estimate:.8g} ± {self.trace.stderr:.3g} (stderr)"),
+            (
+                "Ritz values",
+                f"[{min(float(n.min()) for n in self.nodes):.6g}, "
+                f"{max(float(n.max()) for n in self.nodes):.6g}]",
+            ),
+            ("negative mass", f"{self.negative_mass:.3g}"),
+            ("scale, sigma", f"{self.scale}, {self.sigma:.3g}"),
+            ("grid", f"[{self.grid[0]:.4g}, {self.grid[-1]:.4g}] x {self.grid.size}"),
+            ("integral of density", f"{self.integral():.4f}"),
+            ("matvecs", str(self.num_matvecs)),
+            ("n", str(self.operator_size)),
+            ("seed", str(self.seed)),
+        ]
+        return html_table("SpectralDensityResult (plot it with .plot())", summary)
+
+    # -- 1.0.0a5 attribute names -----------------------------------------------------------
+    @property
+    def raw_eigenvalues(self) -> torch.Tensor:
+        """``(num_runs, m)`` float64 Ritz values per run, NaN-padded (1.0.0a5; use ``nodes``)."""
+        deprecated("SpectralDensityResult.raw_eigenvalues", "SpectralDensityResult.nodes")
+        return _padded(self.nodes, math.nan)
+
+    @property
+    def raw_weights(self) -> torch.Tensor:
+        """``(num_runs, m)`` float64 quadrature weights, 0-padded (1.0.0a5; use ``weights``)."""
+        deprecated("SpectralDensityResult.raw_weights", "SpectralDensityResult.weights")
+        return _padded(self.weights, 0.0)
+
+
+def _padded(rows: Sequence[np.ndarray], fill: float) -> torch.Tensor:
+    """Per-run arrays as one ``(runs, max length)`` float64 tensor padded with ``fill``."""
+    width = max(r.size for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        out[i, : r.size] = torch.from_numpy(np.asarray(r, dtype=np.float64))
+    return out
 
 
 def _quadrature_trace(

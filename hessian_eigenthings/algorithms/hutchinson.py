@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings._compat import legacy_keywords
 from hessian_eigenthings.algorithms._calls import ProbeCall
 from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import LongRunOptions, drive, first_non_finite
@@ -35,6 +36,7 @@ __all__ = ["MIN_MATVECS_HUTCHINSON", "hutchinson"]
 MIN_MATVECS_HUTCHINSON = 2
 
 
+@legacy_keywords({"num_samples": "num_matvecs"})
 def hutchinson(
     operator: CurvatureOperator,
     num_matvecs: int = 100,

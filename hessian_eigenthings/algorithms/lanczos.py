@@ -82,6 +82,7 @@ from typing import Any, cast
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings._compat import lanczos_reorthogonalize_none, legacy_keywords
 from hessian_eigenthings.algorithms._calls import SolverCall
 from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
 from hessian_eigenthings.algorithms._records import StopReason
@@ -561,6 +562,7 @@ class _Lanczos(ResumableRun[EigenResult]):
         )
 
 
+@legacy_keywords(translate=lanczos_reorthogonalize_none)
 def lanczos(
     operator: CurvatureOperator,
     k: int = 10,

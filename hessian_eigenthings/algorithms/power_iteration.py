@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings._compat import legacy_keywords, power_iteration_momentum
 from hessian_eigenthings.algorithms._calls import SolverCall
 from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
 from hessian_eigenthings.algorithms._records import StopReason
@@ -82,6 +83,7 @@ def random_unit_vector(
     return v / backend.norm(v)
 
 
+@legacy_keywords({"init": "init_vec"}, power_iteration_momentum)
 def power_iteration_one(
     operator: CurvatureOperator,
     *,
@@ -146,6 +148,7 @@ def power_iteration_one(
     return drive(run, run.config(), call.long_run)
 
 
+@legacy_keywords({"num_eigs": "k"}, power_iteration_momentum)
 def deflated_power_iteration(
     operator: CurvatureOperator,
     k: int = 1,

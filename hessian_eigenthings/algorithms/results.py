@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from hessian_eigenthings.algorithms._display import fmt_list, html_table
 from hessian_eigenthings.algorithms._records import ResultRecord, StopReason
 
 __all__ = ["EigenResult", "StochasticEigenResult", "StopReason"]
@@ -108,6 +109,38 @@ class EigenResult(ResultRecord):
             return "converged" if all(data["converged"]) else "max_iter"
         return super()._decode_field(name, hint, data)
 
+    # -- display (consoles and notebooks) --------------------------------------------------
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(k={self.k}, method={self.method!r}, which={self.which!r}, "
+            f"stop_reason={self.stop_reason!r}, num_matvecs={self.num_matvecs}, "
+            f"eigenvalues={fmt_list(self.eigenvalues.tolist())}, "
+            f"residuals={fmt_list(self.residuals.tolist(), spec='.2e')}, "
+            f"converged={self.converged.tolist()[:6]}{'...' if self.k > 6 else ''})"
+        )
+
+    def _repr_html_(self) -> str:
+        values = self.eigenvalues.tolist()
+        residuals = self.residuals.tolist()
+        rows = [
+            [str(i), f"{lam:.8g}", f"{res:.2e}", f"{res / abs(lam):.2e}" if lam else "inf", str(c)]
+            for i, (lam, res, c) in enumerate(zip(values, residuals, self.converged.tolist()))
+        ]
+        summary = [
+            ("method", self.method or "?"),
+            ("which", self.which),
+            ("tol", "default" if self.tol is None else f"{self.tol:.1e}"),
+            ("converged", f"{int(self.converged.sum())} of {self.k}"),
+            ("stop reason", self.stop_reason or "?"),
+            ("matvecs", str(self.num_matvecs)),
+            ("n", str(int(self.eigenvectors.shape[-1])))
+            if self.eigenvectors.numel()
+            else ("eigenvectors", "not stored"),
+            ("seed", str(self.seed)),
+        ]
+        header = ["i", "eigenvalue", "residual ||Av - lv||", "relative", "converged"]
+        return html_table(type(self).__name__, summary, header, rows)
+
 
 @dataclass
 class StochasticEigenResult(EigenResult):
@@ -129,3 +162,9 @@ class StochasticEigenResult(EigenResult):
     eigenvalue_stderr: torch.Tensor | None = None
     num_samples: int = 0
     momentum: float = 0.0
+
+    def __repr__(self) -> str:  # the dataclass would generate one with every tensor in full
+        std = "" if self.eigenvalue_stderr is None else fmt_list(self.eigenvalue_stderr.tolist())
+        return (
+            f"{super().__repr__()[:-1]}, eigenvalue_stderr={std}, num_samples={self.num_samples})"
+        )

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from typing_extensions import Unpack
 
+from hessian_eigenthings._compat import legacy_keywords, spectral_density_grid_padding
 from hessian_eigenthings.algorithms._density_smoothing import check_scale
 from hessian_eigenthings.algorithms._precision import default_vector_dtype, eps
 from hessian_eigenthings.algorithms._records import StopReason
@@ -62,6 +63,7 @@ __all__ = ["spectral_density"]
 _ZERO_TOL_FACTOR = 100.0
 
 
+@legacy_keywords(translate=spectral_density_grid_padding)
 def spectral_density(
     operator: CurvatureOperator,
     num_runs: int = 10,

@@ -9,11 +9,20 @@ from hessian_eigenthings.loss_fns.huggingface import (
     hf_lm_shifted_ce,
     hf_token_count,
 )
+from hessian_eigenthings.loss_fns.huggingface_seq2seq import (
+    hf_seq2seq_forward,
+    hf_seq2seq_loss,
+    hf_seq2seq_loss_of_output,
+    hf_seq2seq_token_count,
+    hf_seq2seq_token_losses,
+)
 from hessian_eigenthings.loss_fns.standard import (
     cross_entropy_loss_of_output,
     mse_loss_of_output,
     supervised_forward,
     supervised_loss,
+    supervised_loss_of_output,
+    supervised_per_sample_loss,
 )
 from hessian_eigenthings.loss_fns.transformer_lens import (
     tlens_forward,
@@ -36,11 +45,20 @@ __all__ = [
     "hf_lm_loss_of_output",
     "hf_lm_shifted_ce",  # deprecated alias of hf_lm_loss_of_output (warns when called)
     "hf_token_count",
+    # HuggingFace encoder-decoder LMs (labels not shifted, token-count batch weights)
+    "hf_seq2seq_forward",
+    "hf_seq2seq_loss",
+    "hf_seq2seq_loss_of_output",
+    "hf_seq2seq_token_count",
+    "hf_seq2seq_token_losses",
     # TransformerLens HookedTransformer
     "tlens_forward",
     "tlens_loss",
     "tlens_loss_of_output",
     "tlens_token_count",
+    # 1.0.0a5 names (deprecated aliases)
+    "supervised_loss_of_output",
+    "supervised_per_sample_loss",
     # fused cross-entropy HVP kernels and the chunked linear-head GGN product
     "fused_ce_hvp",
     "linear_ce_ggn_product",

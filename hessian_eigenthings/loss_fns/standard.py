@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hessian_eigenthings._compat import deprecated
 from hessian_eigenthings.loss_fns.base import LOSS_FN, LOSS_OF_OUTPUT, LossOfOutput, factory_of
+from hessian_eigenthings.loss_fns.single_sample import SingleSampleLoss
 
 __all__ = [
     "TargetSpec",
@@ -43,6 +45,9 @@ __all__ = [
     "mse_loss_of_output",
     "supervised_forward",
     "supervised_loss",
+    # 1.0.0a5 names (deprecated aliases)
+    "supervised_loss_of_output",
+    "supervised_per_sample_loss",
 ]
 
 TargetSpec = int | str | Callable[[Any], torch.Tensor] | None
@@ -413,3 +418,96 @@ def supervised_loss(criterion: Callable[..., torch.Tensor]) -> Callable[[nn.Modu
         f"supervised_loss({getattr(criterion, '__name__', type(criterion).__name__)})"
     )
     return loss_fn
+
+
+# -- 1.0.0a5 names (deprecated aliases) ------------------------------------------------------
+def _closed_form_of(criterion: Any) -> LossOfOutput | None:
+    """The closed-form loss of output equal to a known ``torch.nn`` criterion, if any."""
+    if isinstance(criterion, LossOfOutput):
+        return criterion
+    if criterion is F.cross_entropy:
+        return cross_entropy_loss_of_output()
+    if criterion is F.mse_loss:
+        return mse_loss_of_output()
+    if isinstance(criterion, nn.CrossEntropyLoss):
+        return cross_entropy_loss_of_output(
+            ignore_index=criterion.ignore_index,
+            reduction=criterion.reduction,
+            label_smoothing=criterion.label_smoothing,
+            weight=criterion.weight,
+        )
+    if isinstance(criterion, nn.MSELoss):
+        return mse_loss_of_output(criterion.reduction)
+    return None
+
+
+def _autograd_output_hvp(
+    fn: Callable[[torch.Tensor, Any], torch.Tensor],
+) -> Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor]:
+    """``H_loss u`` of any loss of output by double backward through the loss only."""
+
+    def hvp(output: torch.Tensor, batch: Any, u: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            o = output.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(fn(o, batch), o, create_graph=True)
+            if not g.requires_grad:  # the loss is linear in the output
+                return torch.zeros_like(u)
+            (hu,) = torch.autograd.grad(g, o, grad_outputs=u)
+        return hu
+
+    return hvp
+
+
+def supervised_loss_of_output(criterion: Callable[..., torch.Tensor]) -> LossOfOutput:
+    """``(output, batch) -> criterion(output, batch[1])`` for ``(x, y)`` batches (1.0.0a5).
+
+    Deprecated: use :func:`cross_entropy_loss_of_output` / :func:`mse_loss_of_output`.
+    ``nn.CrossEntropyLoss`` / ``nn.MSELoss`` modules (and ``F.cross_entropy`` /
+    ``F.mse_loss``) are translated to them, so the GGN gets their closed-form Hessian and
+    their exact batch weights (non-ignored targets, elements). Any other criterion gets an
+    ``.hvp`` by double backward through the loss alone (exact; what 1.0.0a5 computed),
+    and batches weighted by their number of samples.
+    """
+    deprecated(
+        "supervised_loss_of_output(criterion)",
+        "cross_entropy_loss_of_output() or mse_loss_of_output() (closed-form loss Hessian), "
+        "or loss_of_output(fn, hvp=...) for another criterion",
+    )
+    if not callable(criterion):
+        raise TypeError(f"criterion must be callable, got {type(criterion).__name__}.")
+    known = _closed_form_of(criterion)
+    if known is not None:
+        return known
+
+    def fn(output: torch.Tensor, batch: Any) -> torch.Tensor:
+        return criterion(output, get_target(batch))
+
+    name = getattr(criterion, "__name__", type(criterion).__name__)
+    return LossOfOutput(fn, _autograd_output_hvp(fn), name=f"supervised_loss_of_output({name})")
+
+
+def supervised_per_sample_loss(criterion: Callable[..., torch.Tensor]) -> SingleSampleLoss:
+    """The loss of one un-batched ``(x, y)`` sample (1.0.0a5's empirical-Fisher interface).
+
+    ``fn(model, (x, y)) = criterion(model(x[None])[0], y)``. Passed to
+    :class:`~hessian_eigenthings.operators.fisher.EmpiricalFisherOperator`, it is evaluated
+    on every sample of a batch at once by ``torch.func.vmap``.
+
+    Deprecated: give the operator the batch's per-sample losses directly,
+    ``supervised_loss(nn.CrossEntropyLoss(reduction="none"))``.
+    """
+    deprecated(
+        "supervised_per_sample_loss(criterion)",
+        "supervised_loss(<criterion with reduction='none'>), e.g. "
+        "supervised_loss(nn.CrossEntropyLoss(reduction='none')), as EmpiricalFisherOperator's "
+        "loss_fn",
+    )
+    if not callable(criterion):
+        raise TypeError(f"criterion must be callable, got {type(criterion).__name__}.")
+
+    def one_sample(model: nn.Module, sample: Any) -> torch.Tensor:
+        x, y = sample[0], sample[1]
+        return criterion(model(x.unsqueeze(0)).squeeze(0), y)
+
+    one_sample.__name__ = getattr(criterion, "__name__", type(criterion).__name__)
+    return SingleSampleLoss(one_sample)

@@ -2,6 +2,7 @@
 
 from hessian_eigenthings.operators.base import CurvatureOperator
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
+from hessian_eigenthings.operators.distributed import DDPHessianOperator
 from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
 from hessian_eigenthings.operators.ggn import GGNOperator
 from hessian_eigenthings.operators.hessian import HessianOperator
@@ -17,4 +18,6 @@ __all__ = [
     "LambdaOperator",
     "MCFisherOperator",
     "OutputCurvatureOperator",
+    # also under operators.distributed (the 1.0.0a5 manual's "Module Exports" list it here)
+    "DDPHessianOperator",
 ]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hessian_eigenthings._compat import deprecated
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 
@@ -205,3 +206,38 @@ class CurvatureOperator(ABC):
             f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, "
             f"device={self.device}, symmetric={self.symmetric}, psd={self.psd})"
         )
+
+    # -- 1.0.0a5 call styles -------------------------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Accept 1.0.0a5 subclasses, which overrode ``matvec`` instead of ``_matvec``."""
+        super().__init_subclass__(**kwargs)
+        if "matvec" in cls.__dict__ and cls._matvec is CurvatureOperator.__dict__["_matvec"]:
+            cls._matvec = cls.__dict__["matvec"]  # type: ignore[method-assign]
+            deprecated(
+                f"{cls.__name__} overriding CurvatureOperator.matvec",
+                "an override of _matvec (the public matvec validates the vector, then calls it)",
+                stacklevel=4,  # deprecated <- __init_subclass__ <- ABCMeta.__new__ <- class
+            )
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """``A v`` (1.0.0a5 call style ``op(v)``)."""
+        deprecated(
+            f"{type(self).__name__}(v) (calling an operator)",
+            "op.matvec(v) or op @ v",
+            stacklevel=3,
+        )
+        return self.matvec(v)
+
+    def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A^T v`` of a symmetric operator, i.e. ``A v`` (1.0.0a5)."""
+        deprecated(
+            f"{type(self).__name__}.rmatvec(v)",
+            "op.matvec(v) (the operator is symmetric)",
+            stacklevel=3,
+        )
+        if not self.symmetric:
+            raise ValueError(
+                f"{type(self).__name__} is not symmetric, so rmatvec(v) is not matvec(v); this "
+                "library defines only A v for such operators."
+            )
+        return self.matvec(v)

@@ -35,6 +35,7 @@ from torch import nn
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 from hessian_eigenthings.errors import NonFiniteError
+from hessian_eigenthings.operators._aliasing import check_disjoint_for_finite_differences
 from hessian_eigenthings.operators._autodiff_safety import curvature_mode
 from hessian_eigenthings.operators._data import BatchSource, Piece, WeightFn, leading_dim
 from hessian_eigenthings.operators._guard import preserve_model_state
@@ -137,6 +138,9 @@ class DataCurvatureOperator(CurvatureOperator):
                 f"Selected parameters live on several devices {sorted(map(str, devices))}; "
                 "a data operator needs them on one device (or use a distributed operator)."
             )
+        check_disjoint_for_finite_differences(
+            self.named_params, self._snapshot_params(), type(self).__name__
+        )
         self.source = BatchSource(
             dataloader,
             full_dataset=full_dataset,

@@ -39,7 +39,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hessian_eigenthings._compat import legacy_keywords
 from hessian_eigenthings.backends.base import fresh_seed
+from hessian_eigenthings.loss_fns.single_sample import legacy_fisher_loss
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators.data_operator import DataOptions
 from hessian_eigenthings.operators.output_curvature import OutputCurvatureOperator, OutputFn
@@ -80,8 +82,9 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
             ``weight_fn``, ``check_determinism``, ``backend``); ``weight_fn`` defaults to
-            the batch's leading dimension and must equal the number of losses
-            ``loss_fn`` returns.
+            ``loss_fn.batch_weight`` if the loss has one (per-token losses: the token
+            count), else the batch's leading dimension, and must equal the number of
+            losses ``loss_fn`` returns.
 
     Example:
         >>> from hessian_eigenthings.loss_fns.standard import supervised_loss
@@ -93,6 +96,7 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
         8
     """
 
+    @legacy_keywords(translate=legacy_fisher_loss)
     def __init__(
         self,
         model: nn.Module,
@@ -105,7 +109,14 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
     ) -> None:
         self.loss_fn = loss_fn
         super().__init__(
-            model, dataloader, loss_fn, what="loss_fn", jvp=jvp, fd_eps=fd_eps, **options
+            model,
+            dataloader,
+            loss_fn,
+            what="loss_fn",
+            jvp=jvp,
+            fd_eps=fd_eps,
+            loss_for_weights=loss_fn,
+            **options,
         )
 
     def _output(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -239,11 +250,15 @@ class MCFisherOperator(OutputCurvatureOperator):
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         return self._output(self.model, batch).detach().double().sum()
 
+    def _label_seed(self, piece: Piece) -> tuple[int, int, int]:
+        """What seeds the labels of ``piece``: ``(seed, batch index, microbatch index)``."""
+        return (self.seed, piece.batch_index, piece.microbatch_index)
+
     def _output_product(self, out: torch.Tensor, piece: Piece, u: torch.Tensor) -> torch.Tensor:
         """``(1/R) (1/S) sum_s r_s <r_s, u>`` per row, for the batch's fixed labels."""
         # the labels of (batch b, microbatch m) are the same draw in every product
         gen = torch.Generator(device=out.device)
-        gen.manual_seed(_mix_seed(self.seed, piece.batch_index, piece.microbatch_index))
+        gen.manual_seed(_mix_seed(*self._label_seed(piece)))
         cdt = torch.promote_types(out.dtype, torch.float32)
         s_count = self.num_samples
         if self.likelihood == "gaussian":

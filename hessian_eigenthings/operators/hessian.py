@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hessian_eigenthings._compat import legacy_keywords, microbatch_unsafe_flag
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps, perturbed_pair
 from hessian_eigenthings.operators._user_fns import check_callable, check_scalar_loss
@@ -65,6 +66,7 @@ class HessianOperator(DataCurvatureOperator):
         4
     """
 
+    @legacy_keywords(translate=microbatch_unsafe_flag)
     def __init__(
         self,
         model: nn.Module,

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from hessian_eigenthings._compat import lambda_operator_positional, legacy_keywords
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -33,6 +34,7 @@ class LambdaOperator(CurvatureOperator):
         tensor([1., 2., 3., 4., 5.])
     """
 
+    @legacy_keywords({"matvec": "matvec_fn"}, lambda_operator_positional)
     def __init__(
         self,
         matvec_fn: Callable[[torch.Tensor], torch.Tensor],

@@ -6,6 +6,7 @@ from hessian_eigenthings.operators.distributed.ddp import (
     DDPEmpiricalFisherOperator,
     DDPGGNOperator,
     DDPHessianOperator,
+    DDPMCFisherOperator,
 )
 from hessian_eigenthings.operators.distributed.sharded import ShardedHessianOperator
 
@@ -15,6 +16,7 @@ __all__: list[str] = [
     "DDPEmpiricalFisherOperator",
     "DDPGGNOperator",
     "DDPHessianOperator",
+    "DDPMCFisherOperator",
     # parameters sharded with FSDP2
     "ShardedHessianOperator",
 ]

@@ -20,6 +20,7 @@ from hessian_eigenthings.backends.distributed import collective_device
 __all__ = [
     "agree_on_build",
     "any_across_ranks",
+    "gather_ints",
     "gather_objects",
     "raise_on_every_rank",
     "require_process_group",
@@ -63,6 +64,11 @@ def gather_objects(obj: Any, group: ProcessGroup) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def gather_ints(row: list[int], group: ProcessGroup, device: torch.device) -> list[list[int]]:
+    """Every rank's list of ints (same length on every rank), in group rank order."""
+    return _gather_rows(row, group, device)
 
 
 def _gather_rows(row: list[int], group: ProcessGroup, device: torch.device) -> list[list[int]]:

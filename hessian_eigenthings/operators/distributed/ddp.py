@@ -39,18 +39,21 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hessian_eigenthings._deprecation import renamed_attributes
 from hessian_eigenthings.backends.distributed import ReplicatedBackend
+from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
 from hessian_eigenthings.operators.distributed._collectives import (
     agree_on_build,
+    gather_ints,
     require_process_group,
     sum_across_ranks,
 )
-from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator
+from hessian_eigenthings.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
 from hessian_eigenthings.operators.ggn import GGNOperator
 from hessian_eigenthings.operators.hessian import HessianOperator
 
@@ -59,6 +62,7 @@ __all__ = [
     "DDPEmpiricalFisherOperator",
     "DDPGGNOperator",
     "DDPHessianOperator",
+    "DDPMCFisherOperator",
     "unwrap_ddp",
 ]
 
@@ -90,10 +94,9 @@ class DDPCurvatureOperator(DataCurvatureOperator):
     on every rank. If every rank holds only empty batches the total weight is zero and
     the product is the zero vector.
 
-    Not provided: a DDP ``MCFisherOperator``. The base applies mechanically, but that
-    operator seeds its label draws by ``(seed, batch index, microbatch index)``, so with
-    an int seed all ranks would reuse the same random streams on different data, and
-    the result would not equal the single-process operator on the union.
+    :class:`DDPMCFisherOperator` adds what the Monte-Carlo Fisher needs on top: its label
+    draws are seeded by ``(seed, batch index, microbatch index)``, so the ranks agree on
+    the seed and number their batches globally.
 
     Precision: the weight travels in the buffer's dtype (the vector dtype, at least
     float32), exact up to :math:`2^{24}` samples in float32 and :math:`2^{53}` in
@@ -227,6 +230,49 @@ class DDPEmpiricalFisherOperator(DDPCurvatureOperator, EmpiricalFisherOperator):
     ``process_group``. ``N`` counts the samples of all ranks; one ``all_reduce`` of
     ``size + 1`` entries per matvec.
     """
+
+
+class DDPMCFisherOperator(DDPCurvatureOperator, MCFisherOperator):
+    r"""Monte-Carlo Fisher over the union of every rank's shard.
+
+    Takes every argument of :class:`~hessian_eigenthings.operators.fisher.MCFisherOperator`
+    (``model, dataloader, forward_fn``, then keyword options) plus ``process_group``.
+    The labels of global batch ``g`` and microbatch ``m`` are drawn from a generator seeded
+    by ``(seed, g, m)``, exactly as the single-process operator does on the union of the
+    shards (rank 0's batches first, then rank 1's, ...), so the two are the same matrix:
+
+    .. math::
+
+        \hat F v = \frac{1}{W} \sum_r \sum_{b \in B_r} w_b \, \frac{1}{R_b}
+        \sum_{i \in b} J_i^\top \Big( \frac{1}{S} \sum_{s=1}^{S} r_{is}
+        \langle r_{is}, J_i v \rangle \Big),
+
+    with one ``all_reduce`` of ``size + 1`` entries per matvec. Construction adds one
+    ``all_gather`` of two integers per rank: rank 0's seed (so ``seed=None`` and seeds
+    that differ between ranks agree) and each rank's number of batches (the global index
+    of its first batch), for which every rank iterates its loader once (``len(loader)`` is
+    not trusted: ``num_batches`` and loaders without a length must count the same way).
+    With ``full_dataset=False`` each rank numbers its stream from its own offset, so ranks
+    never share a label stream.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *args: Any,
+        process_group: ProcessGroup = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, *args, process_group=process_group, **kwargs)
+        local = sum(1 for _ in self.source._full_pass())
+        self.source.batch_index = -1
+        rows = gather_ints([self.seed, local], self.process_group, self.device)
+        rank = dist.get_rank(self.process_group)
+        self.seed = rows[0][0]
+        self.batch_offset = sum(row[1] for row in rows[:rank])
+
+    def _label_seed(self, piece: Piece) -> tuple[int, int, int]:
+        return (self.seed, self.batch_offset + piece.batch_index, piece.microbatch_index)
 
 
 __getattr__ = renamed_attributes(

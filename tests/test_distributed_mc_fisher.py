@@ -1,0 +1,92 @@
+"""The DDP Monte-Carlo Fisher on 2 gloo ranks (CPU) equals the single-process operator.
+
+One job of two processes (tests/dist_worker_mc_fisher.py) runs every scenario; each test
+asserts one property. Shards are uneven (7 samples in 2 batches on rank 0, 5 in 1 on rank
+1); the oracle is the single-process MCFisherOperator on the union with the same seed,
+which draws the same labels for every (global batch, microbatch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+
+from tests.test_distributed import REPO, TIMEOUT_S, WORLD, _free_port, _scenario
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
+]
+
+NAMES = ["categorical", "categorical_fresh_seed_microbatches", "gaussian"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("dist_mc_fisher")
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.dist_worker_mc_fisher", str(out)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"distributed worker job did not finish within {TIMEOUT_S} s (a hang)")
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank][-4000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_mc_fisher_equals_single_process_on_union(
+    results: list[dict[str, Any]], name: str
+) -> None:
+    per_rank = _scenario(results, name)
+    for res in per_rank:
+        assert res["rel_vs_single"] <= 1e-12
+        assert res["rel_block_vs_single"] <= 1e-12
+        assert res["rel_repeat"] <= 1e-14  # a fixed matrix: the same labels every product
+        assert res["rel_other_seed"] > 1e-3  # the check discriminates: other labels differ
+        assert res["same_on_all_ranks"] and res["seed_same_on_all_ranks"]
+        assert res["model_unchanged"]
+    assert [r["batch_offset"] for r in per_rank] == [0, 2]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_mc_fisher_matvec_is_one_all_reduce_of_size_plus_one(
+    results: list[dict[str, Any]], name: str
+) -> None:
+    for res in _scenario(results, name):
+        assert res["python_all_reduce"] == 1
+        assert [(c["name"], c["numel"]) for c in res["gloo"]] == [
+            ("gloo:all_reduce", res["size"] + 1)
+        ]
