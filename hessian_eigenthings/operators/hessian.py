@@ -10,7 +10,7 @@ from torch import nn
 
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps, perturbed_pair
-from hessian_eigenthings.operators._user_fns import check_callable, check_scalar_loss
+from hessian_eigenthings.operators._user_fns import check_callable, check_graph, check_scalar_loss
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, DataOptions
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class HessianOperator(DataCurvatureOperator):
         4
     """
 
+    _probe_is_mean_loss = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -93,6 +95,9 @@ class HessianOperator(DataCurvatureOperator):
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         return self._loss(batch).detach()
+
+    def _graph_probe(self, batch: Any) -> None:
+        check_graph(self._loss(batch), "loss_fn", "a loss")
 
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
         return self.params if self.method == "finite_difference" else ()
