@@ -157,11 +157,12 @@ class CurvatureOperator(ABC):
         """``fn`` on ``v`` scaled to ``max |v| ~ 1`` in the operator's dtype, scaled back."""
         with self._product_mode():
             whole = self.local_size == self.size
+            x = v.detach()  # products are not differentiated with respect to the vector
             if whole:
-                h1, h2 = _scale_exponents(v)
-                x = v * _pow2(-h1, v.dtype) * _pow2(-h2, v.dtype)
-            else:
-                x = v.clone() if v.is_inference() else v
+                h1, h2 = _scale_exponents(x)
+                x = x * _pow2(-h1, v.dtype) * _pow2(-h2, v.dtype)
+            elif x.is_inference():
+                x = x.clone()
             try:
                 out = fn(x.to(self.dtype) if x.dtype != self.dtype else x)
             except NonFiniteError as err:

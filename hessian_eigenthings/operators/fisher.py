@@ -47,6 +47,7 @@ from hessian_eigenthings.operators._fingerprint import (
     sample_keys,
     uniforms,
 )
+from hessian_eigenthings.operators._user_fns import check_graph
 from hessian_eigenthings.operators.data_operator import DataOptions
 from hessian_eigenthings.operators.output_curvature import OutputCurvatureOperator, OutputFn
 
@@ -276,6 +277,18 @@ class MCFisherOperator(OutputCurvatureOperator):
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         return self._output(self.model, batch).detach().double().sum()
+
+    def _graph_probe(self, batch: Any) -> None:
+        out = self._output(self.model, batch)
+        check_graph(out, self._what, "an output")
+        if self.likelihood == "categorical":
+            dims = out.dim()
+            if not -dims <= self.class_dim < dims or dims == 0:
+                raise ValueError(
+                    f"class_dim={self.class_dim} is not a dimension of the logits, which have "
+                    f"{dims} dimension(s) (valid: {-dims}..{dims - 1}). Pass the dimension of "
+                    "the classes (1 for (B, C) logits, -1 for (B, T, V) language-model logits)."
+                )
 
     def _output_product(self, out: torch.Tensor, piece: Piece, u: torch.Tensor) -> torch.Tensor:
         """``(1/R) (1/S) sum_s r_s <r_s, u>`` per row, for the samples' fixed labels."""
