@@ -269,21 +269,21 @@ class BatchSource:
         verify = self._passes is not None
         total: torch.Tensor | None = None
         count = 0
-        try:
-            self._where = "starting a pass over the dataloader"
-            it = iter(self._iterable())
-            while self.num_batches is None or count < self.num_batches:
-                batch = self._fetch(it, count)
-                if batch is _EMPTY:
-                    break
-                self.batch_index = count
-                count += 1
-                if verify:
-                    fp = pass_fingerprint(batch)
-                    total = fp if total is None else total + fp.to(total.device)
-                yield batch
-        finally:
-            self._where = None
+        # ``_where`` stays set if the pass is abandoned by an exception: the product's
+        # guard reads it after this generator was closed
+        self._where = "starting a pass over the dataloader"
+        it = iter(self._iterable())
+        while self.num_batches is None or count < self.num_batches:
+            batch = self._fetch(it, count)
+            if batch is _EMPTY:
+                break
+            self.batch_index = count
+            count += 1
+            if verify:
+                fp = pass_fingerprint(batch)
+                total = fp if total is None else total + fp.to(total.device)
+            yield batch
+        self._where = None
         if count == 0:
             raise ValueError(
                 "dataloader yielded no batch on this pass, though it yielded batches at "
