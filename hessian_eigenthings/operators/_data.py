@@ -266,8 +266,6 @@ class BatchSource:
         return batch
 
     def _full_pass(self) -> Iterator[Any]:
-        verify = self._passes is not None
-        total: torch.Tensor | None = None
         count = 0
         # ``_where`` stays set if the pass is abandoned by an exception: the product's
         # guard reads it after this generator was closed
@@ -279,9 +277,6 @@ class BatchSource:
                 break
             self.batch_index = count
             count += 1
-            if verify:
-                fp = pass_fingerprint(batch)
-                total = fp if total is None else total + fp.to(total.device)
             yield batch
         self._where = None
         if count == 0:
@@ -290,8 +285,6 @@ class BatchSource:
                 "construction: it can be iterated only once or ran dry. Pass a list, a "
                 "DataLoader, or a zero-argument function returning a fresh iterable."
             )
-        if verify and total is not None:
-            self._record_pass(total)
 
     def _record_pass(self, total: torch.Tensor) -> None:
         """Compare the samples of the first two passes (one host read, once)."""
@@ -327,9 +320,19 @@ class BatchSource:
 
     def batches(self) -> Iterator[Any]:
         """Batches (on the device) that one matvec averages over."""
-        raw = self._full_pass() if self.full_dataset else iter([self._next_stochastic()])
-        for batch in raw:
-            yield move_to_device(batch, self.device)
+        if not self.full_dataset:
+            yield move_to_device(self._next_stochastic(), self.device)
+            return
+        verify = self._passes is not None
+        total: torch.Tensor | None = None
+        for batch in self._full_pass():
+            moved = move_to_device(batch, self.device)
+            if verify:  # hashed on the device, during the first two passes only
+                fp = pass_fingerprint(moved)
+                total = fp if total is None else total + fp.to(total.device)
+            yield moved
+        if total is not None:
+            self._record_pass(total)
 
     def microbatches(self, batch: Any) -> list[Any]:
         """``batch`` split by ``microbatch_size`` (or ``[batch]``)."""

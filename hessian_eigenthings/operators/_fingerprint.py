@@ -82,11 +82,18 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8).to(torch.int64)
 
 
+# Rows hashed at once: temporaries of at most this many int64 words (64 MiB) each.
+_CHUNK_WORDS = 1 << 23
+
+
 def _content_hash(t: torch.Tensor, n: int) -> torch.Tensor:
     """``(n,)`` hashes of the rows ``t[i]``, each element mixed with its position."""
-    words = _words(t).reshape(n, -1)
-    position = torch.arange(words.shape[1], device=words.device, dtype=torch.int64)
-    return _fmix32(_mix(words, position).sum(1) & _M32)
+    rows = t.reshape(n, -1)
+    width = rows.shape[1]
+    position = torch.arange(width, device=t.device, dtype=torch.int64)
+    step = max(1, _CHUNK_WORDS // max(width, 1))
+    sums = [_mix(_words(rows[i : i + step]), position).sum(1) & _M32 for i in range(0, n, step)]
+    return _fmix32(sums[0] if len(sums) == 1 else torch.cat(sums))
 
 
 def sample_keys(batch: Any, n: int) -> torch.Tensor | None:
@@ -130,6 +137,17 @@ def pass_fingerprint(batch: Any) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64) if total is None else total
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its width (no copy): NaN payloads compare equal."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if not t.is_floating_point():
+        return t
+    return t.view(
+        {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()]
+    )
+
+
 def same_batch(a: Any, b: Any) -> bool:
     """Whether two batches hold the same structure and bit-identical tensors (host read)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -137,7 +155,7 @@ def same_batch(a: Any, b: Any) -> bool:
             return False
         if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
             return False
-        return bool(torch.equal(_words(a), _words(b)))
+        return bool(torch.equal(_bits(a), _bits(b)))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return list(a) == list(b) and all(same_batch(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):

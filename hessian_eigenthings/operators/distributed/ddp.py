@@ -90,10 +90,9 @@ class DDPCurvatureOperator(DataCurvatureOperator):
     on every rank. If every rank holds only empty batches the total weight is zero and
     the product is the zero vector.
 
-    Not provided: a DDP ``MCFisherOperator``. The base applies mechanically, but that
-    operator seeds its label draws by ``(seed, batch index, microbatch index)``, so with
-    an int seed all ranks would reuse the same random streams on different data, and
-    the result would not equal the single-process operator on the union.
+    Not provided: a DDP ``MCFisherOperator``. Its labels are keyed by the seed and each
+    sample's contents, so the base would apply mechanically (ranks agreeing on the seed);
+    it is not enrolled or tested here.
 
     Precision: the weight travels in the buffer's dtype (the vector dtype, at least
     float32), exact up to :math:`2^{24}` samples in float32 and :math:`2^{53}` in
