@@ -437,3 +437,45 @@ def test_failed_write_carries_the_partial_result_and_names_the_path(
     resumed = lanczos(_op(), k=3, seed=0, tol=1e-14, checkpoint=path, checkpoint_every=4)
     whole = lanczos(_op(), k=3, seed=0, tol=1e-14)
     assert torch.equal(resumed.eigenvalues, whole.eigenvalues)
+
+
+# -- on a GPU --------------------------------------------------------------------------------
+
+
+class ScatterModel(nn.Module):
+    """Sums features into buckets with ``index_add_`` (atomics on CUDA: last-bit noise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 64)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x)).reshape(-1)
+        index = torch.arange(h.numel(), device=h.device) % (8 * x.shape[0])
+        buckets = torch.zeros(8 * x.shape[0], device=h.device).index_add_(0, index, h)
+        return self.head(buckets.reshape(x.shape[0], 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_reduction_noise_passes_the_probe_and_products_do_not_sync() -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(4096, 3, generator=g).cuda(), torch.randint(0, 2, (4096,), generator=g).cuda())
+        for _ in range(2)
+    ]
+    op = HessianOperator(ScatterModel().cuda(), batches, ce)  # no "loss differs"
+    v = torch.randn(op.size, device="cuda")
+    first, second = op.matvec(v), op.matvec(v)
+    assert rel_err(first, second) <= 1e-4
+    lam = LambdaOperator(lambda x: 3.0 * x, 1000, device="cuda")
+    x = torch.randn(1000, device="cuda") * 1e-42
+    lam.matvec(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = lam.matvec(x)  # the vector's scaling reads nothing on the host
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (out.double() - 3.0 * x.double()).abs().max() <= 2.0**-148  # one subnormal ulp
