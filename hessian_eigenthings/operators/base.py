@@ -4,13 +4,16 @@ Every algorithm in the library consumes a :class:`CurvatureOperator`. The public
 :meth:`CurvatureOperator.matvec` validates its argument (shape, dtype, device) and
 normalises precision; subclasses implement the private :meth:`_matvec` only.
 
-Because the operator is linear, ``matvec`` also normalises the *scale* of the vector:
-``A v = 2^e A (2^{-e} v)`` with ``2^e`` the power of two nearest above ``max |v_i|``
-(per column for a block), computed on the device without a host read. Multiplying by a
-power of two is exact, so vectors of ordinary size give bit-identical products, and
-subnormal or huge vectors (``|v| ~ 1e-42`` in float32) no longer underflow or overflow
-inside the product. Operators whose vectors are split across ranks skip it (the scale
-would need a collective).
+Because the operator is linear, ``matvec`` also normalises the *scale* of tiny or huge
+vectors: ``A v = 2^e A (2^{-e} v)`` with ``2^e`` the power of two nearest above
+``max |v_i|`` (per column for a block), when that lies outside ``[2^-b, 2^b]`` for a
+quarter ``b`` of the exponent range of the operator's dtype (31 for float32 and
+bfloat16, 255 for float64, 3 for float16); other vectors are passed as they are. It is
+computed on the device without a host read, and multiplying by a power of two is
+exact, so subnormal or huge vectors (``|v| ~ 1e-42`` in float32) no longer underflow or
+overflow inside the product. The subclass always gets a private copy of the vector.
+Operators whose vectors are split across ranks skip the scaling (it would need a
+collective).
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ def _precision_rank(dtype: torch.dtype) -> int:
     return round(-math.log2(torch.finfo(dtype).eps))
 
 
+@functools.cache
+def _exponent_bound(dtype: torch.dtype) -> int:
+    """A quarter of the binary exponent range of ``dtype`` (31 for float32, 255 for float64)."""
+    return int(math.log2(torch.finfo(dtype).max)) // 4
+
+
 def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``2.0 ** k`` exactly, built from the exponent bits (``k`` within the normal range)."""
     if dtype == torch.float64:
@@ -47,15 +56,17 @@ def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((k.to(torch.int32) + 127) << 23).view(torch.float32).to(dtype)
 
 
-def _scale_exponents(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h1, h2)`` with ``2^(h1 + h2)`` just above ``max |v|`` (per column), 0 if not finite.
+def _scale_exponents(v: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h1, h2)`` with ``2^(h1 + h2)`` just above ``max |v|`` (per column).
 
-    The exponent is split in two halves so that each power of two is a normal number
-    of ``v``'s dtype even for the extreme exponents of subnormal or huge vectors.
+    Zero where ``max |v|`` is within ``[2^-bound, 2^bound]`` or not finite. The exponent
+    is split in two halves so that each power of two is a normal number of ``v``'s
+    dtype even for the extreme exponents of subnormal or huge vectors.
     """
     amax = v.abs().amax(dim=0)
     e = torch.frexp(amax).exponent
-    e = torch.where(torch.isfinite(amax) & (amax > 0), e, torch.zeros_like(e))
+    scale = torch.isfinite(amax) & (amax > 0) & ((e > bound) | (e < -bound))
+    e = torch.where(scale, e, torch.zeros_like(e))
     h1 = torch.div(e, 2, rounding_mode="floor")
     return h1, e - h1
 
@@ -159,7 +170,7 @@ class CurvatureOperator(ABC):
             whole = self.local_size == self.size
             x = v.detach()  # products are not differentiated with respect to the vector
             if whole:
-                h1, h2 = _scale_exponents(x)
+                h1, h2 = _scale_exponents(x, _exponent_bound(self.dtype))
                 x = x * _pow2(-h1, v.dtype) * _pow2(-h2, v.dtype)
             elif x.is_inference():
                 x = x.clone()
