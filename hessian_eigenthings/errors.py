@@ -2,14 +2,21 @@
 
 Every error says what was expected, what was found, and how to fix it. A
 :class:`NonFiniteError` raised by an algorithm carries the results computed before the
-bad product (``err.partial``), with honest ``converged`` flags.
+bad product (``err.partial``), with honest ``converged`` flags; so does a
+:class:`CheckpointWriteError` raised when a checkpoint cannot be written during a run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CheckpointError", "CheckpointMismatchError", "CorruptCheckpointError", "NonFiniteError"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "NonFiniteError",
+]
 
 
 class NonFiniteError(FloatingPointError, ValueError):
@@ -59,3 +66,22 @@ class CheckpointMismatchError(CheckpointError):
 
 class CorruptCheckpointError(CheckpointError):
     """The checkpoint file is truncated, corrupt or not a checkpoint of this library."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """The checkpoint file cannot be written (an unwritable location, a full disk).
+
+    Raised before the first product when the location is not writable (then
+    ``partial`` is ``None``), or when a write fails during the run: then ``partial``
+    holds the run's result from the products made so far, with
+    ``stop_reason="checkpoint_failed"`` and honest ``converged`` flags.
+
+    Attributes:
+        path: The checkpoint path as given.
+        partial: The partial result, or ``None``.
+    """
+
+    def __init__(self, message: str, *, path: str, partial: Any = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.partial = partial

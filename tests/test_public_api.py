@@ -55,6 +55,7 @@ TOP_LEVEL = [
     "LanczosTridiag",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "NonFiniteError",
     "LossOfOutput",

@@ -31,6 +31,7 @@ from hessian_eigenthings.algorithms.xtrace import xtrace
 from hessian_eigenthings.errors import (
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     NonFiniteError,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "LongRunOptions",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "NonFiniteError",
 ]

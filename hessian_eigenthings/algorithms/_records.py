@@ -20,20 +20,28 @@ import torch
 __all__ = ["ResultRecord", "StopReason"]
 
 StopReason = Literal[
-    "converged", "max_iter", "exhausted", "completed", "time_limit", "non_finite", ""
+    "converged",
+    "max_iter",
+    "exhausted",
+    "completed",
+    "time_limit",
+    "non_finite",
+    "checkpoint_failed",
+    "",
 ]
 """Why a run stopped, the same words for every algorithm:
 
-============== =================================================================
-``converged``  an eigensolver stopped because every pair met its tolerance
-``max_iter``   an eigensolver spent its matvec budget (``converged`` says which
-               pairs met the tolerance anyway)
-``exhausted``  Lanczos: the basis spans the whole space (the pairs are exact)
-``completed``  an estimator spent its planned budget (trace, diagonal, SLQ)
-``time_limit`` ``time_limit=`` stopped the call: a partial result
-``non_finite`` the partial result carried by a ``NonFiniteError``
-``""``         not recorded (results built by hand or derived from others)
-============== =================================================================
+===================== ==========================================================
+``converged``         an eigensolver stopped because every pair met its tolerance
+``max_iter``          an eigensolver spent its matvec budget (``converged`` says
+                      which pairs met the tolerance anyway)
+``exhausted``         Lanczos: the basis spans the whole space (the pairs are exact)
+``completed``         an estimator spent its planned budget (trace, diagonal, SLQ)
+``time_limit``        ``time_limit=`` stopped the call: a partial result
+``non_finite``        the partial result carried by a ``NonFiniteError``
+``checkpoint_failed`` the partial result carried by a ``CheckpointWriteError``
+``""``                not recorded (results built by hand or derived from others)
+===================== ==========================================================
 """
 
 R = TypeVar("R", bound="ResultRecord")

@@ -17,6 +17,10 @@ are, and what its state is. :func:`drive` does the rest, identically for all of 
 
 Policies (the same for every algorithm):
 
+* **Checkpoint writes that fail.** The location is tested before the first product; a
+  write that fails later raises
+  :class:`~hessian_eigenthings.errors.CheckpointWriteError` naming the path, with the
+  run's partial result (``stop_reason="checkpoint_failed"``) as ``err.partial``.
 * **Checkpoint deletion.** A run that completes deletes its checkpoint; a run stopped by
   its time limit writes it and keeps it, so calling again continues. A run that raises
   (a :class:`~hessian_eigenthings.errors.NonFiniteError`, an interrupt, an operator's
@@ -57,7 +61,7 @@ from hessian_eigenthings.algorithms.checkpoint import (
     restore_generator,
 )
 from hessian_eigenthings.backends.base import LinAlgBackend, seeded_generator
-from hessian_eigenthings.errors import NonFiniteError
+from hessian_eigenthings.errors import CheckpointWriteError, NonFiniteError
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = [
@@ -325,6 +329,8 @@ def drive(run: ResumableRun[R], config: dict[str, Any], options: LongRun | None 
     Raises:
         NonFiniteError: A product was inf/nan (``err.partial``: ``run.partial``).
         CheckpointMismatchError, CorruptCheckpointError: The checkpoint cannot be used.
+        CheckpointWriteError: The checkpoint location is not writable (before any
+            product), or a write failed (``err.partial``: the result so far).
     """
     opts = options or LongRun(None, None, None, None)
     deadline = Deadline(opts.time_limit, run.backend)
@@ -352,10 +358,10 @@ def drive(run: ResumableRun[R], config: dict[str, Any], options: LongRun | None 
                 cut = run.partial("time_limit")
                 if cut is not None:
                     if checkpointer is not None:
-                        checkpointer.save(run.used(), run._snapshot)
+                        _save(checkpointer, run, cut)
                     return cut
             if checkpointer is not None:
-                checkpointer.maybe_save(run.used(), run._snapshot)
+                _save(checkpointer, run, None, due=True)
             run.step()
     except ProductFailure as failure:
         raise run._non_finite_error(failure) from failure.cause
@@ -363,3 +369,26 @@ def drive(run: ResumableRun[R], config: dict[str, Any], options: LongRun | None 
     if checkpointer is not None:
         checkpointer.finish()
     return result
+
+
+def _save(
+    checkpointer: Checkpointer, run: ResumableRun[Any], cut: Any, *, due: bool = False
+) -> None:
+    """Write the checkpoint (if ``due``: only when its interval has passed).
+
+    A failed write raises with the run's partial result attached (``cut``, or the
+    partial result with ``stop_reason="checkpoint_failed"``).
+    """
+    try:
+        if due:
+            checkpointer.maybe_save(run.used(), run._snapshot)
+        else:
+            checkpointer.save(run.used(), run._snapshot)
+    except CheckpointWriteError as err:
+        if cut is None:
+            try:
+                cut = run.partial("checkpoint_failed")
+            except ProductFailure:  # the state itself is not finite: nothing to return
+                cut = None
+        err.partial = cut
+        raise

@@ -25,6 +25,10 @@ Lanczos basis of ``(m + 2) n`` entries that is twice the basis in RAM during the
 Writes are atomic: the file is written to a temporary file in the same directory,
 flushed and fsync'ed, renamed over the old one with :func:`os.replace`, and the directory
 is fsync'ed, so a kill at any instant leaves either the previous or the new checkpoint.
+The location is tested before the first product (a file is created in the directory and
+removed): an unwritable one raises :class:`CheckpointWriteError` at once, not at the first
+write. A write that fails later (a full disk) raises :class:`CheckpointWriteError` naming
+the checkpoint path, carrying the run's partial result.
 Reading checks the magic, the lengths and the SHA-256 of the payload before anything is
 used: a truncated or corrupt file raises :class:`CorruptCheckpointError`, never silently
 restarts or resumes from garbage.
@@ -41,7 +45,8 @@ listing expected vs found.
 Distributed runs: the processes of the operator's backend (a
 :class:`~hessian_eigenthings.backends.ReplicatedBackend` over a process group) compute the
 same state; the group's first process builds the state on the host and writes it, and
-the group waits at a barrier after each write; on resume every process reads the same
+the group waits for the first process's word that each write succeeded (a broadcast);
+on resume every process reads the same
 file, so the path must be on a file system shared by the group. Only the first process
 hashes the parameters (it checks them on resume and tells the others whether the file
 matches). A backend without a group (e.g. a local operator on one rank of a larger job)
@@ -57,6 +62,7 @@ import io
 import json
 import os
 import struct
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +74,7 @@ from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.errors import (
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointWriteError,
     CorruptCheckpointError,
 )
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -190,6 +197,30 @@ class Checkpointer:
         self._identity: dict[str, Any] | None = None
         self._last_matvecs = 0
         self._last_time = time.monotonic()
+        # Tested by the writing process now; raised by every process in load().
+        self._unwritable = self._test_writable() if self.writer else None
+
+    def _test_writable(self) -> CheckpointWriteError | None:
+        """The error an unwritable location gives, found by creating a file there."""
+        where = str(self.path)
+        if self.path.is_dir():
+            return CheckpointWriteError(
+                f"checkpoint={where!r} is a directory; pass a file path inside it "
+                f"(e.g. {str(self.path / 'run.ckpt')!r}).",
+                path=where,
+            )
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            return CheckpointWriteError(
+                f"checkpoint={where!r} cannot be written: creating a file in its directory "
+                f"failed ({err.strerror or err}). Choose a writable location; no product has "
+                "been made yet.",
+                path=where,
+            )
+        return None
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -212,9 +243,9 @@ class Checkpointer:
             CheckpointMismatchError: It belongs to another algorithm, operator or
                 configuration.
         """
-        problem: CheckpointError | None = None
+        problem: CheckpointError | None = self._unwritable
         state = None
-        if self.path.exists():
+        if problem is None and self.path.exists():
             try:
                 state = self._read()
             except CheckpointError as err:
@@ -225,7 +256,8 @@ class Checkpointer:
         if not agreed:
             raise CheckpointMismatchError(
                 f"The first process of the group refused the checkpoint file "
-                f"{str(self.path)!r} (its error says why); delete it to start the run over."
+                f"{str(self.path)!r}: it cannot write there, or the file does not match this "
+                "call (its error says which); fix the location or delete the file."
             )
         return state
 
@@ -306,37 +338,57 @@ class Checkpointer:
         """Write ``make_state()`` atomically.
 
         Only the first process builds the state (the host copy of a basis or sketch) and
-        writes it; the group waits at a barrier after the write.
+        writes it; the group then learns from it whether the write succeeded (this is
+        the group's wait for the write).
+
+        Raises:
+            CheckpointWriteError: The write failed (on every process of the group).
         """
+        failure: OSError | None = None
         if self.writer:
-            buf = io.BytesIO()
-            torch.save(make_state(), buf)
-            payload = buf.getvalue()
-            header = {
-                "format": FORMAT_VERSION,
-                "algorithm": self.algorithm,
-                "operator": self.identity,
-                "config": self.config,
-                "num_matvecs": int(num_matvecs),
-                "payload_bytes": len(payload),
-                "payload_sha256": hashlib.sha256(payload).hexdigest(),
-                "torch": torch.__version__,
-            }
-            hbytes = json.dumps(header, sort_keys=True).encode("utf-8")
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
             try:
-                with open(tmp, "wb") as f:
-                    f.write(_MAGIC + _LEN.pack(len(hbytes)) + hbytes + payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-            _fsync_dir(self.path.parent)
-        self.backend.barrier()
+                self._write(num_matvecs, make_state)
+            except OSError as err:
+                failure = err
+        if not self.backend.agree(failure is None):
+            why = "" if failure is None else f" ({failure.strerror or failure})"
+            raise CheckpointWriteError(
+                f"Writing the checkpoint {str(self.path)!r} failed{why}; the previous "
+                "checkpoint (if any) is intact. err.partial holds the result of the products "
+                "made so far; free space or choose another location, then call again to "
+                "resume from the previous checkpoint.",
+                path=str(self.path),
+            ) from failure
         self._last_matvecs = num_matvecs
         self._last_time = time.monotonic()
+
+    def _write(self, num_matvecs: int, make_state: Callable[[], dict[str, Any]]) -> None:
+        """The first process's atomic write (temporary file, fsync, rename, fsync)."""
+        buf = io.BytesIO()
+        torch.save(make_state(), buf)
+        payload = buf.getvalue()
+        header = {
+            "format": FORMAT_VERSION,
+            "algorithm": self.algorithm,
+            "operator": self.identity,
+            "config": self.config,
+            "num_matvecs": int(num_matvecs),
+            "payload_bytes": len(payload),
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+            "torch": torch.__version__,
+        }
+        hbytes = json.dumps(header, sort_keys=True).encode("utf-8")
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_MAGIC + _LEN.pack(len(hbytes)) + hbytes + payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_dir(self.path.parent)
 
     def maybe_save(self, num_matvecs: int, make_state: Callable[[], dict[str, Any]]) -> None:
         """:meth:`save` if :meth:`due`."""

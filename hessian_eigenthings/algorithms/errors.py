@@ -3,8 +3,15 @@
 from hessian_eigenthings.errors import (
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     NonFiniteError,
 )
 
-__all__ = ["CheckpointError", "CheckpointMismatchError", "CorruptCheckpointError", "NonFiniteError"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "NonFiniteError",
+]

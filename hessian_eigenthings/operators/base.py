@@ -3,13 +3,26 @@
 Every algorithm in the library consumes a :class:`CurvatureOperator`. The public
 :meth:`CurvatureOperator.matvec` validates its argument (shape, dtype, device) and
 normalises precision; subclasses implement the private :meth:`_matvec` only.
+
+Because the operator is linear, ``matvec`` also normalises the *scale* of tiny or huge
+vectors: ``A v = 2^e A (2^{-e} v)`` with ``2^e`` the power of two nearest above
+``max |v_i|`` (per column for a block), when that lies outside ``[2^-b, 2^b]`` for a
+quarter ``b`` of the exponent range of the operator's dtype (31 for float32 and
+bfloat16, 255 for float64, 3 for float16); other vectors are passed as they are. It is
+computed on the device without a host read, and multiplying by a power of two is
+exact, so subnormal or huge vectors (``|v| ~ 1e-42`` in float32) no longer underflow or
+overflow inside the product. The subclass always gets a private copy of the vector.
+Operators whose vectors are split across ranks skip the scaling (it would need a
+collective).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +30,7 @@ import torch
 from hessian_eigenthings._compat import deprecated
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
+from hessian_eigenthings.errors import NonFiniteError
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
@@ -28,6 +42,34 @@ __all__ = ["CurvatureOperator"]
 def _precision_rank(dtype: torch.dtype) -> int:
     """Number of mantissa bits, used to order floating dtypes by precision."""
     return round(-math.log2(torch.finfo(dtype).eps))
+
+
+@functools.cache
+def _exponent_bound(dtype: torch.dtype) -> int:
+    """A quarter of the binary exponent range of ``dtype`` (31 for float32, 255 for float64)."""
+    return int(math.log2(torch.finfo(dtype).max)) // 4
+
+
+def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2.0 ** k`` exactly, built from the exponent bits (``k`` within the normal range)."""
+    if dtype == torch.float64:
+        return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((k.to(torch.int32) + 127) << 23).view(torch.float32).to(dtype)
+
+
+def _scale_exponents(v: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h1, h2)`` with ``2^(h1 + h2)`` just above ``max |v|`` (per column).
+
+    Zero where ``max |v|`` is within ``[2^-bound, 2^bound]`` or not finite. The exponent
+    is split in two halves so that each power of two is a normal number of ``v``'s
+    dtype even for the extreme exponents of subnormal or huge vectors.
+    """
+    amax = v.abs().amax(dim=0)
+    e = torch.frexp(amax).exponent
+    scale = torch.isfinite(amax) & (amax > 0) & ((e > bound) | (e < -bound))
+    e = torch.where(scale, e, torch.zeros_like(e))
+    h1 = torch.div(e, 2, rounding_mode="floor")
+    return h1, e - h1
 
 
 class CurvatureOperator(ABC):
@@ -93,6 +135,10 @@ class CurvatureOperator(ABC):
         """Compute ``A V`` for a validated block ``(size, b)``; default: column loop."""
         return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
 
+    def _product_mode(self) -> AbstractContextManager[Any]:
+        """Global mode a product runs in (data operators switch autograd on)."""
+        return contextlib.nullcontext()
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Return ``A v``.
 
@@ -106,16 +152,51 @@ class CurvatureOperator(ABC):
         Raises:
             ValueError: ``v`` is not of shape ``(size,)`` or is on another device.
             TypeError: ``v`` is not a tensor, not floating point, or of lower precision.
+            NonFiniteError: The product is not finite (data operators); if ``v`` itself
+                holds inf/nan the error says so.
         """
         self._check_vector(v, ndim=1)
-        out = self._matvec(v.to(self.dtype) if v.dtype != self.dtype else v)
-        return out.to(v.dtype) if out.dtype != v.dtype else out
+        return self._product(v, self._matvec)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """Return ``A V`` for a block of column vectors ``V`` of shape ``(size, b)``."""
         self._check_vector(V, ndim=2)
-        out = self._matmat(V.to(self.dtype) if V.dtype != self.dtype else V)
-        return out.to(V.dtype) if out.dtype != V.dtype else out
+        if V.shape[1] == 0:
+            return torch.zeros_like(V)
+        return self._product(V, self._matmat)
+
+    def _product(self, v: torch.Tensor, fn: Any) -> torch.Tensor:
+        """``fn`` on ``v`` scaled to ``max |v| ~ 1`` in the operator's dtype, scaled back."""
+        with self._product_mode():
+            whole = self.local_size == self.size
+            x = v.detach()  # products are not differentiated with respect to the vector
+            if whole:
+                h1, h2 = _scale_exponents(x, _exponent_bound(self.dtype))
+                x = x * _pow2(-h1, v.dtype) * _pow2(-h2, v.dtype)
+            elif x.is_inference():
+                x = x.clone()
+            try:
+                out = fn(x.to(self.dtype) if x.dtype != self.dtype else x)
+            except NonFiniteError as err:
+                self._blame_vector(v, err)
+                raise
+            out = out.to(v.dtype) if out.dtype != v.dtype else out
+            if whole:
+                out = out * _pow2(h1, v.dtype) * _pow2(h2, v.dtype)
+            return out
+
+    def _blame_vector(self, v: torch.Tensor, err: NonFiniteError) -> None:
+        """Raise an error that blames ``v`` if it holds inf/nan (a host read, on error only)."""
+        bad = ~torch.isfinite(v)
+        if not bool(bad.any()):
+            return
+        first = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0]
+        raise NonFiniteError(
+            f"{type(self).__name__}: the input {'vector' if v.dim() == 1 else 'block'} holds "
+            f"{int(bad.sum())} non-finite entries (inf/nan), the first at index {int(first)}: "
+            "the vector is to blame, not the model or the data. Check where it was computed.",
+            param_names=(),
+        ) from err
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         if isinstance(other, torch.Tensor) and other.dim() == 2:

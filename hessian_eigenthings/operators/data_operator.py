@@ -18,16 +18,27 @@ Non-finite products (an overflowing bf16 model, a bad batch) are refused: the lo
 one on-device finiteness flag per (micro)batch, and after the reduction one host sync per
 matvec checks the sum; if it is not finite, a
 :class:`~hessian_eigenthings.errors.NonFiniteError` names the operator, the
-batch index (and microbatch) and the parameters whose blocks went non-finite.
+batch index (and microbatch) and the parameters whose blocks went non-finite. An
+exception raised while a batch is processed (by the loss, the model or the loader) is
+re-raised as the same type with the batch index added, the original as its cause.
+
+At construction the operator evaluates the model on the first non-empty (micro)batch
+(:meth:`DataCurvatureOperator._construction_probe`): once with autograd, to refuse a
+loss or output without a graph (every product would be zero); and, with
+``check_determinism=True``, twice more without autograd, to refuse a non-finite or a
+random loss, plus once on the two halves of the batch, to warn about a loss summed over
+the samples instead of averaged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
-from typing import Any, TypedDict
+from contextlib import AbstractContextManager, ExitStack
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import nn
@@ -37,16 +48,40 @@ from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators._aliasing import check_disjoint_for_finite_differences
 from hessian_eigenthings.operators._autodiff_safety import curvature_mode
-from hessian_eigenthings.operators._data import BatchSource, Piece, WeightFn, leading_dim
+from hessian_eigenthings.operators._data import (
+    BatchSource,
+    Piece,
+    WeightFn,
+    leading_dim,
+    split_batch,
+)
 from hessian_eigenthings.operators._guard import preserve_model_state
+from hessian_eigenthings.operators._user_fns import located
 from hessian_eigenthings.operators.base import CurvatureOperator
 from hessian_eigenthings.param_utils import ParamFilterLike, ParamLayout, select_params
 
-__all__ = ["DataCurvatureOperator", "DataOptions"]
+__all__ = ["DataCurvatureOperator", "DataOptions", "determinism_tolerance"]
 
 logger = logging.getLogger("hessian_eigenthings")
 
 _RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+# Two evaluations of the loss may differ by reduction-order noise (GPU kernels with
+# atomics: index_add_, scatter, some cuDNN algorithms), a few units in the last place of
+# the model's dtype; random modules (dropout) change a loss by far more. Differences up to
+# ``min(_NOISE_ULPS * eps, _NOISE_CAP)`` relative are accepted as noise, unless a
+# dropout-like module is active (then any difference raises).
+_NOISE_ULPS = 64
+_NOISE_CAP = 1e-3
+
+
+def determinism_tolerance(dtype: torch.dtype) -> float:
+    """Relative difference of two loss evaluations accepted as reduction-order noise.
+
+    ``min(64 eps, 1e-3)`` for the machine epsilon ``eps`` of ``dtype``: 7.6e-6 in
+    float32, 1.4e-14 in float64, 1e-3 in bfloat16 / float16.
+    """
+    return min(_NOISE_ULPS * float(torch.finfo(dtype).eps), _NOISE_CAP)
 
 
 def _stochastic_modules(model: nn.Module) -> list[str]:
@@ -102,9 +137,21 @@ class DataCurvatureOperator(CurvatureOperator):
         loss_for_weights: The loss whose ``batch_weight`` is the default ``weight_fn``
             (for subclasses).
         check_determinism: Evaluate the loss twice on the first batch at construction
-            and raise if it differs (dropout in train mode makes the operator random).
+            and raise if it is not finite or differs (dropout in train mode makes the
+            operator random; differences below :func:`determinism_tolerance`, relative,
+            are reduction-order noise and accepted unless a dropout-like module is
+            active), and warn if the loss looks summed over the samples (checked only
+            with the default sample-count weighting). The check for an autograd graph
+            runs either way.
         backend: Vector backend for algorithms.
     """
+
+    #: Whether ``__init__`` evaluates the model on the first batch; operators whose
+    #: forwards are collective run :meth:`_check_determinism` after every rank is built.
+    _probe_in_init: ClassVar[bool] = True
+    #: Whether :meth:`_probe_loss` is the mean loss of the batch (then a summed loss is
+    #: detected at construction).
+    _probe_is_mean_loss: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -152,8 +199,8 @@ class DataCurvatureOperator(CurvatureOperator):
             weight_fn or getattr(loss_for_weights, "batch_weight", None) or leading_dim
         )
         self._backend = backend or SingleDeviceBackend()
-        if check_determinism:
-            self._check_determinism()
+        if self._probe_in_init:
+            self._construction_probe(check_determinism)
 
     # -- CurvatureOperator ------------------------------------------------------------
     @property
@@ -188,6 +235,14 @@ class DataCurvatureOperator(CurvatureOperator):
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         """A scalar that depends on the model's randomness (for the determinism probe)."""
 
+    def _graph_probe(self, batch: Any) -> None:
+        """Raise unless what the products differentiate has an autograd graph.
+
+        Called once at construction, with grad enabled and every parameter of the model
+        requiring grad; operators check the value of the user's function they
+        differentiate (see :func:`~hessian_eigenthings.operators._user_fns.check_graph`).
+        """
+
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
         """Parameters whose values a matvec perturbs (finite differences)."""
         return ()
@@ -203,11 +258,27 @@ class DataCurvatureOperator(CurvatureOperator):
         """The tensors a vector is split into, in order (the parameters themselves)."""
         return list(self.params)
 
-    def _guard(self) -> AbstractContextManager[None]:
-        """What restores the user's model after a product, also when it raises."""
-        return preserve_model_state(
-            self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
+    def _guard(self) -> AbstractContextManager[Any]:
+        """What restores the user's model after a product, also when it raises.
+
+        It also names the batch in an exception raised inside (see
+        :func:`~hessian_eigenthings.operators._user_fns.located`).
+        """
+        stack = ExitStack()
+        stack.enter_context(located(self.source.position, type(self).__name__))
+        stack.enter_context(
+            preserve_model_state(
+                self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
+            )
         )
+        return stack
+
+    def _product_mode(self) -> AbstractContextManager[Any]:
+        """Autograd on, also inside a caller's ``no_grad()`` or ``inference_mode()``."""
+        stack = ExitStack()
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        return stack
 
     def _pieces(self) -> Iterator[Piece]:
         """The weighted (micro)batches of one product; those of weight ``0`` are skipped."""
@@ -386,24 +457,137 @@ class DataCurvatureOperator(CurvatureOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(v)
 
+    # -- construction probe ------------------------------------------------------------
+    def _probe_piece(self) -> Piece:
+        """The first (micro)batch of positive weight, from the start of a pass."""
+        for index, batch in self.source.probe_batches():
+            parts = self.source.microbatches(batch)
+            self._check_microbatch_split(parts)
+            for m, data in enumerate(parts):
+                w = self._weight(data)
+                if (w > 0) if isinstance(w, int) else bool(w > 0):
+                    return Piece(data, index, m, w)
+        raise ValueError(
+            f"{type(self).__name__}: every batch of the dataloader"
+            + ("" if self.source.num_batches is None else f" (first {self.source.num_batches})")
+            + " has weight 0 (empty batches, or every target ignored): the mean loss, and so "
+            "its curvature, is undefined. Check the dataloader and weight_fn / ignore_index."
+        )
+
+    def _probe_context(self, piece: Piece) -> ExitStack:
+        """Model guard, curvature mode and a forked RNG, naming the batch in errors."""
+        stack = ExitStack()
+        where = f"processing batch index {piece.batch_index} (loader order) at construction"
+        stack.enter_context(located(lambda: where, type(self).__name__))
+        stack.enter_context(preserve_model_state(self.model))
+        stack.enter_context(curvature_mode(self._device, self._dtype))
+        cuda = [self._device] if self._device.type == "cuda" else []
+        stack.enter_context(torch.random.fork_rng(devices=cuda))
+        stack.enter_context(torch.inference_mode(False))
+        return stack
+
+    def _construction_probe(self, check_determinism: bool) -> None:
+        """Evaluate the model on the first non-empty piece: graph, finiteness, randomness.
+
+        Cost: one forward with autograd (the graph is freed at once); with
+        ``check_determinism`` two more forwards without autograd and, for a mean loss
+        with the default weights, one over the two halves of the piece.
+        """
+        piece = self._probe_piece()
+        with self._probe_context(piece):
+            with torch.enable_grad():
+                for p in self.model.parameters():
+                    if p.is_floating_point() or p.is_complex():
+                        p.requires_grad_(True)  # the guard restores the flags
+                self._graph_probe(piece.data)
+            if check_determinism:
+                value = self._compare_probe_losses(piece)
+                if self._probe_is_mean_loss and self._weight_fn is leading_dim:
+                    self._check_mean_reduction(piece, value)
+
     def _check_determinism(self) -> None:
-        batch = self.source.first_batch()
-        piece = self.source.microbatches(batch)[0]
-        with preserve_model_state(self.model), curvature_mode(self._device, self._dtype):
-            cuda = [self._device] if self._device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda), torch.no_grad():
-                a = self._probe_loss(piece)
-                b = self._probe_loss(piece)
-        if not torch.equal(a, b):
-            causes = _stochastic_modules(self.model) or [
-                "unknown (a module samples random numbers in forward)"
-            ]
-            raise ValueError(
-                f"{type(self).__name__}: the loss differs between two evaluations on the same "
-                f"batch ({a.item():.6g} vs {b.item():.6g}), so the curvature would be random. "
-                f"Likely cause: {', '.join(causes)}. Call model.eval() (or set dropout to 0) "
-                "before building the operator, or pass check_determinism=False to accept a "
-                "stochastic operator."
+        """Raise if the loss on the first non-empty piece is not finite or is random."""
+        piece = self._probe_piece()
+        with self._probe_context(piece):
+            self._compare_probe_losses(piece)
+
+    def _compare_probe_losses(self, piece: Piece) -> torch.Tensor:
+        with torch.no_grad():
+            a = self._probe_loss(piece.data)
+            b = self._probe_loss(piece.data)
+        name = type(self).__name__
+        if not bool(torch.isfinite(a)) or not bool(torch.isfinite(b)):
+            bad = a if not bool(torch.isfinite(a)) else b
+            raise NonFiniteError(
+                f"{name}: the loss on batch index {piece.batch_index} (loader order) is "
+                f"{bad.item()} at construction, so every product would be non-finite. Inspect "
+                "that batch (inf/nan inputs, an empty batch, all targets ignored) or the "
+                "model's parameters, or evaluate the model in higher precision.",
+                batch_index=piece.batch_index,
+            )
+        if torch.equal(a, b):
+            return a
+        va, vb = float(a), float(b)
+        tol = determinism_tolerance(self._dtype)
+        relative = abs(va - vb) / max(abs(va), abs(vb))
+        causes = _stochastic_modules(self.model)
+        if relative <= tol and not causes:
+            logger.debug(
+                "%s: the loss differs by %.2g (relative) between two evaluations, within the "
+                "reduction-order noise tolerance %.2g.",
+                name,
+                relative,
+                tol,
+            )
+            return a
+        cause = ", ".join(causes) or "unknown (a module samples random numbers in forward)"
+        raise ValueError(
+            f"{name}: the loss differs between two evaluations on the same batch ({va:.9g} vs "
+            f"{vb:.9g}, relative {relative:.2g}, more than reduction-order noise "
+            f"{tol:.2g}{' or any difference with dropout active' if causes else ''}), so the "
+            f"curvature would be random. Likely cause: {cause}. Call model.eval() (or set "
+            "dropout to 0) before building the operator, or pass check_determinism=False to "
+            "accept a stochastic operator."
+        )
+
+    def _check_mean_reduction(self, piece: Piece, value: torch.Tensor) -> None:
+        """Warn if the piece's loss is the sum of its halves' losses, not their mean."""
+        try:
+            n = leading_dim(piece.data)
+        except ValueError:
+            return
+        batch_stats = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            for m in self.model.modules()
+        )
+        if n < 2 or batch_stats:  # halves of a train-mode BatchNorm batch are other losses
+            return
+        halves = split_batch(piece.data, (n + 1) // 2)
+        try:
+            with torch.no_grad():
+                la, lb = (float(self._probe_loss(h)) for h in halves)
+        except Exception as err:  # a heuristic: a model that needs the whole batch skips it
+            logger.debug("%s: no reduction check (%s)", type(self).__name__, err)
+            return
+        wa, wb = (leading_dim(h) for h in halves)
+        full = float(value)
+        scale = abs(la) + abs(lb)
+        if not (math.isfinite(la) and math.isfinite(lb)) or scale == 0.0:
+            return
+        tol = max(1e-4, 16 * float(torch.finfo(self._dtype).eps)) * scale
+        mean = (wa * la + wb * lb) / (wa + wb)
+        if abs(full - (la + lb)) <= tol and abs(full - mean) > 100 * tol:
+            warnings.warn(
+                f"{type(self).__name__}: the loss looks summed over the samples, not averaged: "
+                f"on the first batch ({n} samples) it is {full:.6g}, the sum of the losses of "
+                f"its two halves ({la:.6g} + {lb:.6g}), not their mean. The operator is the "
+                "curvature of the mean loss over all samples and weights each batch by its "
+                "size, so a summed loss scales every eigenvalue and the trace by the batch "
+                "size. Use reduction='mean' (or divide by the batch size); if the summed loss "
+                "is what you mean, pass weight_fn explicitly (e.g. weight_fn=lambda batch: 1) "
+                "to silence this check.",
+                UserWarning,
+                stacklevel=4,
             )
 
     def __repr__(self) -> str:

@@ -32,7 +32,7 @@ or of the mean of ``0.5 ||f - y||^2`` per sample (unit-variance Gaussian), with 
 
 from __future__ import annotations
 
-import hashlib
+import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,13 @@ from hessian_eigenthings._compat import legacy_keywords
 from hessian_eigenthings.backends.base import fresh_seed
 from hessian_eigenthings.loss_fns.single_sample import legacy_fisher_loss
 from hessian_eigenthings.operators._data import Piece
+from hessian_eigenthings.operators._fingerprint import (
+    pass_fingerprint,
+    positions,
+    sample_keys,
+    uniforms,
+)
+from hessian_eigenthings.operators._user_fns import check_graph
 from hessian_eigenthings.operators.data_operator import DataOptions
 from hessian_eigenthings.operators.output_curvature import OutputCurvatureOperator, OutputFn
 
@@ -156,12 +163,18 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
         return u / out.shape[0]
 
 
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and platforms)."""
-    digest = hashlib.blake2b(
-        b"".join(int(p).to_bytes(16, "little", signed=True) for p in parts), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def _row_keys(batch: Any, samples: int, rows: int) -> torch.Tensor:
+    """``(rows,)`` keys: sample ``i`` of the batch owns rows ``i * rows // samples ...``.
+
+    A sample's key comes from its contents (:func:`sample_keys`); its rows (positions of
+    a sequence) add their index within the sample. A batch whose tensors are not
+    indexed by sample is keyed as a whole.
+    """
+    keys = sample_keys(batch, samples)
+    if keys is None:  # no per-sample tensor: the batch's contents key all of its rows
+        whole = pass_fingerprint(batch).reshape(1) & 0xFFFFFFFF
+        return positions(whole, rows)
+    return positions(keys, rows // samples)
 
 
 class MCFisherOperator(OutputCurvatureOperator):
@@ -190,11 +203,14 @@ class MCFisherOperator(OutputCurvatureOperator):
       elements per sample).
 
     Each product is an unbiased estimate of that GGN with relative error
-    ``O(1/sqrt(S))``, and it is a *fixed* linear operator: the labels of batch ``b``
-    (and microbatch ``m``) are drawn from a generator seeded by ``(seed, b, m)`` on
-    every matvec, so all products use the same labels and Lanczos sees one symmetric
-    PSD matrix. The draw depends on ``microbatch_size`` and on the device's random
-    number generator (CPU and CUDA give different, equally valid, samples).
+    ``O(1/sqrt(S))``, and it is a *fixed* linear operator: the labels of a sample are a
+    function of ``seed`` and of the sample's contents (a hash of the bits of its
+    tensors, see :mod:`~hessian_eigenthings.operators._fingerprint`), not of its
+    position, so every product uses the same labels and Lanczos sees one symmetric PSD
+    matrix, also when the loader shuffles, and for any batching, ``microbatch_size`` or
+    device. Identical samples get identical labels. Samples are the rows of the batch's
+    tensors whose leading dimension is the output's; a batch without such a tensor is
+    keyed as a whole (its labels then depend on how samples are grouped into batches).
 
     Args:
         model: The model; never modified.
@@ -211,7 +227,30 @@ class MCFisherOperator(OutputCurvatureOperator):
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
             ``weight_fn``, ``check_determinism``, ``backend``); ``weight_fn`` defaults to
             the batch's leading dimension, and the determinism check evaluates the output.
+
+    Raises:
+        TypeError: Called with a loss (the GGN's signature ``(model, dataloader,
+            forward_fn, loss_of_output_fn)``): the Monte-Carlo Fisher has none.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> MCFisherOperator:
+        loss = args[3] if len(args) > 3 else kwargs.get("loss_of_output_fn", kwargs.get("loss_fn"))
+        if loss is not None or len(args) > 3:
+            name = getattr(loss, "name", None) or getattr(loss, "__name__", type(loss).__name__)
+            hint = (
+                "likelihood='gaussian'"
+                if "mse" in str(name).lower()
+                else "likelihood='categorical'"
+            )
+            raise TypeError(
+                f"MCFisherOperator takes no loss (got {name!r} as a fourth argument): it "
+                "samples labels from the model's own predictive distribution, chosen by "
+                "likelihood=. Call MCFisherOperator(model, dataloader, forward_fn, "
+                f"{hint}) (categorical: the Fisher of the cross-entropy; gaussian: of the "
+                "squared error), or GGNOperator(model, dataloader, forward_fn, "
+                "loss_of_output_fn) for the GGN of that loss."
+            )
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -250,20 +289,32 @@ class MCFisherOperator(OutputCurvatureOperator):
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         return self._output(self.model, batch).detach().double().sum()
 
-    def _label_seed(self, piece: Piece) -> tuple[int, int, int]:
-        """What seeds the labels of ``piece``: ``(seed, batch index, microbatch index)``."""
-        return (self.seed, piece.batch_index, piece.microbatch_index)
+    def _graph_probe(self, batch: Any) -> None:
+        out = self._output(self.model, batch)
+        check_graph(out, self._what, "an output")
+        if self.likelihood == "categorical":
+            dims = out.dim()
+            if not -dims <= self.class_dim < dims or dims == 0:
+                raise ValueError(
+                    f"class_dim={self.class_dim} is not a dimension of the logits, which have "
+                    f"{dims} dimension(s) (valid: {-dims}..{dims - 1}). Pass the dimension of "
+                    "the classes (1 for (B, C) logits, -1 for (B, T, V) language-model logits)."
+                )
 
     def _output_product(self, out: torch.Tensor, piece: Piece, u: torch.Tensor) -> torch.Tensor:
-        """``(1/R) (1/S) sum_s r_s <r_s, u>`` per row, for the batch's fixed labels."""
-        # the labels of (batch b, microbatch m) are the same draw in every product
-        gen = torch.Generator(device=out.device)
-        gen.manual_seed(_mix_seed(*self._label_seed(piece)))
+        """``(1/R) (1/S) sum_s r_s <r_s, u>`` per row, for the samples' fixed labels."""
+        # the labels of a sample are a function of (seed, its contents): the same draw in
+        # every product, wherever the sample is
         cdt = torch.promote_types(out.dtype, torch.float32)
         s_count = self.num_samples
         if self.likelihood == "gaussian":
             rows = out.shape[0] if out.dim() > 0 else 1
-            eps = torch.randn((s_count, *out.shape), generator=gen, dtype=cdt, device=out.device)
+            keys = _row_keys(piece.data, rows, out.numel())
+            # Box-Muller: two independent uniforms per (element, draw)
+            u1 = uniforms(keys, self.seed, s_count)
+            u2 = uniforms(keys, self.seed ^ 0x5DEECE66D, s_count)
+            normal = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos((2.0 * math.pi) * u2)
+            eps = normal.T.reshape(s_count, *out.shape).to(cdt)
             uc = u.to(cdt)
             dims = tuple(range(2, eps.dim()))
             coef = (eps * uc).sum(dims, keepdim=True) if dims else eps * uc
@@ -275,7 +326,12 @@ class MCFisherOperator(OutputCurvatureOperator):
         z = out.movedim(cd, -1).reshape(-1, num_classes)
         rows = z.shape[0]
         p = torch.softmax(z.to(cdt), dim=-1)
-        labels = torch.multinomial(p, s_count, replacement=True, generator=gen)  # (R, S)
+        samples = out.movedim(cd, -1).shape[0] if out.dim() > 1 else 1
+        # inverse CDF at uniforms keyed by each row's sample and position: (R, S)
+        cdf = torch.cumsum(p, dim=-1)
+        draws = uniforms(_row_keys(piece.data, samples, rows), self.seed, s_count).to(cdt)
+        labels = torch.searchsorted(cdf, draws * cdf[:, -1:], right=True)
+        labels.clamp_(max=num_classes - 1)
         ur = u.movedim(cd, -1).reshape(-1, num_classes).to(cdt)
         # <r_s, u> = <p, u> - u[y_s]  for r_s = p - e_{y_s}
         c = (p * ur).sum(-1, keepdim=True) - ur.gather(1, labels)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from hessian_eigenthings.operators._data import Piece
-from hessian_eigenthings.operators._user_fns import check_callable, check_scalar_loss
+from hessian_eigenthings.operators._user_fns import check_callable, check_graph, check_scalar_loss
 from hessian_eigenthings.operators.data_operator import DataOptions
 from hessian_eigenthings.operators.output_curvature import OutputCurvatureOperator, OutputFn
 
@@ -107,6 +107,8 @@ class GGNOperator(OutputCurvatureOperator):
         True
     """
 
+    _probe_is_mean_loss = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -158,6 +160,15 @@ class GGNOperator(OutputCurvatureOperator):
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         return self._loss(self._output(self.model, batch), batch).detach()
+
+    def _graph_probe(self, batch: Any) -> None:
+        out = self._output(self.model, batch)
+        check_graph(out, "forward_fn", "an output")
+        if self.loss_hvp == "autograd":  # differentiated twice with respect to the output
+            o = out.detach().requires_grad_(True)
+            check_graph(
+                self._loss(o, batch), "loss_of_output_fn", "a loss", "the output it got did"
+            )
 
     def _output_product(self, out: torch.Tensor, piece: Piece, u: torch.Tensor) -> torch.Tensor:
         """``H_loss u`` with respect to the (detached) output."""

@@ -11,7 +11,7 @@ from torch import nn
 from hessian_eigenthings._compat import legacy_keywords, microbatch_unsafe_flag
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps, perturbed_pair
-from hessian_eigenthings.operators._user_fns import check_callable, check_scalar_loss
+from hessian_eigenthings.operators._user_fns import check_callable, check_graph, check_scalar_loss
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, DataOptions
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ class HessianOperator(DataCurvatureOperator):
         4
     """
 
+    _probe_is_mean_loss = True
+
     @legacy_keywords(translate=microbatch_unsafe_flag)
     def __init__(
         self,
@@ -95,6 +97,9 @@ class HessianOperator(DataCurvatureOperator):
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
         return self._loss(batch).detach()
+
+    def _graph_probe(self, batch: Any) -> None:
+        check_graph(self._loss(batch), "loss_fn", "a loss")
 
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
         return self.params if self.method == "finite_difference" else ()

@@ -28,7 +28,11 @@ from torch import nn
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps
 from hessian_eigenthings.operators._jvp import JVP_METHODS, OutputJVP
-from hessian_eigenthings.operators._user_fns import check_callable, check_tensor_output
+from hessian_eigenthings.operators._user_fns import (
+    check_callable,
+    check_graph,
+    check_tensor_output,
+)
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, DataOptions
 
 if TYPE_CHECKING:
@@ -113,6 +117,9 @@ class OutputCurvatureOperator(DataCurvatureOperator):
     def _output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The output ``f(theta, x_b)`` whose Jacobian the operator uses, checked."""
         return check_tensor_output(self._output_fn(model, batch), self._what)
+
+    def _graph_probe(self, batch: Any) -> None:
+        check_graph(self._output(self.model, batch), self._what, "an output")
 
     # -- the product ---------------------------------------------------------------------
     def _snapshot_params(self) -> Sequence[nn.Parameter]:

@@ -39,13 +39,11 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hessian_eigenthings._deprecation import renamed_attributes
 from hessian_eigenthings.backends.distributed import ReplicatedBackend
-from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator
 from hessian_eigenthings.operators.distributed._collectives import (
     agree_on_build,
@@ -94,9 +92,8 @@ class DDPCurvatureOperator(DataCurvatureOperator):
     on every rank. If every rank holds only empty batches the total weight is zero and
     the product is the zero vector.
 
-    :class:`DDPMCFisherOperator` adds what the Monte-Carlo Fisher needs on top: its label
-    draws are seeded by ``(seed, batch index, microbatch index)``, so the ranks agree on
-    the seed and number their batches globally.
+    :class:`DDPMCFisherOperator` adds what the Monte-Carlo Fisher needs on top: its labels
+    are keyed by the seed and each sample's contents, so the ranks agree on the seed.
 
     Precision: the weight travels in the buffer's dtype (the vector dtype, at least
     float32), exact up to :math:`2^{24}` samples in float32 and :math:`2^{53}` in
@@ -236,10 +233,10 @@ class DDPMCFisherOperator(DDPCurvatureOperator, MCFisherOperator):
     r"""Monte-Carlo Fisher over the union of every rank's shard.
 
     Takes every argument of :class:`~hessian_eigenthings.operators.fisher.MCFisherOperator`
-    (``model, dataloader, forward_fn``, then keyword options) plus ``process_group``.
-    The labels of global batch ``g`` and microbatch ``m`` are drawn from a generator seeded
-    by ``(seed, g, m)``, exactly as the single-process operator does on the union of the
-    shards (rank 0's batches first, then rank 1's, ...), so the two are the same matrix:
+    (``model, dataloader, forward_fn``, then keyword options) plus ``process_group``. The
+    labels of a sample are drawn from a generator keyed by ``(seed, the sample's
+    contents)``, so once the ranks agree on the seed the operator is exactly the
+    single-process one on the union of the shards:
 
     .. math::
 
@@ -248,12 +245,8 @@ class DDPMCFisherOperator(DDPCurvatureOperator, MCFisherOperator):
         \langle r_{is}, J_i v \rangle \Big),
 
     with one ``all_reduce`` of ``size + 1`` entries per matvec. Construction adds one
-    ``all_gather`` of two integers per rank: rank 0's seed (so ``seed=None`` and seeds
-    that differ between ranks agree) and each rank's number of batches (the global index
-    of its first batch), for which every rank iterates its loader once (``len(loader)`` is
-    not trusted: ``num_batches`` and loaders without a length must count the same way).
-    With ``full_dataset=False`` each rank numbers its stream from its own offset, so ranks
-    never share a label stream.
+    ``all_gather`` of one integer per rank: rank 0's seed becomes every rank's (so
+    ``seed=None`` and seeds that differ between ranks agree).
     """
 
     def __init__(
@@ -264,15 +257,7 @@ class DDPMCFisherOperator(DDPCurvatureOperator, MCFisherOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, *args, process_group=process_group, **kwargs)
-        local = sum(1 for _ in self.source._full_pass())
-        self.source.batch_index = -1
-        rows = gather_ints([self.seed, local], self.process_group, self.device)
-        rank = dist.get_rank(self.process_group)
-        self.seed = rows[0][0]
-        self.batch_offset = sum(row[1] for row in rows[:rank])
-
-    def _label_seed(self, piece: Piece) -> tuple[int, int, int]:
-        return (self.seed, self.batch_offset + piece.batch_index, piece.microbatch_index)
+        self.seed = gather_ints([self.seed], self.process_group, self.device)[0][0]
 
 
 __getattr__ = renamed_attributes(

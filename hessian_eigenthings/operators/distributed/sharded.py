@@ -225,6 +225,9 @@ class ShardedHessianOperator(HessianOperator):
             (FSDP sums every rank's gradients, so all shards go non-finite together).
     """
 
+    # forwards are collective: the determinism check runs after every rank is built
+    _probe_in_init = False
+
     def __init__(
         self,
         model: nn.Module,
