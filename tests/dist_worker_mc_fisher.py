@@ -63,7 +63,6 @@ def mc_fisher(
     return {
         "size": op.size,
         "seed": op.seed,
-        "batch_offset": op.batch_offset,
         "rel_vs_single": rel_err(got, want),
         "rel_block_vs_single": rel_err(op.matmat(block), single.matmat(block)),
         "rel_repeat": rel_err(op.matvec(v), got),

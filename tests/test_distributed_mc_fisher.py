@@ -78,7 +78,6 @@ def test_ddp_mc_fisher_equals_single_process_on_union(
         assert res["rel_other_seed"] > 1e-3  # the check discriminates: other labels differ
         assert res["same_on_all_ranks"] and res["seed_same_on_all_ranks"]
         assert res["model_unchanged"]
-    assert [r["batch_offset"] for r in per_rank] == [0, 2]
 
 
 @pytest.mark.parametrize("name", NAMES)
