@@ -63,6 +63,7 @@ path, the ranks gather which of their losses went non-finite to name the batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -73,6 +74,7 @@ from torch import nn
 
 from hessian_eigenthings.backends.distributed import ShardedBackend
 from hessian_eigenthings.operators._data import Piece, WeightFn
+from hessian_eigenthings.operators._finite_difference import perturbed_pair, squared_norm
 from hessian_eigenthings.operators._guard import preserve_model_state
 from hessian_eigenthings.operators.distributed._collectives import (
     agree_on_build,
@@ -143,35 +145,58 @@ class _LockStep:
 
     Before each pass, one all-reduce of ``[has a piece, ||v_r||^2 (first round only),
     W_r (ranks without a piece; NaN if the rank's shard of the product is not
-    finite)]``. Ranks that ran out of pieces repeat their last one with weight 0 (and
-    still add their shard of the pass's summed gradient) until every rank is done; the
-    round in which no rank has a piece carries the total weight.
+    finite), w_0, ..., w_{R-1}]``, where ``w_r`` is the weight of rank ``r``'s piece
+    (its own slot; zero elsewhere), and one host read of the result: the only host
+    synchronisation of a round. Ranks that ran out of pieces repeat their last one with
+    weight 0 (and still add their shard of the pass's summed gradient) until every
+    rank is done; the round in which no rank has a piece carries the total weight.
     """
 
-    def __init__(self, group: Any, v: torch.Tensor, vs: list[torch.Tensor]) -> None:
+    def __init__(
+        self, group: Any, rank: int, world: int, v: torch.Tensor, vs: list[torch.Tensor]
+    ) -> None:
         self.group = group
+        self.rank = rank
+        self.world = world
         self.vs = vs  # v in blocks: ranks without a piece perturb their shards too
-        self.sq: torch.Tensor | None = torch.dot(v.double(), v.double())
+        self.sq: torch.Tensor | None = squared_norm([v])
         self.vnorm = torch.zeros((), dtype=torch.float64, device=v.device)
         self.losses: list[torch.Tensor] = []  # two per pass (at theta +- h u)
         self.filler: Any = None  # the last piece's data, rerun with weight 0
 
     def round(
-        self, *, has_piece: bool, weight: int | torch.Tensor = 0, finite: bool = True
-    ) -> tuple[int, torch.Tensor]:
-        """``(ranks with a piece, summed weight)`` of this round (one all-reduce)."""
-        ctrl = torch.zeros(3, dtype=torch.float64, device=self.vnorm.device)
+        self,
+        *,
+        has_piece: bool,
+        weight: int | torch.Tensor = 0,
+        total: torch.Tensor | None = None,
+    ) -> tuple[int, torch.Tensor, float]:
+        """``(ranks with a piece, summed weight, this rank's piece weight)`` of this round.
+
+        One all-reduce and one host read. With a piece, ``weight`` is the piece's (read
+        back from this rank's slot); without, it is the rank's total, sent as NaN when
+        ``total`` (the rank's shard of the product) is not finite.
+        """
+        ctrl = torch.zeros(3 + self.world, dtype=torch.float64, device=self.vnorm.device)
         if has_piece:
             ctrl[0] = 1.0
+            ctrl[3 + self.rank] = weight
+        elif total is not None:
+            w = (
+                weight.to(ctrl.device, torch.float64)
+                if isinstance(weight, torch.Tensor)
+                else torch.full((), float(weight), dtype=torch.float64, device=ctrl.device)
+            )
+            ctrl[2] = torch.where(torch.isfinite(total).all(), w, w.new_full((), float("nan")))
         else:
-            ctrl[2] = weight if finite else float("nan")
+            ctrl[2] = weight
         if self.sq is not None:
             ctrl[1] = self.sq
         host = sum_across_ranks(ctrl, self.group).cpu()
         if self.sq is not None:
             self.vnorm = host[1].sqrt().to(self.vnorm.device)
             self.sq = None
-        return int(host[0]), host[2].to(self.vnorm.device)
+        return int(host[0]), host[2], float(host[3 + self.rank])
 
 
 class ShardedHessianOperator(HessianOperator):
@@ -341,22 +366,28 @@ class ShardedHessianOperator(HessianOperator):
 
     # -- the data loop's seams ---------------------------------------------------------------
     def _guard(self) -> AbstractContextManager[None]:
-        # every parameter keeps requires_grad: FSDP reduce-scatters gradients per module
-        return preserve_model_state(self.model, snapshot_params=self.params)
+        # every parameter keeps requires_grad: FSDP reduce-scatters gradients per module.
+        # No snapshot of the shards: the finite-difference passes write them back
+        # themselves, bit for bit, also when a pass raises (perturbed_pair).
+        return preserve_model_state(self.model)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         _reshard(self.model)
-        self._rounds = _LockStep(self.process_group, v, self._split(v))
+        rank = dist.get_rank(self.process_group)
+        self._rounds = _LockStep(self.process_group, rank, self._world, v, self._split(v))
         return super()._matvec(v)
 
     def _pieces(self) -> Iterator[Piece]:
         rounds = self._rounds
         for piece in super()._pieces():
-            # The loss of an all-ignored piece may be NaN, and FSDP's reduce-scatter would
-            # spread it to every rank: such a piece is skipped (one host read of its count).
-            if isinstance(piece.weight, torch.Tensor) and not bool(piece.weight > 0):
+            _, _, mine = rounds.round(has_piece=True, weight=piece.weight)
+            if isinstance(piece.weight, torch.Tensor) and not mine > 0:
+                # The loss of an all-ignored piece may be NaN, and FSDP's reduce-scatter
+                # would spread it to every rank: the pass reruns the last piece (finite
+                # loss) with weight 0 instead. Its count was read with the round.
+                data = piece.data if rounds.filler is None else rounds.filler
+                yield Piece(data, piece.batch_index, piece.microbatch_index, 0)
                 continue
-            rounds.round(has_piece=True)
             rounds.filler = piece.data
             yield piece
 
@@ -371,17 +402,52 @@ class ShardedHessianOperator(HessianOperator):
         return self._rounds.vnorm  # of the global vector, agreed in the first round
 
     def _grad_at(self, piece: Piece) -> list[torch.Tensor | None]:
-        """This rank's shard of ``sum_r w_r grad L_r`` over the ranks' pieces of the pass."""
+        """This rank's shard of ``sum_r w_r grad L_r`` over the ranks' pieces of the pass.
+
+        The local tensors of the fresh ``.grad`` s, rescaled in place (no copies).
+        """
         for p in self.model.parameters():
             p.grad = None
         loss = self._loss(piece.data)
         self._rounds.losses.append(loss.detach())
         w = piece.weight
         (loss * (w.to(loss.dtype) if isinstance(w, torch.Tensor) else w)).backward()
-        return [
-            None if p.grad is None else p.grad.to_local() * scale  # type: ignore[attr-defined]
-            for p, scale in zip(self.params, self._grad_scale)
+        grads: list[torch.Tensor | None] = []
+        for p, scale in zip(self.params, self._grad_scale):
+            g = None if p.grad is None else p.grad.to_local()  # type: ignore[attr-defined]
+            grads.append(g if g is None or scale == 1 else g.mul_(scale))
+        return grads
+
+    def _flat_product(
+        self, piece: Piece, vs: Sequence[torch.Tensor], like: torch.Tensor
+    ) -> torch.Tensor:
+        """This rank's shard of the pass's difference quotient, built in one flat buffer.
+
+        Per parameter and in the storage dtype: the gradient at ``theta + h u`` is copied
+        into the parameter's slice of the buffer and freed, the one at ``theta - h u``
+        subtracted in place, and the slice scaled by ``||v|| / (2h)``. Besides the buffer,
+        the extra memory is the saved shards (to restore them exactly) and one set of
+        gradient shards; no float64 copies, no concatenation.
+        """
+        out = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+        views = [
+            o.view(b.shape)
+            for o, b in zip(out.split([b.numel() for b in self._blocks]), self._blocks)
         ]
+        signs = iter((1, -1))
+
+        def pass_into_buffer() -> None:
+            sign = next(signs)
+            for view, g in zip(views, self._grad_at(piece)):
+                if g is not None:
+                    view.add_(g.to(view.dtype), alpha=sign)
+            for p in self.model.parameters():
+                p.grad = None  # free this pass's gradients before the next pass
+
+        _, _, vnorm = perturbed_pair(
+            self._blocks, vs, self.fd_eps, pass_into_buffer, vnorm=self._rounds.vnorm
+        )
+        return out.mul_((vnorm / (2 * self.fd_eps)).to(out.dtype))
 
     def _reduce(
         self, total: torch.Tensor, weight: int | torch.Tensor
@@ -392,16 +458,17 @@ class ShardedHessianOperator(HessianOperator):
         # the weight and on finiteness.
         rounds = self._rounds
         while True:
-            finite = bool(torch.isfinite(total).all())
-            busy, total_weight = rounds.round(has_piece=False, weight=weight, finite=finite)
+            busy, total_weight, _ = rounds.round(has_piece=False, weight=weight, total=total)
             if busy == 0:
                 return total, total_weight
             if rounds.filler is None:  # this rank had no piece at all
                 rounds.filler = self.source.microbatches(self.source.first_batch())[0]
             total.add_(self._flat_product(Piece(rounds.filler, -1, 0, 0), rounds.vs, total))
 
-    def _all_finite(self, total: torch.Tensor, weight: int | torch.Tensor) -> bool:
-        return bool(torch.isfinite(torch.as_tensor(weight)))  # NaN: a rank's shard was not
+    def _all_finite(self, total: torch.Tensor, weight: int | torch.Tensor) -> tuple[bool, bool]:
+        # ``weight`` is the host copy of the last round: NaN if a rank's shard was not finite
+        w = float(weight)
+        return math.isfinite(w), w > 0
 
     def _raise_non_finite(
         self, total: torch.Tensor, flags: list[tuple[int, int, torch.Tensor]]
