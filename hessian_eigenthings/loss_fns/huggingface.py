@@ -33,10 +33,11 @@ Example::
 
 Attention. Models use HuggingFace's default attention implementation (``"sdpa"``,
 i.e. ``torch.nn.functional.scaled_dot_product_attention``; ``"eager"`` also works).
-Curvature operators evaluate them inside
+Curvature operators run their double-backward and forward-mode passes inside
 :func:`~hessian_eigenthings.operators._autodiff_safety.curvature_mode`, which selects
 PyTorch's math SDPA backend (the flash / memory-efficient kernels have no double
-backward and no forward-mode AD) and restores the user's choice afterwards. FlashAttention
+backward and no forward-mode AD) and restores the user's choice afterwards; first-order
+passes keep the user's kernels. FlashAttention
 implementations (``"flash_attention_2"``, ...) bypass SDPA and are rejected with the
 remedy; other custom implementations are used as they are, with a logged warning.
 
@@ -133,7 +134,8 @@ def _check_attention(model: nn.Module) -> None:
             f"attn:{impl}",
             logging.INFO,
             "hessian_eigenthings: HuggingFace attention implementation %r; curvature "
-            "operators run it with the math scaled_dot_product_attention backend.",
+            "operators run its double-backward and forward-mode passes with the math "
+            "scaled_dot_product_attention backend.",
             impl,
         )
         return

@@ -36,7 +36,6 @@ from torch import nn
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 from hessian_eigenthings.errors import NonFiniteError
-from hessian_eigenthings.operators._autodiff_safety import curvature_mode
 from hessian_eigenthings.operators._data import BatchSource, Piece, WeightFn, leading_dim
 from hessian_eigenthings.operators._guard import preserve_model_state
 from hessian_eigenthings.operators.base import CurvatureOperator
@@ -291,7 +290,7 @@ class DataCurvatureOperator(CurvatureOperator):
         # products (NaN/inf whenever an entry is), taken only when there are several.
         where: list[tuple[int, int]] = []
         sums: list[torch.Tensor] = []
-        with self._guard(), curvature_mode(self._device, self._dtype):
+        with self._guard():
             for piece in self._pieces():
                 flat, unit = self._weighted_product(piece, vs, vec)
                 where.append((piece.batch_index, piece.microbatch_index))
@@ -395,7 +394,7 @@ class DataCurvatureOperator(CurvatureOperator):
     def _check_determinism(self) -> None:
         batch = self.source.first_batch()
         piece = self.source.microbatches(batch)[0]
-        with preserve_model_state(self.model), curvature_mode(self._device, self._dtype):
+        with preserve_model_state(self.model):
             cuda = [self._device] if self._device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda), torch.no_grad():
                 a = self._probe_loss(piece)

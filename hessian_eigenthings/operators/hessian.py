@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hessian_eigenthings.operators._autodiff_safety import curvature_mode
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps, perturbed_pair
 from hessian_eigenthings.operators._user_fns import check_callable, check_scalar_loss
@@ -36,7 +37,8 @@ class HessianOperator(DataCurvatureOperator):
     - ``"autograd"`` (default): exact Hessian-vector product by double backward,
       ``H v = \nabla_\theta \langle \nabla_\theta L, v \rangle``. Runs inside
       :func:`~hessian_eigenthings.operators._autodiff_safety.curvature_mode`, so
-      attention and normalisation layers are differentiated exactly.
+      attention and normalisation layers are differentiated exactly (this path only:
+      finite differences keep the model's own attention kernels).
     - ``"finite_difference"``: central difference of exact gradients along the unit
       direction ``u = v / ||v||``,
       ``H v ~ ||v|| (g(\theta + h u) - g(\theta - h u)) / (2h)``. Linear in ``v`` and
@@ -102,14 +104,16 @@ class HessianOperator(DataCurvatureOperator):
     ) -> Sequence[torch.Tensor | None]:
         if self.method == "finite_difference":
             return self._fd_product(piece, vs)
-        loss = self._loss(piece.data)
-        if not loss.requires_grad:  # no selected parameter reaches the loss
-            return [None] * len(self.params)
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
-        if not terms:  # loss is at most linear in the selected parameters
-            return [None] * len(self.params)
-        hv = torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
+        # double backward: the forward must run kernels that are twice differentiable
+        with curvature_mode(self.device, self.dtype):
+            loss = self._loss(piece.data)
+            if not loss.requires_grad:  # no selected parameter reaches the loss
+                return [None] * len(self.params)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
+            if not terms:  # loss is at most linear in the selected parameters
+                return [None] * len(self.params)
+            hv = torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
         return [None if h is None else h.detach() for h in hv]
 
     # -- finite differences (also the parameter-sharded operator's product) -------------
