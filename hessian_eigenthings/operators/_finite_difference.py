@@ -89,9 +89,13 @@ def perturbed_pair(
                 for t, b, v in zip(tensors, base, vs):
                     # in place: theta +- step * v without a temporary of the block's size
                     t.copy_(b).addcmul_(v, step.to(t.dtype), value=sign)
+            # inside an enclosing autocast region, casts of the parameters are cached:
+            # a cast of theta (or of theta + h u) must not stand in for the new values
+            torch.clear_autocast_cache()
             values.append(evaluate())
     finally:
         with torch.no_grad():
             for t, b in zip(tensors, base):
                 t.copy_(b)
+        torch.clear_autocast_cache()
     return values[0], values[1], vnorm

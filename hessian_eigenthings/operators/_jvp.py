@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hessian_eigenthings.operators._autodiff_safety import curvature_mode
+from hessian_eigenthings.operators._compute_dtype import FDStep
 from hessian_eigenthings.operators._finite_difference import perturbed_pair
 from hessian_eigenthings.operators._user_fns import check_tensor_output
 
@@ -101,6 +102,7 @@ class OutputJVP:
         self.dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.params])
         self.method = method
         self.fd_eps = fd_eps
+        self.fd_step: FDStep | None = None  # set by the operator: the compute-dtype step
         self.what = what
 
     def __call__(self, batch: Any, vs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -144,9 +146,10 @@ class OutputJVP:
             with torch.no_grad():
                 return check_tensor_output(self.fn(self.model, batch), self.what)
 
-        out_plus, out_minus, vnorm = perturbed_pair(self.params, vs, self.fd_eps, output)
+        h = self.fd_eps if self.fd_step is None else self.fd_step.at_product(self.device)
+        out_plus, out_minus, vnorm = perturbed_pair(self.params, vs, h, output)
         # the difference of two nearby floats is exact in their own dtype (Sterbenz), so no
         # float64 copies of the (possibly vocabulary-sized) outputs are needed
         diff = out_plus - out_minus
         del out_plus, out_minus
-        return diff.mul_((vnorm / (2 * self.fd_eps)).to(diff.dtype))
+        return diff.mul_((vnorm / (2 * h)).to(diff.dtype))

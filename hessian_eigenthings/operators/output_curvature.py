@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hessian_eigenthings.operators._compute_dtype import FDStep, observed_compute_dtype
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps
+from hessian_eigenthings.operators._guard import preserve_model_state
 from hessian_eigenthings.operators._jvp import JVP_METHODS, OutputJVP
 from hessian_eigenthings.operators._user_fns import check_callable, check_tensor_output
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, DataOptions
@@ -67,7 +69,10 @@ class OutputCurvatureOperator(DataCurvatureOperator):
         what: The name of ``output_fn`` in messages (``"forward_fn"``, ``"loss_fn"``).
         jvp: ``"forward"`` or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction; default
-            :func:`~hessian_eigenthings.operators.hessian.default_fd_eps` of the dtype.
+            :func:`~hessian_eigenthings.operators.hessian.default_fd_eps` of the dtype the
+            model computes in (observed in one forward at construction, and lowered to
+            an enclosing ``torch.autocast`` dtype at each product; see
+            :mod:`~hessian_eigenthings.operators._compute_dtype`).
         loss_for_weights: The loss whose ``batch_weight`` is the default ``weight_fn``.
         **options: The data-loop options of :class:`DataCurvatureOperator`.
     """
@@ -97,9 +102,17 @@ class OutputCurvatureOperator(DataCurvatureOperator):
         self.jvp = jvp
         super().__init__(model, dataloader, loss_for_weights=loss_for_weights, **options)
         self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
+        step = None
+        if jvp == "finite_difference":  # the step of the dtype the model computes in
+            piece = self.source.microbatches(self.source.first_batch())[0]
+            with preserve_model_state(self.model), torch.no_grad():
+                compute = observed_compute_dtype(lambda: self._output(self.model, piece))
+            step = FDStep(self.dtype, fd_eps=fd_eps, compute=compute, owner=owner)
+            self.fd_eps = step.eps
         self._jvp = OutputJVP(
             model, self._output, self.named_params, method=jvp, fd_eps=self.fd_eps, what=what
         )
+        self._jvp.fd_step = step
 
     # -- subclass hooks -----------------------------------------------------------------
     @abstractmethod

@@ -226,7 +226,11 @@ class ShardedHessianOperator(HessianOperator):
         full_dataset: All batches per matvec (``True``) or the next batch (``False``).
         num_batches: Use only the first ``num_batches`` batches.
         microbatch_size: Split batches into pieces of at most this many samples.
-        fd_eps: Step for the unit direction; default ``eps ** (1/3)`` of the dtype.
+        fd_eps: Step for the unit direction; default ``eps ** (1/3)`` of the dtype the
+            model computes in: with ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``
+            (float32 shards, bfloat16 forward and backward) the bfloat16 step, observed
+            in one (collective) forward at construction.
+        fd_compute_dtype: The dtype the model computes in, if known (skips that forward).
         weight_fn: ``batch -> weight``; default ``loss_fn.batch_weight`` or batch size.
         check_determinism: Raise at construction if the loss is random (dropout).
 
@@ -263,6 +267,7 @@ class ShardedHessianOperator(HessianOperator):
         fd_eps: float | None = None,
         weight_fn: WeightFn | None = None,
         check_determinism: bool = True,
+        fd_compute_dtype: torch.dtype | None = None,
     ) -> None:
         require_process_group(type(self).__name__)
         if not isinstance(model, nn.Module):
@@ -278,6 +283,7 @@ class ShardedHessianOperator(HessianOperator):
                 loss_fn,
                 method="finite_difference",
                 fd_eps=fd_eps,
+                fd_compute_dtype=fd_compute_dtype,
                 param_filter=param_filter,
                 full_dataset=full_dataset,
                 num_batches=num_batches,
@@ -292,6 +298,20 @@ class ShardedHessianOperator(HessianOperator):
         first = next(model.parameters(), None)
         device = _local_device(first) if first is not None else torch.device("cpu")
         agree_on_build(self, error, self.process_group, device)
+        error = None
+        try:
+            self._settle_fd_step()  # its forward is collective: after the agreement
+        except Exception as err:
+            error = err
+        finally:
+            _reshard(model)
+        raise_on_every_rank(
+            type(self).__name__,
+            error,
+            self.process_group,
+            self._device,
+            what="choose the finite-difference step",
+        )
         if check_determinism:
             error = None
             try:
@@ -307,6 +327,8 @@ class ShardedHessianOperator(HessianOperator):
                 self._device,
                 what="pass the determinism check (the loss is random there)",
             )
+
+    _collective_passes = True  # the step is settled after every rank built its operator
 
     # -- construction ----------------------------------------------------------------------
     def _vector_blocks(self) -> list[torch.Tensor]:
@@ -444,10 +466,11 @@ class ShardedHessianOperator(HessianOperator):
             for p in self.model.parameters():
                 p.grad = None  # free this pass's gradients before the next pass
 
+        h = (self._fd_step or self._settle_fd_step()).at_product(self.device)
         _, _, vnorm = perturbed_pair(
-            self._blocks, vs, self.fd_eps, pass_into_buffer, vnorm=self._rounds.vnorm
+            self._blocks, vs, h, pass_into_buffer, vnorm=self._rounds.vnorm
         )
-        return out.mul_((vnorm / (2 * self.fd_eps)).to(out.dtype))
+        return out.mul_((vnorm / (2 * h)).to(out.dtype))
 
     def _reduce(
         self, total: torch.Tensor, weight: int | torch.Tensor
