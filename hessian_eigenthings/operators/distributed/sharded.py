@@ -163,6 +163,7 @@ class _LockStep:
         self.vnorm = torch.zeros((), dtype=torch.float64, device=v.device)
         self.losses: list[torch.Tensor] = []  # two per pass (at theta +- h u)
         self.filler: Any = None  # the last piece's data, rerun with weight 0
+        self.total_weight = math.nan  # the summed weight of the last round, on the host
 
     def round(
         self,
@@ -187,16 +188,21 @@ class _LockStep:
                 if isinstance(weight, torch.Tensor)
                 else torch.full((), float(weight), dtype=torch.float64, device=ctrl.device)
             )
-            ctrl[2] = torch.where(torch.isfinite(total).all(), w, w.new_full((), float("nan")))
+            # elementwise test in chunks: no temporaries of the shard's size
+            finite = torch.stack([torch.isfinite(c).all() for c in total.split(1 << 20)]).all()
+            ctrl[2] = torch.where(finite, w, w.new_full((), float("nan")))
         else:
             ctrl[2] = weight
         if self.sq is not None:
             ctrl[1] = self.sq
-        host = sum_across_ranks(ctrl, self.group).cpu()
+        host = sum_across_ranks(ctrl, self.group).tolist()  # the round's one host read
+        self.total_weight = host[2]
         if self.sq is not None:
-            self.vnorm = host[1].sqrt().to(self.vnorm.device)
+            self.vnorm = torch.full(
+                (), math.sqrt(host[1]), dtype=torch.float64, device=self.vnorm.device
+            )
             self.sq = None
-        return int(host[0]), host[2], float(host[3 + self.rank])
+        return int(host[0]), torch.tensor(host[2], dtype=torch.float64), host[3 + self.rank]
 
 
 class ShardedHessianOperator(HessianOperator):
@@ -489,8 +495,9 @@ class ShardedHessianOperator(HessianOperator):
             total.add_(self._flat_product(Piece(rounds.filler, -1, 0, 0), rounds.vs, total))
 
     def _all_finite(self, total: torch.Tensor, weight: int | torch.Tensor) -> tuple[bool, bool]:
-        # ``weight`` is the host copy of the last round: NaN if a rank's shard was not finite
-        w = float(weight)
+        # ``weight`` is the host copy of the last round (NaN if a rank's shard was not
+        # finite), already read: no device is touched here
+        w = self._rounds.total_weight
         return math.isfinite(w), w > 0
 
     def _raise_non_finite(
