@@ -6,6 +6,7 @@ from hessian_eigenthings.loss_fns.huggingface import (
     hf_lm_forward,
     hf_lm_loss,
     hf_lm_loss_of_output,
+    hf_lm_per_sample_loss,
     hf_lm_shifted_ce,
     hf_token_count,
 )
@@ -19,6 +20,7 @@ from hessian_eigenthings.loss_fns.transformer_lens import (
     tlens_forward,
     tlens_loss,
     tlens_loss_of_output,
+    tlens_per_sample_loss,
     tlens_token_count,
 )
 
@@ -34,12 +36,14 @@ __all__ = [
     "hf_lm_forward",
     "hf_lm_loss",
     "hf_lm_loss_of_output",
+    "hf_lm_per_sample_loss",
     "hf_lm_shifted_ce",  # deprecated alias of hf_lm_loss_of_output (warns when called)
     "hf_token_count",
     # TransformerLens HookedTransformer
     "tlens_forward",
     "tlens_loss",
     "tlens_loss_of_output",
+    "tlens_per_sample_loss",
     "tlens_token_count",
     # fused cross-entropy HVP kernels and the chunked linear-head GGN product
     "fused_ce_hvp",

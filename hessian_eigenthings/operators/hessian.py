@@ -13,6 +13,7 @@ from hessian_eigenthings.operators._compute_dtype import FDStep, observed_comput
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps, perturbed_pair
 from hessian_eigenthings.operators._guard import preserve_model_state
+from hessian_eigenthings.operators._lm_head import chunked_head
 from hessian_eigenthings.operators._user_fns import check_callable, check_scalar_loss
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, DataOptions
 
@@ -64,6 +65,15 @@ class HessianOperator(DataCurvatureOperator):
             autocast with float32 parameters); default: observed in one forward of the
             loss on the first microbatch at construction (finite differences only), and
             lowered at each product to the dtype of an enclosing ``torch.autocast``.
+        lm_head: ``"auto"`` (default): when ``loss_fn`` is a language-model loss of the
+            library (:func:`~hessian_eigenthings.loss_fns.huggingface.hf_lm_loss`,
+            :func:`~hessian_eigenthings.loss_fns.transformer_lens.tlens_loss`) and the
+            model's logits come straight from its linear output embedding, the
+            ``(tokens, V)`` logits are never formed: the model runs up to the head's input
+            and head and loss are applied in chunks of tokens (exact; see
+            :mod:`~hessian_eigenthings.operators._lm_head`). ``"chunked"``: the same,
+            raising where it does not apply; ``"off"``: never.
+        lm_head_chunk: Tokens per chunk (default ``2^22 / V``: 16 MiB of float32 logits).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -88,6 +98,8 @@ class HessianOperator(DataCurvatureOperator):
         method: str = "autograd",
         fd_eps: float | None = None,
         fd_compute_dtype: torch.dtype | None = None,
+        lm_head: str = "auto",
+        lm_head_chunk: int | None = None,
         **options: Unpack[DataOptions],
     ) -> None:
         if method not in ("autograd", "finite_difference"):
@@ -107,17 +119,41 @@ class HessianOperator(DataCurvatureOperator):
             )
         self.loss_fn = loss_fn
         self.method = method
+        # the determinism probe runs once the LM head is set up (it may chunk the probe too)
+        check = options.get("check_determinism", True)
+        options["check_determinism"] = False
         super().__init__(model, dataloader, loss_for_weights=loss_fn, **options)
         self._fd_args = (fd_eps, fd_compute_dtype)
         self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
         self._fd_step: FDStep | None = None
         if method == "finite_difference" and not self._collective_passes:
             self._settle_fd_step()
+        self._head = chunked_head(
+            mode=lm_head,
+            owner=type(self).__name__,
+            model=self.model,
+            named_params=self.named_params,
+            loss=loss_fn,
+            forward_fn=None,
+            first_batch=self.source.first_batch,
+            chunk=lm_head_chunk,
+            device=self.device,
+            dtype=self.dtype,
+            unsupported=(
+                None
+                if method == "autograd"
+                else "finite differences differentiate the whole loss (method='autograd' chunks)"
+            ),
+        )
+        if check:
+            self._check_determinism()
 
     def _loss(self, batch: Any) -> torch.Tensor:
         return check_scalar_loss(self.loss_fn(self.model, batch), "loss_fn")
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
+        if self._head is not None:
+            return self._head.probe(batch)
         return self._loss(batch).detach()
 
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
@@ -128,6 +164,8 @@ class HessianOperator(DataCurvatureOperator):
     ) -> Sequence[torch.Tensor | None]:
         if self.method == "finite_difference":
             return self._fd_product(piece, vs)
+        if self._head is not None:  # the LM head chunked over tokens
+            return self._head.hessian(piece, vs)
         # double backward: the forward must run kernels that are twice differentiable
         with curvature_mode(self.device, self.dtype):
             loss = self._loss(piece.data)
