@@ -190,6 +190,8 @@ def _why_not(
     logits_fn: Callable[[nn.Module, Any], torch.Tensor],
     declared: HeadCrossEntropy,
     batch: Any,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> str | None:
     """``None`` if ``logits_fn`` returns exactly the head's output, else the reason."""
     short = _short_batch(batch)
@@ -200,7 +202,8 @@ def _why_not(
 
     handle = head.module.register_forward_hook(post)
     try:
-        with preserve_model_state(model), torch.no_grad():
+        # the kernels of the products that need them (a few positions: no memory concern)
+        with preserve_model_state(model), torch.no_grad(), curvature_mode(device, dtype):
             logits = logits_fn(model, short)
             targets = declared.targets(short)
     except Exception as err:  # a batch format the short check cannot cut: do not chunk
@@ -470,6 +473,8 @@ def _decide(
     first_batch: Callable[[], Any],
     unsupported: str | None,
     per_sample: bool,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> tuple[LinearHead, Callable[[nn.Module, Any], torch.Tensor]] | str:
     """The head and the logits function to chunk with, or why chunking does not apply."""
     if declared is None:
@@ -487,7 +492,7 @@ def _decide(
     logits_fn = declared.logits if declared.logits is not None else forward_fn
     if logits_fn is None:
         return "no forward function gives the logits"
-    reason = _why_not(model, head, logits_fn, declared, first_batch())
+    reason = _why_not(model, head, logits_fn, declared, first_batch(), device, dtype)
     return (head, logits_fn) if reason is None else reason
 
 
@@ -535,7 +540,9 @@ def chunked_head(
     if mode == "off":
         return None
     declared = head_ce_of(loss)
-    decision = _decide(owner, model, declared, forward_fn, first_batch, unsupported, per_sample)
+    decision = _decide(
+        owner, model, declared, forward_fn, first_batch, unsupported, per_sample, device, dtype
+    )
     if isinstance(decision, str) or declared is None:
         reason = decision if isinstance(decision, str) else "no declaration"
         if mode == "chunked":
