@@ -191,11 +191,42 @@ def ignored_pieces(rank: int) -> dict[str, Any]:
     return {"rel_vs_single": rel_err(got, single.matvec(v)), "same": _agree(got)}
 
 
+def cuda_probes(rank: int) -> dict[str, Any]:
+    """Counter-based probes of CUDA vectors: rank-count independent, no host sync."""
+    if not torch.cuda.is_available():
+        return {"skipped": True}
+    from hessian_eigenthings.backends.distributed import ShardedBackend
+    from tests.dist_worker import one_rank_backend
+
+    cuda = torch.device("cuda", 0)
+    n = 5000
+    two = ShardedBackend.contiguous(n)
+    two.chunk_size = 512
+    gen = two.generator(9, cuda)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mine = two.probes(n, 2, generator=gen, dtype=torch.float32, device=cuda)
+        synced = False
+    except RuntimeError:
+        synced = True
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = one_rank_backend(n, chunk_size=512)
+    whole = ref.probes(n, 2, generator=ref.generator(9, cuda), dtype=torch.float32, device=cuda)
+    return {
+        "skipped": False,
+        "synced": synced,
+        "match": (not synced) and bool(torch.equal(mine, two.shard(whole.T).T)),
+    }
+
+
 SCENARIOS = {
     "mixed_precision": mixed_precision,
     "allocations": allocations,
     "host_reads": host_reads,
     "ignored_pieces": ignored_pieces,
+    "cuda_probes": cuda_probes,
 }
 
 

@@ -160,3 +160,17 @@ def test_cuda_probe_runs_the_model_dtype_kernels(dtype: torch.dtype) -> None:
     broken = safety.probe_second_order(dtype, torch.device("cuda"))
     assert ("cuda", dtype) in safety._PROBE_CACHE
     assert broken <= set(safety._DECOMPOSED)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_math_attention_only_where_needed(name: str) -> None:
+    """The CUDA SDPA backend flags seen by the model during each product."""
+    model, data = _setup()
+    model = model.cuda()
+    data = [(x.cuda(), y.cuda()) for x, y in data]
+    op = CASES[name](model, data)
+    model.log.clear()
+    op.matvec(torch.randn(op.size, dtype=DT, device="cuda"))
+    assert set(model.log) == EXPECTED[name], model.log

@@ -44,9 +44,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("dist_accel")
+def _run_job(out: Path, scenarios: str) -> list[dict[str, Any]]:
+    """Run ``tests/dist_accel_worker.py`` on 2 gloo ranks; a hang fails the tests."""
     port = _free_port()
     procs = []
     for rank in range(WORLD):
@@ -58,6 +57,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            "HE_ACCEL_SCENARIOS": scenarios,
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         }
         procs.append(
@@ -81,6 +81,19 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     for rank, p in enumerate(procs):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank][-4000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _run_job(
+        tmp_path_factory.mktemp("dist_accel"),
+        "mixed_precision,allocations,host_reads,ignored_pieces",
+    )
+
+
+@pytest.fixture(scope="module")
+def cuda_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _run_job(tmp_path_factory.mktemp("dist_accel_cuda"), "cuda_probes")
 
 
 def _scenario(results: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -117,3 +130,14 @@ def test_fsdp2_all_ignored_pieces_are_skipped_exactly(results: list[dict[str, An
     for res in _scenario(results, "ignored_pieces"):
         assert res["rel_vs_single"] <= 1e-6
         assert res["same"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sharded_probes_draw_without_host_sync(
+    cuda_results: list[dict[str, Any]],
+) -> None:
+    for res in _scenario(cuda_results, "cuda_probes"):
+        assert not res["skipped"]
+        assert not res["synced"]
+        assert res["match"]

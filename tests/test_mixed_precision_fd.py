@@ -161,3 +161,25 @@ def test_ggn_finite_difference_jvp_under_autocast() -> None:
     assert op.fd_eps == pytest.approx(BF16_EPS ** (1 / 3))
     oracle = GGNOperator(_oracle_model(model), _oracle_data(data), supervised_forward, ce)
     assert _worst_error(op, oracle) <= BF16_FD_BOUND
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_autocast_bf16_step_and_accuracy() -> None:
+    """CUDA autocast (bf16 tensor-core matmuls): observed, bf16 step, bf16-level accuracy."""
+    oracle = HessianOperator(_oracle_model(_mlp()), _oracle_data(_data()), _ce)
+    model, data = _mlp().cuda(), [(x.cuda(), y.cuda()) for x, y in _data()]
+
+    def loss(m: nn.Module, b: Any) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return F.cross_entropy(m(b[0]), b[1])
+
+    op = HessianOperator(model, data, loss, method="finite_difference")
+    assert op.fd_eps == pytest.approx(BF16_EPS ** (1 / 3))
+    errs = []
+    for seed in range(DIRECTIONS):
+        v = torch.randn(op.size, generator=torch.Generator().manual_seed(seed))
+        want = oracle.matvec(v.double())
+        got = op.matvec(v.cuda()).double().cpu()
+        errs.append(float((got - want).norm() / want.norm()))
+    assert max(errs) <= BF16_FD_BOUND
