@@ -261,3 +261,16 @@ def test_transformer_lens_unembed_is_chunked_exactly() -> None:
         chunked, plain = make(lm_head="chunked", lm_head_chunk=4), make(lm_head="off")
         v = _v(chunked)
         assert rel_err(chunked.matvec(v), plain.matvec(v)) <= 1e-10, kind
+
+
+@pytest.mark.parametrize("kind", sorted(OPERATORS))
+def test_chunked_products_synchronise_once(kind: str) -> None:
+    from tests._host_syncs import HostSyncCounter
+
+    model, data = _gpt2(), _batches()
+    op = OPERATORS[kind](model, data, lm_head="chunked", lm_head_chunk=4)
+    v = _v(op)
+    op.matvec(v)
+    with HostSyncCounter() as c:
+        op.matvec(v)
+    assert c.syncs == 1, c.events
