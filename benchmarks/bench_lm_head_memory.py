@@ -28,7 +28,7 @@ Usage::
 
 Appends rows (machine, versions, configuration) to
 ``benchmarks/results/lm_head_memory.json`` and rewrites
-``docs/benchmarks/lm_head_memory.md``.
+``docs/benchmarks/lm_head_memory.md`` (``--page-only`` rewrites the page from the JSON).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def _page(rows: list[dict[str, Any]]) -> str:
         "random weights), against one training step (forward and backward of the same loss, "
         'gradients already allocated). `chunked` is the default (`lm_head="auto"`: the '
         "model runs up to the head's input and the head and the loss are applied "
-        f"{cfg['vocab'] and (1 << 22) // cfg['vocab']} tokens at a time); `unchunked` is "
+        f"{(1 << 22) // cfg['vocab']} tokens at a time); `unchunked` is "
         '`lm_head="off"`, the products as they were before. Every number is the median '
         f"of {cfg['repeats']} fresh processes (warm-up run, then the high-water mark of a "
         "second run above the memory before it; `VmHWM` reset through "
@@ -248,6 +248,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--page-only", action="store_true", help="rewrite the page from the JSON")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -255,6 +256,10 @@ def main() -> None:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         print(json.dumps(child(args.child, args.tokens[0], args.vocab, args.width)))
+        return
+    if args.page_only:
+        PAGE.write_text(_page(json.loads(RESULTS.read_text())))
+        print(f"wrote {PAGE.relative_to(ROOT)}")
         return
     ops = args.ops.split(",")
     machine = _machine()
