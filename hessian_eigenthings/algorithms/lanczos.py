@@ -91,6 +91,7 @@ from hessian_eigenthings.algorithms._validation import check_choice, check_int
 from hessian_eigenthings.algorithms.checkpoint import generator_state, restore_generator
 from hessian_eigenthings.algorithms.results import EigenResult
 from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.backends.devices import canonical_device, host_zeros
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = [
@@ -197,7 +198,16 @@ class LanczosState:
 
     def load_dict(self, data: dict[str, Any]) -> None:
         """Restore the fields saved by :meth:`to_dict` (tensors onto this state's devices)."""
-        self.basis = data["basis"].to(self.basis.device)
+        saved = data["basis"]
+        basis = self.basis
+        if basis.shape != saved.shape or basis.dtype != saved.dtype:  # keeps pinning
+            basis = torch.empty(
+                saved.shape,
+                dtype=saved.dtype,
+                device=basis.device,
+                pin_memory=basis.device.type == "cpu" and basis.is_pinned(),
+            )
+        self.basis = basis.copy_(saved)
         self.projected = data["projected"].to(self.projected.device)
         self.num_processed = int(data["num_processed"])
         self.num_basis = int(data["num_basis"])
@@ -278,7 +288,9 @@ class _Lanczos(ResumableRun[EigenResult]):
         n_local = backend.local_size(self.n)
         capacity = self.m + 2
         self.state = LanczosState(
-            basis=torch.zeros((capacity, n_local), dtype=vector_dtype, device=device),
+            basis=host_zeros(
+                (capacity, n_local), dtype=vector_dtype, device=device, serves=operator.device
+            ),
             projected=torch.zeros((capacity, capacity), dtype=torch.float64, device=device),
             num_processed=0,
             num_basis=0,
@@ -307,7 +319,12 @@ class _Lanczos(ResumableRun[EigenResult]):
         if rows <= cap:
             return
         new_cap = max(rows, cap + 2)
-        basis = st.basis.new_zeros((new_cap, st.basis.shape[1]))
+        basis = host_zeros(
+            (new_cap, st.basis.shape[1]),
+            dtype=st.basis.dtype,
+            device=st.basis.device,
+            serves=self.op.device,
+        )
         basis[:cap] = st.basis
         proj = torch.zeros((new_cap, new_cap), dtype=torch.float64, device=st.projected.device)
         proj[:cap, :cap] = st.projected
@@ -616,9 +633,10 @@ def lanczos(
             orthonormal only to that precision, and the residual bounds would not hold.
         basis_device: Device that holds the basis (and the projected matrix); default
             the operator's. ``"cpu"`` with a GPU operator keeps the ``(m + 2) n`` basis in
-            host memory; cost per product: one vector copied to the GPU and one back
-            (``2 n`` entries over PCIe) and the Gram-Schmidt work (``4 p n`` flops for two
-            passes) done on the CPU. Eigenvectors are returned on this device.
+            host memory (page-locked, so the copies need no staging buffer); cost per
+            product: one vector copied to the GPU and one back (``2 n`` entries over PCIe)
+            and the Gram-Schmidt work (``4 p n`` flops for two passes) done on the CPU.
+            Eigenvectors are returned on this device.
         **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
             ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
             The checkpoint holds the whole :class:`LanczosState` and is written at
@@ -679,7 +697,9 @@ def lanczos(
         tol=tol_,
         vector_dtype=vdtype,
         reorthogonalize=reorthogonalize,
-        basis_device=call.operator.device if basis_device is None else torch.device(basis_device),
+        basis_device=canonical_device(
+            call.operator.device if basis_device is None else basis_device
+        ),
         callback=callback,
     )
     config = {"k": k, "which": which, "max_iter": max_matvecs, "tol": tol_, "seed": call.seed_arg}

@@ -6,6 +6,7 @@ from hessian_eigenthings.loss_fns.huggingface import (
     hf_lm_forward,
     hf_lm_loss,
     hf_lm_loss_of_output,
+    hf_lm_per_sample_loss,
     hf_lm_shifted_ce,
     hf_token_count,
 )
@@ -28,6 +29,7 @@ from hessian_eigenthings.loss_fns.transformer_lens import (
     tlens_forward,
     tlens_loss,
     tlens_loss_of_output,
+    tlens_per_sample_loss,
     tlens_token_count,
 )
 
@@ -43,6 +45,7 @@ __all__ = [
     "hf_lm_forward",
     "hf_lm_loss",
     "hf_lm_loss_of_output",
+    "hf_lm_per_sample_loss",
     "hf_lm_shifted_ce",  # deprecated alias of hf_lm_loss_of_output (warns when called)
     "hf_token_count",
     # HuggingFace encoder-decoder LMs (labels not shifted, token-count batch weights)
@@ -55,6 +58,7 @@ __all__ = [
     "tlens_forward",
     "tlens_loss",
     "tlens_loss_of_output",
+    "tlens_per_sample_loss",
     "tlens_token_count",
     # 1.0.0a5 names (deprecated aliases)
     "supervised_loss_of_output",
