@@ -242,7 +242,13 @@ class BatchSource:
         """The first batch of the loader, on the device (for probes)."""
         first, self._first = self._first, None
         if first is None:
-            first = next(iter(self._iterable()))
+            first = next(iter(self._iterable()), _EMPTY)
+            if first is _EMPTY:
+                raise ValueError(
+                    "dataloader yielded no batch when iterated again, though it yielded "
+                    "batches at construction: it can be iterated only once or ran dry. Pass a "
+                    "list, a DataLoader, or a zero-argument function returning a fresh iterable."
+                )
         return move_to_device(first, self.device)
 
     def probe_batches(self) -> Iterator[tuple[int, Any]]:

@@ -508,15 +508,19 @@ class DataCurvatureOperator(CurvatureOperator):
                         p.requires_grad_(True)  # the guard restores the flags
                 self._graph_probe(piece.data)
             if check_determinism:
-                value = self._compare_probe_losses(piece)
-                if self._probe_is_mean_loss and self._weight_fn is leading_dim:
-                    self._check_mean_reduction(piece, value)
+                self._determinism_checks(piece)
 
     def _check_determinism(self) -> None:
         """Raise if the loss on the first non-empty piece is not finite or is random."""
         piece = self._probe_piece()
         with self._probe_context(piece):
-            self._compare_probe_losses(piece)
+            self._determinism_checks(piece)
+
+    def _determinism_checks(self, piece: Piece) -> None:
+        """Finite, not random, and (for a mean loss with default weights) not summed."""
+        value = self._compare_probe_losses(piece)
+        if self._probe_is_mean_loss and self._weight_fn is leading_dim:
+            self._check_mean_reduction(piece, value)
 
     def _compare_probe_losses(self, piece: Piece) -> torch.Tensor:
         with torch.no_grad():
