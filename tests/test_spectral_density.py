@@ -516,3 +516,22 @@ def test_masses_of_a_small_cnn_hessian_match_its_dense_eigenvalues() -> None:
         got, err = masses(res), mass_errors(res)
         assert np.all(got >= lo - 3 * err) and np.all(got <= hi + 3 * err), (got, err, lo, hi)
         assert (eigs < 0).mean() > 0.2 > res.negative_mass  # tiny negatives are not negative
+
+
+def test_masses_round_trip_and_old_payloads_get_them_recomputed() -> None:
+    op = block_op(signed_spectrum(n=300), seed=9)
+    res = spectral_density(op, 4, 30, seed=2)
+    back = SpectralDensityResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    np.testing.assert_array_equal(masses(back), masses(res))
+    np.testing.assert_array_equal(mass_errors(back), mass_errors(res))
+    # A payload written before the masses had error bars: no positive mass, no stderrs,
+    # the zero mass of that version (0 on the linear scale). Masses follow its zero_tol.
+    old = {k: v for k, v in res.to_dict().items() if not k.endswith("mass_stderr")}
+    del old["positive_mass"]
+    old.update(zero_mass=0.0, negative_mass=0.7)
+    loaded = SpectralDensityResult.from_dict(old)
+    np.testing.assert_allclose(masses(loaded), masses(res))
+    np.testing.assert_allclose(mass_errors(loaded), mass_errors(res))
+    assert "masses (negative, zero, positive)" in repr(loaded)
+    one = spectral_density(op, 1, 30, seed=2)
+    assert np.isnan(one.negative_mass_stderr) and masses(one).sum() == pytest.approx(1.0)
