@@ -67,10 +67,11 @@ the wanted values have not moved and their worst relative residual has not halve
 cycles' worth of products (``5 (m - l)``, ``l`` the Ritz vectors kept at a restart) while
 some pair still misses ``tol``. The first stall adds a verification vector, as convergence
 does (repeated eigenvalues); the next one stops the run with ``stop_reason="stagnated"``,
-returning the best pairs with honest flags, and warns once. Results cut short by the budget or a
-time limit return the best pairs too, so a resumed run never reports fewer converged pairs
-than an earlier part of it did. A tolerance below :func:`attainable_tol` (what the dtypes
-can certify at all) is warned about before the run.
+returning the best pairs with honest flags, and warns once. Results cut short by the
+budget or a time limit return the best pairs of the current set too, so a resumed run
+never reports fewer converged pairs for the same eigenvalues than an earlier part did.
+A tolerance below :func:`attainable_tol` (what the dtypes can certify at all) is warned
+about before the run.
 
 Long runs (see ``docs/concepts/long-runs.md``): ``checkpoint=`` writes the whole
 :class:`LanczosState` (basis, projected matrix, counters, residual-bound terms, generator
@@ -611,9 +612,7 @@ class _Lanczos(ResumableRun[EigenResult]):
             return False
         # A wanted Ritz value that moved (a missing eigenvalue or copy was found) starts
         # over: the new set is better whatever its residuals.
-        moved = st.best is not None and bool(
-            ((ritz.values[:k] - st.best["values"]).abs() > self.stall_level * ritz.scale[:k]).any()
-        )
+        moved = self._moved(ritz)
         if moved:
             st.best_progress = math.inf
         if worst < _PROGRESS * st.best_progress:
@@ -634,15 +633,23 @@ class _Lanczos(ResumableRun[EigenResult]):
         stalled = st.num_matvecs - st.progress_at >= self.stall_window
         return stalled and not bool(conv.all())
 
+    def _moved(self, ritz: _Ritz) -> bool:
+        """Whether a wanted Ritz value differs from the best pairs' by more than the level."""
+        best, k = self.state.best, self.k
+        if best is None:
+            return False
+        delta = (ritz.values[:k] - best["values"]).abs()
+        return bool((delta > self.stall_level * ritz.scale[:k]).any())
+
     @staticmethod
     def _score(conv: torch.Tensor, worst: float) -> tuple[int, float]:
         """Order of pairs sets: more pairs meeting ``tol``, then a smaller worst residual."""
         return int(conv.sum()), -worst
 
     def _best_result(self, ritz: _Ritz, conv: torch.Tensor, stop_reason: StopReason) -> EigenResult:
-        """The current pairs, or the remembered best ones if they score higher."""
+        """The current pairs, or the remembered best ones of the same set if they score higher."""
         best = self.state.best
-        if best is not None:
+        if best is not None and not self._moved(ritz):
             worst = float((ritz.residuals[: self.k] / ritz.scale[: self.k]).max())
             if self._score(best["converged"], float(best["worst"])) > self._score(conv, worst):
                 return self._make(
