@@ -1,7 +1,14 @@
 """Loss functions, losses of the model output with closed-form HVPs, and fused kernels."""
 
 from hessian_eigenthings.loss_fns.base import LossOfOutput, loss_of_output
-from hessian_eigenthings.loss_fns.fused_ce import fused_ce_hvp, linear_ce_ggn_product
+from hessian_eigenthings.loss_fns.fused_ce import (
+    fused_ce_hvp,
+    linear_ce_ggn_product,
+    linear_ce_grad,
+    linear_ce_hvp,
+    linear_ce_token_slopes,
+)
+from hessian_eigenthings.loss_fns.head_ce import HeadCrossEntropy
 from hessian_eigenthings.loss_fns.huggingface import (
     hf_lm_forward,
     hf_lm_loss,
@@ -45,7 +52,12 @@ __all__ = [
     "tlens_loss_of_output",
     "tlens_per_sample_loss",
     "tlens_token_count",
-    # fused cross-entropy HVP kernels and the chunked linear-head GGN product
+    # fused cross-entropy HVP kernels and the chunked derivatives of a linear LM head
     "fused_ce_hvp",
     "linear_ce_ggn_product",
+    "linear_ce_grad",
+    "linear_ce_hvp",
+    "linear_ce_token_slopes",
+    # what an LM loss declares so that operators chunk the head (loss.head_ce)
+    "HeadCrossEntropy",
 ]
