@@ -1,7 +1,14 @@
 """Loss functions, losses of the model output with closed-form HVPs, and fused kernels."""
 
 from hessian_eigenthings.loss_fns.base import LossOfOutput, loss_of_output
-from hessian_eigenthings.loss_fns.fused_ce import fused_ce_hvp, linear_ce_ggn_product
+from hessian_eigenthings.loss_fns.fused_ce import (
+    fused_ce_hvp,
+    linear_ce_ggn_product,
+    linear_ce_grad,
+    linear_ce_hvp,
+    linear_ce_token_slopes,
+)
+from hessian_eigenthings.loss_fns.head_ce import HeadCrossEntropy
 from hessian_eigenthings.loss_fns.huggingface import (
     hf_lm_forward,
     hf_lm_loss,
@@ -63,7 +70,12 @@ __all__ = [
     # 1.0.0a5 names (deprecated aliases)
     "supervised_loss_of_output",
     "supervised_per_sample_loss",
-    # fused cross-entropy HVP kernels and the chunked linear-head GGN product
+    # fused cross-entropy HVP kernels and the chunked derivatives of a linear LM head
     "fused_ce_hvp",
     "linear_ce_ggn_product",
+    "linear_ce_grad",
+    "linear_ce_hvp",
+    "linear_ce_token_slopes",
+    # what an LM loss declares so that operators chunk the head (loss.head_ce)
+    "HeadCrossEntropy",
 ]
