@@ -42,10 +42,10 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_estimators import machine  # noqa: E402
-from problems import build, dense_hessian  # noqa: E402
+from bench_estimators import machine
+from problems import build, dense_hessian
 
-from hessian_eigenthings import HessianOperator, LambdaOperator, stochastic_power_iteration  # noqa: E402
+from hessian_eigenthings import HessianOperator, LambdaOperator, stochastic_power_iteration
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "spi_coverage.json"
