@@ -177,7 +177,8 @@ def test_unsupported_configurations_say_why() -> None:
             jvp="finite_difference",
             lm_head="chunked",
         )
-    with pytest.raises(ValueError, match="needs per-sequence losses"):
+    # A reduced loss is refused by the per-sample contract before the head is looked at.
+    with pytest.raises(ValueError, match="must return per-sample losses"):
         EmpiricalFisherOperator(model, data, hf_lm_loss(), lm_head="chunked")
     with pytest.raises(ValueError, match="does not declare"):
         HessianOperator(model, data, lambda m, b: m(**b).loss, lm_head="chunked")
@@ -199,6 +200,21 @@ def test_model_without_a_linear_head_is_not_chunked() -> None:
     model, data = NoHead(), _batches()
     with pytest.raises(ValueError, match="no linear output embedding"):
         GGNOperator(model, data, hf_lm_forward, hf_lm_loss_of_output(), lm_head="chunked")
+
+
+def test_head_weight_computed_from_parameters_is_not_chunked() -> None:
+    # weight normalisation makes lm_head.weight a function of two parameters: chunking
+    # with it as a constant would drop their derivatives, so it is refused (and auto falls
+    # back to the unchunked product, which is exact)
+    model, data = _gpt2(), _batches()
+    model.lm_head = nn.utils.parametrizations.weight_norm(nn.Linear(8, VOCAB, bias=False)).to(DT)
+    with pytest.raises(ValueError, match="computed from parameters"):
+        HessianOperator(model, data, hf_lm_loss(from_logits=True), lm_head="chunked")
+    auto = HessianOperator(model, data, hf_lm_loss(from_logits=True))
+    off = HessianOperator(model, data, hf_lm_loss(from_logits=True), lm_head="off")
+    assert auto._head is None
+    v = _v(auto)
+    assert rel_err(auto.matvec(v), off.matvec(v)) <= 1e-12
 
 
 def test_determinism_probe_still_sees_dropout_when_chunked() -> None:

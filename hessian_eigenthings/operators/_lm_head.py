@@ -158,6 +158,42 @@ def run_to_head(head: LinearHead, run: Callable[[], Any]) -> _Captured:
     return _Captured(store["hidden"], store["weight"], store["bias"])
 
 
+def _views(t: torch.Tensor, p: torch.Tensor) -> bool | None:
+    """``False`` if ``t`` is ``p``'s memory as is, ``True`` if as its transpose, else ``None``."""
+    if t is p:
+        return False
+    if t.data_ptr() != p.data_ptr() or t.numel() != p.numel() or t.dim() != p.dim():
+        return None
+    if t.shape == p.shape and t.stride() == p.stride():
+        return False
+    if t.dim() == 2 and t.shape == p.shape[::-1] and t.stride() == p.stride()[::-1]:
+        return True
+    return None
+
+
+def _slot_of(params: Sequence[torch.Tensor], t: torch.Tensor | None) -> tuple[int | None, bool]:
+    """The index of the parameter ``t`` is (or is a transpose of), and whether transposed."""
+    if t is not None:
+        for i, p in enumerate(params):
+            flipped = _views(t, p)
+            if flipped is not None:
+                return i, flipped
+    return None, False
+
+
+def _derived(model: nn.Module, head: LinearHead) -> str | None:
+    """Why the head's weight or bias is not one of the model's parameters (or a transpose)."""
+    params = list(model.parameters())
+    for name in (head.weight_name, head.bias_name):
+        t = None if name is None else getattr(head.module, name)
+        if isinstance(t, torch.Tensor) and t.requires_grad and _slot_of(params, t)[0] is None:
+            return (
+                f"the output embedding's {name} is computed from parameters (not a parameter "
+                "or its transpose), so its derivatives would be lost"
+            )
+    return None
+
+
 def _short_batch(batch: Any) -> Any:
     """The first sample of ``batch``, cut to its first few positions (for the check)."""
     first = split_batch(batch, 1)[0]
@@ -264,10 +300,16 @@ class ChunkedHead:
         self.device = device
         self.dtype = dtype
         self._call = _Call(model, logits_fn)
-        weight = getattr(head.module, head.weight_name)
+        weight = head.weight_of(getattr(head.module, head.weight_name))
         bias = None if head.bias_name is None else getattr(head.module, head.bias_name)
-        self.weight_slot = next((i for i, p in enumerate(self.params) if p is weight), None)
-        self.bias_slot = next((i for i, p in enumerate(self.params) if p is bias), None)
+        # a head's weight may be a transposed view of its parameter (TransformerLens W_U,
+        # the bridge's W_U of an nn.Linear): its slot and whether the slot holds (D, V)
+        self.weight_slot, self.weight_flipped = _slot_of(self.params, weight)
+        self.bias_slot, _ = _slot_of(self.params, bias)
+
+    def _weight_to_slot(self, value: torch.Tensor) -> torch.Tensor:
+        """A ``(V, D)`` weight product (or tangent) in its parameter's layout, and back."""
+        return value.T if self.weight_flipped else value
 
     # -- pieces ---------------------------------------------------------------------------
     def _targets(self, batch: Any) -> torch.Tensor:
@@ -312,7 +354,7 @@ class ChunkedHead:
             if slot is None or value is None:
                 continue
             if slot == self.weight_slot:
-                value = self.head.weight_of(value)
+                value = self._weight_to_slot(value)
             prev = out[slot]
             out[slot] = value if prev is None else prev + value.to(prev.dtype)
         return out
@@ -406,7 +448,7 @@ class ChunkedHead:
         """``H v`` of the mean token cross entropy (trunk by double backward, head chunked)."""
         batch = piece.data
         targets = self._targets(batch)
-        dw = None if self.weight_slot is None else self.head.weight_of(vs[self.weight_slot])
+        dw = None if self.weight_slot is None else self._weight_to_slot(vs[self.weight_slot])
         db = None if self.bias_slot is None else vs[self.bias_slot]
         with curvature_mode(self.device, self.dtype):
             cap = self._forward(batch)
@@ -489,6 +531,9 @@ def _decide(
             "the model has no linear output embedding (get_output_embeddings() returning an "
             "nn.Linear, or a TransformerLens unembed)"
         )
+    derived = _derived(model, head)
+    if derived is not None:
+        return derived
     logits_fn = declared.logits if declared.logits is not None else forward_fn
     if logits_fn is None:
         return "no forward function gives the logits"
