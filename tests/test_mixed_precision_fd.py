@@ -101,7 +101,9 @@ def test_bf16_stored_model_reaches_the_same_accuracy() -> None:
     assert _worst_error(op, oracle) <= BF16_FD_BOUND
 
 
-def test_compute_dtype_given_skips_the_probe_forward() -> None:
+def test_compute_dtype_costs_no_forward_beyond_the_construction_probe() -> None:
+    # Observed or given, the compute dtype adds no forward: the observation rides on the
+    # construction probe's one forward (the graph check).
     model, data = _mlp(), _data()
     calls = {"n": 0}
 
@@ -109,18 +111,22 @@ def test_compute_dtype_given_skips_the_probe_forward() -> None:
         calls["n"] += 1
         return _ce_autocast(m, b)
 
-    op = HessianOperator(
-        model,
-        data,
-        counted,
-        method="finite_difference",
-        fd_compute_dtype=torch.bfloat16,
-        check_determinism=False,
-    )
-    assert calls["n"] == 0
-    assert op.fd_eps == pytest.approx(BF16_EPS ** (1 / 3))
+    ops = {}
+    for given in (None, torch.bfloat16):
+        calls["n"] = 0
+        ops[given] = HessianOperator(
+            model,
+            data,
+            counted,
+            method="finite_difference",
+            fd_compute_dtype=given,
+            check_determinism=False,
+        )
+        assert calls["n"] == 1, given
+    for op in ops.values():
+        assert op.fd_eps == pytest.approx(BF16_EPS ** (1 / 3))
     oracle = HessianOperator(_oracle_model(model), _oracle_data(data), _ce)
-    assert _worst_error(op, oracle) <= BF16_FD_BOUND
+    assert _worst_error(ops[torch.bfloat16], oracle) <= BF16_FD_BOUND
 
 
 def test_autocast_around_the_product_lowers_the_step_then() -> None:

@@ -126,8 +126,10 @@ class HessianOperator(DataCurvatureOperator):
         # the determinism probe runs once the LM head is set up (it may chunk the probe too)
         check = options.get("check_determinism", True)
         options["check_determinism"] = False
-        super().__init__(model, dataloader, loss_for_weights=loss_fn, **options)
         self._fd_args = (fd_eps, fd_compute_dtype)
+        # the compute dtype seen by the construction probe's forward (not run twice)
+        self._observed: tuple[torch.dtype | None] | None = None
+        super().__init__(model, dataloader, loss_for_weights=loss_fn, **options)
         self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
         self._fd_step: FDStep | None = None
         if method == "finite_difference" and not self._collective_passes:
@@ -161,7 +163,12 @@ class HessianOperator(DataCurvatureOperator):
         return self._loss(batch).detach()
 
     def _graph_probe(self, batch: Any) -> None:
-        check_graph(self._loss(batch), "loss_fn", "a loss")
+        if self.method != "finite_difference" or self._fd_args[1] is not None:
+            check_graph(self._loss(batch), "loss_fn", "a loss")
+            return
+        losses: list[torch.Tensor] = []
+        self._observed = (observed_compute_dtype(lambda: losses.append(self._loss(batch))),)
+        check_graph(losses[0], "loss_fn", "a loss")
 
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
         return self.params if self.method == "finite_difference" else ()
@@ -200,7 +207,9 @@ class HessianOperator(DataCurvatureOperator):
     def _settle_fd_step(self) -> FDStep:
         """Fix the step from the compute dtype (given, or observed in one forward)."""
         fd_eps, compute = self._fd_args
-        if compute is None:
+        if compute is None and self._observed is not None:
+            compute = self._observed[0]
+        elif compute is None:
             piece = self.source.microbatches(self.source.first_batch())[0]
             with preserve_model_state(self.model), torch.no_grad():
                 compute = observed_compute_dtype(lambda: self._loss(piece))
