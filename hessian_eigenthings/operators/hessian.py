@@ -43,6 +43,24 @@ class HessianOperator(DataCurvatureOperator):
       exact up to ``O(h^2)``; needs only first-order autograd (works with any layer and
       with sharded parameters). Parameters are restored bit for bit afterwards.
 
+    Blocks (:meth:`matmat`, and every algorithm's probe blocks): with ``"autograd"``,
+    each (micro)batch costs one forward and one first backward (``create_graph=True``)
+    for the whole block, then one reverse pass through that graph per vector,
+    ``H v_j = \nabla_\theta \langle \nabla_\theta L, v_j \rangle``: in a loop over the
+    retained graph (``block_mode="loop"``) or batched (``"vmap"``,
+    ``is_grads_batched=True``). ``matvec`` is the block of one. With
+    ``"finite_difference"`` every vector needs its own two gradients; a block shares only
+    the pass over the data.
+
+    ``keep_graphs=True`` (``"autograd"`` only) keeps, for every (micro)batch, the forward
+    graph and the first backward's graph alive between products, so each later product
+    is one reverse pass per vector and (micro)batch. Memory: about the peak of one
+    Hessian-vector product (the activations plus the first backward's saved tensors,
+    roughly 2-3x a training step's activations) per (micro)batch, for all of them at
+    once; only for data that fits. A product raises if a parameter changed (in place or
+    replaced), a module switched train/eval mode or a kept batch was modified;
+    :meth:`release_graphs` frees them.
+
     Args:
         model: The model; never modified.
         dataloader: Re-iterable of batches (or a factory returning one).
@@ -53,7 +71,8 @@ class HessianOperator(DataCurvatureOperator):
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
-            ``weight_fn``, ``check_determinism``, ``backend``); ``weight_fn`` defaults to
+            ``weight_fn``, ``check_determinism``, ``backend``, ``block_mode``,
+            ``max_block``, ``keep_graphs``); ``weight_fn`` defaults to
             ``loss_fn.batch_weight`` or the batch size.
 
     Example:
@@ -97,20 +116,75 @@ class HessianOperator(DataCurvatureOperator):
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
         return self.params if self.method == "finite_difference" else ()
 
+    def _keep_graphs_unsupported(self) -> str | None:
+        if self.method == "finite_difference":
+            return "finite differences evaluate gradients at new points for every vector"
+        return None
+
     def _piece_product(
         self, piece: Piece, vs: Sequence[torch.Tensor]
     ) -> Sequence[torch.Tensor | None]:
+        hv = self._piece_products(piece, [v.unsqueeze(0) for v in vs])
+        return [None if h is None else h[0] for h in hv]
+
+    def _piece_products(
+        self, piece: Piece, vs: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
         if self.method == "finite_difference":
-            return self._fd_product(piece, vs)
+            return self._fd_products(piece, vs)
+        graph = self._kept(piece, lambda: self._gradient_graph(piece))
+        if graph is None:  # the loss is at most linear in the selected parameters
+            return [None] * len(self.params)
+        grads, which = graph
+        keep = self._graphs is not None
+        count = vs[0].shape[0]
+        chunks = self._chunks(count)
+        parts: list[tuple[torch.Tensor | None, ...]] = []
+        for c, cols in enumerate(chunks):
+            retain = keep or c < len(chunks) - 1
+            cot = [vs[i][cols] for i in which]
+            if self.block_mode == "vmap" and count > 1:
+                parts.append(
+                    torch.autograd.grad(
+                        grads,
+                        self.params,
+                        cot,
+                        retain_graph=retain,
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                )
+                continue
+            width = cot[0].shape[0]
+            for j in range(width):
+                col = torch.autograd.grad(
+                    grads,
+                    self.params,
+                    [v[j] for v in cot],
+                    retain_graph=retain or j < width - 1,
+                    allow_unused=True,
+                )
+                parts.append(tuple(None if h is None else h.unsqueeze(0) for h in col))
+        return [
+            None if parts[0][i] is None else torch.cat([p[i] for p in parts]).detach()  # type: ignore[misc]
+            for i in range(len(self.params))
+        ]
+
+    def _gradient_graph(self, piece: Piece) -> tuple[list[torch.Tensor], list[int]] | None:
+        r"""The shared part of a block: ``\nabla L_b`` with its graph (``create_graph``).
+
+        Returns the gradients that depend on the parameters and their indices, so that
+        ``H V`` is one reverse pass through them per vector (``grad_outputs = v``, since
+        ``H`` is symmetric), or ``None`` when no gradient does.
+        """
         loss = self._loss(piece.data)
         if not loss.requires_grad:  # no selected parameter reaches the loss
-            return [None] * len(self.params)
+            return None
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
-        if not terms:  # loss is at most linear in the selected parameters
-            return [None] * len(self.params)
-        hv = torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
-        return [None if h is None else h.detach() for h in hv]
+        which = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not which:
+            return None
+        return [grads[i] for i in which], which
 
     # -- finite differences (also the parameter-sharded operator's product) -------------
     def _grad_at(self, piece: Piece) -> list[torch.Tensor | None]:
@@ -120,22 +194,33 @@ class HessianOperator(DataCurvatureOperator):
             return [None] * len(self.params)
         return list(torch.autograd.grad(loss, self.params, allow_unused=True))
 
-    def _direction_norm(self, vs: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """``||v||`` if known beforehand (``None``: computed from ``vs``)."""
+    def _direction_norms(self, vs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """``(||v_j||)_j`` of a block if known beforehand (``None``: computed from ``vs``)."""
         return None
 
-    def _fd_product(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        g_plus, g_minus, vnorm = perturbed_pair(
-            self._blocks,
-            vs,
-            self.fd_eps,
-            lambda: self._grad_at(piece),
-            vnorm=self._direction_norm(vs),
-        )
-        factor = vnorm / (2 * self.fd_eps)
-        return [
-            None
-            if gp is None or gm is None
-            else ((gp.double() - gm.double()) * factor).to(gp.dtype)
-            for gp, gm in zip(g_plus, g_minus)
-        ]
+    def _fd_products(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Central differences, vector by vector: two gradients at ``theta +- h u_j`` each.
+
+        Nothing of one vector's passes serves another (each runs at its own parameters);
+        a block shares only the pass over the data.
+        """
+        norms = self._direction_norms(vs)
+        cols: list[list[torch.Tensor | None]] = []
+        for j in range(vs[0].shape[0]):
+            g_plus, g_minus, vnorm = perturbed_pair(
+                self._blocks,
+                [v[j] for v in vs],
+                self.fd_eps,
+                lambda: self._grad_at(piece),
+                vnorm=None if norms is None else norms[j],
+            )
+            factor = vnorm / (2 * self.fd_eps)
+            cols.append(
+                [
+                    None
+                    if gp is None or gm is None
+                    else ((gp.double() - gm.double()) * factor).to(gp.dtype)
+                    for gp, gm in zip(g_plus, g_minus)
+                ]
+            )
+        return self._stack_columns(cols, vs)

@@ -10,17 +10,20 @@ semi-definite matrix ``M_b`` in output space,
 
 The operators differ only in ``M_b``: the loss Hessian ``\nabla^2_f L_b`` (GGN),
 ``I / B`` on the per-sample losses (empirical Fisher), or the outer products of
-sampled-label gradients (Monte-Carlo Fisher). Per batch a product costs one
-forward-mode pass for ``J_b v`` (no graph kept), one ordinary forward, the product
-``M_b (J_b v)`` in output space, and one reverse pass for ``J_b^\top u``: the memory of
-one training step, without a double backward anywhere.
+sampled-label gradients (Monte-Carlo Fisher). Per batch, a block ``V`` of ``b`` vectors
+costs ONE call of the output function: a forward pass that records the output's
+reverse graph and carries the ``b`` forward-mode tangents ``J_b V`` alongside (dual
+parameters for one vector, ``torch.func.vmap`` over the tangents for several); then
+``M_b (J_b v_j)`` in output space and one reverse pass ``J_b^\top u_j`` per vector (a
+loop over the retained graph, or batched with ``is_grads_batched``). No double backward
+anywhere.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -34,21 +37,22 @@ from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, D
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["OutputCurvatureOperator", "vjp_params"]
+__all__ = ["OutputCurvatureOperator"]
 
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-def vjp_params(
-    out: torch.Tensor, params: Sequence[nn.Parameter], cotangent: torch.Tensor
-) -> list[torch.Tensor | None]:
-    """``J^T u``: one reverse pass from ``out`` with ``grad_outputs=u`` (``None``: zero)."""
-    if not out.requires_grad:  # no selected parameter reaches the output
-        return [None] * len(params)
-    grads = torch.autograd.grad(
-        out, list(params), grad_outputs=cotangent.to(out.dtype), allow_unused=True
-    )
-    return list(grads)
+class _Linearisation(NamedTuple):
+    """A piece's output with its graph, and ``g(u) = J^T u`` built with ``create_graph``.
+
+    ``J v = d<g(u), v>/du`` is one reverse pass through ``g``'s graph, ``J^T u`` one
+    through the output's: both reuse the graph, so kept graphs need no forward pass.
+    """
+
+    out: torch.Tensor
+    u: torch.Tensor
+    grads: list[torch.Tensor]
+    which: list[int]
 
 
 class OutputCurvatureOperator(DataCurvatureOperator):
@@ -56,9 +60,21 @@ class OutputCurvatureOperator(DataCurvatureOperator):
 
     A subclass implements :meth:`_output_product` (``M_b u`` in output space) and
     :meth:`_probe_loss`; this class owns the output function and its checks, the
-    Jacobian-vector product ``J_b v`` (``jvp="forward"``: exact forward-mode AD;
-    ``"finite_difference"``: central difference of outputs with step ``fd_eps``,
-    parameters restored bit for bit) and the reverse pass ``J_b^T u``.
+    Jacobian-vector product ``J_b v`` (``jvp="forward"``: exact forward-mode AD, in the
+    same forward pass that records the graph for ``J_b^T u``; ``"finite_difference"``:
+    central difference of outputs with step ``fd_eps``, two extra forward passes per
+    vector, parameters restored bit for bit) and the reverse pass ``J_b^T u``.
+
+    Memory of the one-pass forward: the activations of a training step plus, while the
+    forward runs, the tangents of the block's vectors (forward-mode activations, freed
+    before the reverse passes); ``max_block`` caps the vectors per forward.
+
+    ``keep_graphs=True`` (``jvp="forward"``) keeps, for every (micro)batch, the output's
+    graph and the graph of ``g(u) = J_b^T u`` built with ``create_graph=True``, so that a
+    later product needs no forward: ``J_b v = \partial \langle g(u), v \rangle /
+    \partial u`` and ``J_b^T u`` are reverse passes through them (this path needs the
+    double backward of every layer, as the Hessian does). Memory: about the peak of a
+    Hessian-vector product per (micro)batch, for all of them at once.
 
     Args:
         model: The model; never modified.
@@ -97,9 +113,7 @@ class OutputCurvatureOperator(DataCurvatureOperator):
         self.jvp = jvp
         super().__init__(model, dataloader, loss_for_weights=loss_for_weights, **options)
         self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
-        self._jvp = OutputJVP(
-            model, self._output, self.named_params, method=jvp, fd_eps=self.fd_eps, what=what
-        )
+        self._jvp = OutputJVP(model, self._output, self.named_params, fd_eps=self.fd_eps, what=what)
 
     # -- subclass hooks -----------------------------------------------------------------
     @abstractmethod
@@ -118,18 +132,107 @@ class OutputCurvatureOperator(DataCurvatureOperator):
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
         return self.params if self.jvp == "finite_difference" else ()
 
+    def _keep_graphs_unsupported(self) -> str | None:
+        if self.jvp == "finite_difference":
+            return "jvp='finite_difference' evaluates the output at new points for every vector"
+        return None
+
+    def _output_products(self, out: torch.Tensor, piece: Piece, us: torch.Tensor) -> torch.Tensor:
+        """``M_b u_j`` for the rows of ``us`` (``(b, *out.shape)``); default column by column."""
+        return torch.stack([self._output_product(out, piece, u) for u in us])
+
     def _piece_product(
         self, piece: Piece, vs: Sequence[torch.Tensor]
     ) -> Sequence[torch.Tensor | None]:
-        # Per vector: J v, then M_b u and J^T u; the forward (``out`` and its graph)
-        # depends on the piece only, so a block of vectors can share it.
-        jv = self._jvp(piece.data, vs)  # no graph kept: peak memory of an inference forward
-        out = self._output(self.model, piece.data)
-        if jv.shape != out.shape:
+        prods = self._piece_products(piece, [v.unsqueeze(0) for v in vs])
+        return [None if h is None else h[0] for h in prods]
+
+    def _piece_products(
+        self, piece: Piece, vs: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
+        chunks = self._chunks(vs[0].shape[0])
+        parts = [self._chunk_products(piece, [v[cols] for v in vs]) for cols in chunks]
+        return [
+            None if parts[0][i] is None else torch.cat([p[i] for p in parts])  # type: ignore[misc]
+            for i in range(len(self.params))
+        ]
+
+    def _chunk_products(
+        self, piece: Piece, vs: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
+        """``J^T M J V`` for one chunk of vectors: ``J V``, ``M (J V)``, ``J^T (M J V)``."""
+        count = vs[0].shape[0]
+        keep = self._graphs is not None
+        if keep:
+            lin = self._kept(piece, lambda: self._linearisation(piece))
+            if lin is None:  # no selected parameter reaches the output
+                return [None] * len(self.params)
+            out = lin.out
+            # J V = d<g(u), V>/du: not None, every kept gradient depends on u
+            jv = cast(
+                torch.Tensor,
+                self._reverse(lin.grads, [lin.u], [vs[i] for i in lin.which], retain=True)[0],
+            )
+        elif self.jvp == "finite_difference":
+            fd = self._jvp.finite_difference
+            jv = torch.stack([fd(piece.data, [v[j] for v in vs]) for j in range(count)])
+            out = self._output(self.model, piece.data)
+        else:
+            out, jv = self._jvp.with_graph(piece.data, vs)
+        if jv.shape[1:] != out.shape:
             raise ValueError(
                 f"{self._what} returned outputs of different shapes in two calls "
-                f"({tuple(jv.shape)} vs {tuple(out.shape)}) on the same batch."
+                f"({tuple(jv.shape[1:])} vs {tuple(out.shape)}) on the same batch."
             )
-        u = self._output_product(out.detach(), piece, jv)
+        if not out.requires_grad:  # no selected parameter reaches the output
+            return [None] * len(self.params)
+        u = self._output_products(out.detach(), piece, jv)
         del jv
-        return vjp_params(out, self.params, u)
+        return self._reverse([out], self.params, [u.to(out.dtype)], retain=keep)
+
+    def _reverse(
+        self,
+        outputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        cotangents: Sequence[torch.Tensor],
+        *,
+        retain: bool,
+    ) -> list[torch.Tensor | None]:
+        """``(d outputs / d inputs)^T`` times each row of ``cotangents``, as ``(b, ...)``."""
+        count = cotangents[0].shape[0]
+        if self.block_mode == "vmap" and count > 1:
+            grads = torch.autograd.grad(
+                outputs,
+                inputs,
+                cotangents,
+                retain_graph=retain,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            return [None if g is None else g.detach() for g in grads]
+        cols = [
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                [c[j] for c in cotangents],
+                retain_graph=retain or j < count - 1,
+                allow_unused=True,
+            )
+            for j in range(count)
+        ]
+        return [
+            None if cols[0][i] is None else torch.stack([c[i] for c in cols]).detach()
+            for i in range(len(inputs))
+        ]
+
+    def _linearisation(self, piece: Piece) -> _Linearisation | None:
+        """The kept graphs of a piece (``keep_graphs=True``): output and ``J^T u``."""
+        out = self._output(self.model, piece.data)
+        if not out.requires_grad:
+            return None
+        u = torch.zeros_like(out, requires_grad=True)
+        grads = torch.autograd.grad(out, self.params, u, create_graph=True, allow_unused=True)
+        which = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not which:
+            return None
+        return _Linearisation(out, u, [grads[i] for i in which], which)

@@ -50,12 +50,14 @@ differences are overrides of the loop's seams: vectors are split into local shar
 the ranks run their passes in lock step, each pass weighs its loss before the
 (collective) backward, and the decisions that end a product are taken together.
 
-Communication per matvec: before each microbatch round one all-reduce of three
-float64 numbers (ranks with data left; ``||v||^2`` in the first round; the total
-weight in the last), i.e. ``P + 1`` small all-reduces for at most ``P`` microbatches
-on any rank, plus FSDP's all-gathers and reduce-scatters for two forward/backward
-passes per round. Each round reads the small buffer on the host (one synchronisation
-per microbatch, negligible next to two collective forward/backward passes). A rank
+Communication per product: before each microbatch round one all-reduce of ``2 + b``
+float64 numbers for a block of ``b`` vectors (ranks with data left; the total weight in
+the last round; the vectors' ``||v_j||^2`` in the first), i.e. ``P + 1`` small
+all-reduces for at most ``P`` microbatches on any rank whatever the block's width, plus
+FSDP's all-gathers and reduce-scatters for two forward/backward passes per vector and
+round (finite differences share no pass between vectors). Each round reads the small
+buffer on the host (one synchronisation per microbatch, negligible next to two
+collective forward/backward passes). A rank
 whose shard of the product is not finite sends NaN as its weight in the last round, so
 every rank sees the same verdict without another collective; only then, on the error
 path, the ranks gather which of their losses went non-finite to name the batch.
@@ -141,37 +143,38 @@ def _gradient_scales(model: nn.Module, params: Sequence[nn.Parameter], world: in
 class _LockStep:
     """One product's rounds: FSDP's passes are collective, so all ranks run as many.
 
-    Before each pass, one all-reduce of ``[has a piece, ||v_r||^2 (first round only),
-    W_r (ranks without a piece; NaN if the rank's shard of the product is not
-    finite)]``. Ranks that ran out of pieces repeat their last one with weight 0 (and
-    still add their shard of the pass's summed gradient) until every rank is done; the
-    round in which no rank has a piece carries the total weight.
+    Before each (micro)batch, one all-reduce of ``[has a piece, W_r (ranks without a
+    piece; NaN if the rank's shard of the product is not finite), ||v_{r,j}||^2 for the
+    block's vectors (first round only)]``. Ranks that ran out of pieces repeat their last
+    one with weight 0 (and still add their shard of the pass's summed gradient) until
+    every rank is done; the round in which no rank has a piece carries the total weight.
     """
 
-    def __init__(self, group: Any, v: torch.Tensor, vs: list[torch.Tensor]) -> None:
+    def __init__(self, group: Any, rows: torch.Tensor, vs: list[torch.Tensor]) -> None:
         self.group = group
-        self.vs = vs  # v in blocks: ranks without a piece perturb their shards too
-        self.sq: torch.Tensor | None = torch.dot(v.double(), v.double())
-        self.vnorm = torch.zeros((), dtype=torch.float64, device=v.device)
-        self.losses: list[torch.Tensor] = []  # two per pass (at theta +- h u)
+        self.vs = vs  # the block in parameter blocks: ranks without a piece perturb too
+        self.width = rows.shape[0]
+        self.sq: torch.Tensor | None = rows.double().square().sum(dim=1)
+        self.vnorm = torch.zeros(self.width, dtype=torch.float64, device=rows.device)
+        self.losses: list[torch.Tensor] = []  # two per vector and pass (at theta +- h u)
         self.filler: Any = None  # the last piece's data, rerun with weight 0
 
     def round(
         self, *, has_piece: bool, weight: int | torch.Tensor = 0, finite: bool = True
     ) -> tuple[int, torch.Tensor]:
         """``(ranks with a piece, summed weight)`` of this round (one all-reduce)."""
-        ctrl = torch.zeros(3, dtype=torch.float64, device=self.vnorm.device)
+        ctrl = torch.zeros(2 + self.width, dtype=torch.float64, device=self.vnorm.device)
         if has_piece:
             ctrl[0] = 1.0
         else:
-            ctrl[2] = weight if finite else float("nan")
+            ctrl[1] = weight if finite else float("nan")
         if self.sq is not None:
-            ctrl[1] = self.sq
+            ctrl[2:] = self.sq
         host = sum_across_ranks(ctrl, self.group).cpu()
         if self.sq is not None:
-            self.vnorm = host[1].sqrt().to(self.vnorm.device)
+            self.vnorm = host[2:].sqrt().to(self.vnorm.device)
             self.sq = None
-        return int(host[0]), host[2].to(self.vnorm.device)
+        return int(host[0]), host[1].to(self.vnorm.device)
 
 
 class ShardedHessianOperator(HessianOperator):
@@ -344,10 +347,10 @@ class ShardedHessianOperator(HessianOperator):
         # every parameter keeps requires_grad: FSDP reduce-scatters gradients per module
         return preserve_model_state(self.model, snapshot_params=self.params)
 
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         _reshard(self.model)
-        self._rounds = _LockStep(self.process_group, v, self._split(v))
-        return super()._matvec(v)
+        self._rounds = _LockStep(self.process_group, V.T, self._split(V.T))
+        return super()._matmat(V)
 
     def _pieces(self) -> Iterator[Piece]:
         rounds = self._rounds
@@ -367,8 +370,8 @@ class ShardedHessianOperator(HessianOperator):
         # rank's weighted gradient, so the product owes no unit.
         return self._flat_product(piece, vs, like), 1
 
-    def _direction_norm(self, vs: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self._rounds.vnorm  # of the global vector, agreed in the first round
+    def _direction_norms(self, vs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self._rounds.vnorm  # of the global vectors, agreed in the first round
 
     def _grad_at(self, piece: Piece) -> list[torch.Tensor | None]:
         """This rank's shard of ``sum_r w_r grad L_r`` over the ranks' pieces of the pass."""
@@ -411,12 +414,12 @@ class ShardedHessianOperator(HessianOperator):
             torch.tensor([n in mine_bad for n, _ in self.named_params]), self.process_group
         )
         names = tuple(n for (n, _), bad in zip(self.named_params, bad_blocks) if bad)
-        losses = self._rounds.losses
+        losses, per_pass = self._rounds.losses, 2 * self._rounds.width
         mine = [
             (
                 b,
                 m,
-                bool(torch.isfinite(torch.stack(losses[2 * i : 2 * i + 2])).all()),
+                bool(torch.isfinite(torch.stack(losses[per_pass * i : per_pass * (i + 1)])).all()),
                 bool(torch.isfinite(f)),
             )
             for i, (b, m, f) in enumerate(flags)
