@@ -50,7 +50,9 @@ def preserve_model_state(
             for p, saved in values:
                 p.copy_(saved)
             for b, saved_b in buffers:
-                if b.shape == saved_b.shape:
+                # unchanged buffers are not rewritten (that would bump their version):
+                # graphs kept between products (keep_graphs=True) may have saved them
+                if b.shape == saved_b.shape and not torch.equal(b, saved_b):
                     b.copy_(saved_b)
         # Assign only what changed: setters of .grad and Module attributes are not free.
         for p, req, g in zip(params, requires, grads):
