@@ -346,3 +346,44 @@ def test_to_scipy_passes_blocks_to_matmat() -> None:
         )
         <= 1e-12
     )
+
+
+# -- algorithms: products in blocks ----------------------------------------------------------
+
+
+def _counted_hessian() -> tuple[HessianOperator, Counted]:
+    loss = Counted(_ce)
+    op = HessianOperator(_net(), _data((5, 3, 4)), loss)
+    loss.calls = 0
+    return op, loss
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_trace_at_64_products_evaluates_the_loss_at_most_8_times_per_batch(method: str) -> None:
+    from hessian_eigenthings import trace
+
+    op, loss = _counted_hessian()
+    res = trace(op, 64, method=method, seed=0)
+    assert res.num_matvecs <= 64
+    assert loss.calls <= 8 * 3  # 3 batches; one column at a time would be 3 * 64
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_diagonal_at_64_products_evaluates_the_loss_at_most_8_times_per_batch(
+    method: str,
+) -> None:
+    from hessian_eigenthings import diagonal
+
+    op, loss = _counted_hessian()
+    diagonal(op, 64, method=method, seed=0)
+    assert loss.calls <= 8 * 3
+
+
+def test_spectral_density_runs_in_lockstep() -> None:
+    """8 runs of 20 Lanczos steps: one block product per step for all runs."""
+    from hessian_eigenthings import spectral_density
+
+    op, loss = _counted_hessian()
+    res = spectral_density(op, num_runs=8, lanczos_steps=20, seed=0)
+    assert res.num_matvecs == 8 * 20
+    assert loss.calls <= 25 * 3  # one run after another: 160 * 3

@@ -87,7 +87,7 @@ def test_sigkill_mid_run_resumes_to_the_identical_result(name: str, tmp_path: Pa
     reference = RUNS[name](operator(lambda c: counted.__setitem__(0, c)))
     total = counted[0]
     rng = random.Random()
-    # After the first checkpoint (SLQ writes between runs of 12 products), before the end.
+    # After the first checkpoint, before the end.
     kill_at = rng.randint(14 if name == "slq" else 8, total - 12)
     path = tmp_path / "run.ckpt"
     child = subprocess.Popen(
