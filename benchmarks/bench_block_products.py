@@ -267,8 +267,8 @@ def bench_algorithms(problem: P.Problem, rounds: int) -> list[dict[str, Any]]:
         after_res, before_res = call(op, False), call(before, True)  # warm, and agreement
         t_after, t_before, ratio = [], [], []
         for _ in range(rounds):
-            a = timed(lambda: call(op, False))
-            b = timed(lambda: call(before, True))
+            a = timed(lambda call=call: call(op, False))
+            b = timed(lambda call=call: call(before, True))
             t_after.append(a)
             t_before.append(b)
             ratio.append(b / a)
@@ -504,13 +504,14 @@ def main() -> None:
     for name in args.problems.split(","):
         problem = P.build(name, smoke=False, dtype=torch.float32)
         print(f"== {name}: {problem.num_params} parameters", flush=True)
-        for section, run in (
-            ("products", lambda: bench_products(problem, args.rounds)),
-            ("algorithms", lambda: bench_algorithms(problem, args.algorithm_rounds)),
-            ("lanczos", lambda: bench_lanczos(problem, args.algorithm_rounds)),
-        ):
+        runs: dict[str, Callable[[P.Problem, int], list[dict[str, Any]]]] = {
+            "products": bench_products,
+            "algorithms": bench_algorithms,
+            "lanczos": bench_lanczos,
+        }
+        for section, run in runs.items():
             if section in sections:
-                new = run()
+                new = run(problem, args.rounds if section == "products" else args.algorithm_rounds)
                 for r in new:
                     print(json.dumps({k: v for k, v in r.items() if k != "params"}), flush=True)
                 rows += [{**r, **meta} for r in new]

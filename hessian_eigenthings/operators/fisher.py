@@ -60,10 +60,11 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
     ``N`` counts every sample of every batch used (ragged batches and microbatches are
     weighted by their sample counts), so ``F`` is exactly the mean over all samples.
     Per batch of ``B`` samples the product is
-    ``(1/B) J_\ell^\top (J_\ell v) = (1/B) \sum_i \langle g_i, v\rangle g_i``: one
-    forward-mode JVP of the per-sample losses (exact; or a finite difference with
-    ``jvp="finite_difference"``) and one backward pass, in O(n) memory (no per-sample
-    gradient matrix).
+    ``(1/B) J_\ell^\top (J_\ell v) = (1/B) \sum_i \langle g_i, v\rangle g_i``: one call of
+    ``loss_fn`` per batch and block of vectors (a forward pass carrying the forward-mode
+    tangents ``J_\ell v_j``, exact; or finite differences with
+    ``jvp="finite_difference"``) and one backward pass per vector, in O(n) memory (no
+    per-sample gradient matrix).
 
     The empirical Fisher is not the Fisher information nor the GGN in general (Kunstner
     et al., 2019); it is the uncentred covariance of the per-sample gradients. For the

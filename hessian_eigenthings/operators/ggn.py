@@ -15,9 +15,10 @@ method"). It is positive semi-definite whenever the loss is convex in the output
 (cross-entropy, squared error) and equals the Hessian without the term that involves
 the model's second derivatives.
 
-One product ``G v`` costs one forward-mode pass (``J v``), the loss's closed-form
-``H_b (J v)``, and one reverse pass (``J^T u``): the memory of one training step,
-without a double backward anywhere.
+One product ``G v`` costs one forward pass that also carries the forward-mode tangent
+``J v`` (and records the graph for the reverse pass), the loss's closed-form
+``H_b (J v)``, and one reverse pass (``J^T u``), without a double backward anywhere; a
+block of vectors shares the forward.
 """
 
 from __future__ import annotations
@@ -57,14 +58,19 @@ class GGNOperator(OutputCurvatureOperator):
     tokens via the loss's ``batch_weight``), so ragged batches and token losses give the
     GGN of the mean over all samples (tokens). Schraudolph (2002); Martens (2020).
 
-    Per product and batch (default path): one forward-mode pass for ``J v`` (no graph
-    kept), one ordinary forward, the loss's closed-form ``H (J v)`` and one backward
-    pass, and no double backward through the softmax. Memory: the forward-mode pass keeps
-    no graph, so for deep models the peak is that of a training step; for a
+    Per batch and block of vectors (default path): ONE call of ``forward_fn``, a forward
+    pass that records the graph and carries the forward-mode tangents ``J v_j`` of the
+    block's vectors; then the loss's closed-form ``H (J v_j)`` and one backward pass per
+    vector, and no double backward through the softmax (see
+    :class:`~hessian_eigenthings.operators.output_curvature.OutputCurvatureOperator`).
+    Memory: a training step's activations plus, during the forward, the tangents; for a
     vocabulary-sized output layer PyTorch's JVP formulas materialise the primal, the
-    tangent and their partial products (about 5 logits-sized tensors, 1.8x the peak of a
-    gradient step at 32k classes; ``benchmarks/bench_ggn_memory.py``).
-    ``microbatch_size`` bounds it without changing the result.
+    tangent and their partial products (1.5x the peak of a gradient step at 8k classes,
+    as with the former two-pass product; ``benchmarks/bench_ggn_memory.py``).
+    ``microbatch_size`` and ``max_block`` bound it without changing the result. A model
+    whose forward updates buffers in place (train-mode BatchNorm) gets one forward-mode
+    pass per vector plus one forward with graph, since ``torch.func`` cannot batch
+    tangents through in-place buffer updates.
 
     Options:
         ``loss_hvp="analytical"`` (default) uses ``loss_of_output_fn.hvp(output, batch,
@@ -92,7 +98,8 @@ class GGNOperator(OutputCurvatureOperator):
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
-            ``weight_fn``, ``check_determinism``, ``backend``); ``weight_fn`` defaults to
+            ``weight_fn``, ``check_determinism``, ``backend``, ``block_mode``,
+            ``max_block``, ``keep_graphs``); ``weight_fn`` defaults to
             ``loss_of_output_fn.batch_weight`` or the batch size.
 
     Example:
