@@ -156,6 +156,10 @@ def two_pass_ggn(op: GGNOperator, batches: list[Any]) -> Callable[[torch.Tensor]
     sizes = [p.numel() for p in op.params]
 
     def product(v: torch.Tensor) -> torch.Tensor:
+        with P.math_attention():  # as the operator's curvature mode
+            return weighted(v)
+
+    def weighted(v: torch.Tensor) -> torch.Tensor:
         vs = [t.view_as(p) for t, p in zip(torch.split(v, sizes), op.params)]
         total, weight = torch.zeros_like(v), 0
         for batch in batches:
@@ -492,6 +496,9 @@ def main() -> None:
         "--md", type=Path, default=ROOT / "docs" / "benchmarks" / "block_products.md"
     )
     parser.add_argument("--from-json", action="store_true", help="only re-render the page")
+    parser.add_argument(
+        "--update", action="store_true", help="keep the other problems' rows of --out"
+    )
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads(args.out.read_text(encoding="utf-8"))
@@ -500,8 +507,12 @@ def main() -> None:
     P.set_threads(1)
     meta = machine()
     sections = args.sections.split(",")
+    names = args.problems.split(",")
     rows: list[dict[str, Any]] = []
-    for name in args.problems.split(","):
+    if args.update and args.out.exists():
+        saved = json.loads(args.out.read_text(encoding="utf-8"))
+        rows = [r for r in saved["rows"] if r["problem"] not in names]
+    for name in names:
         problem = P.build(name, smoke=False, dtype=torch.float32)
         print(f"== {name}: {problem.num_params} parameters", flush=True)
         runs: dict[str, Callable[[P.Problem, int], list[dict[str, Any]]]] = {
@@ -515,6 +526,8 @@ def main() -> None:
                 for r in new:
                     print(json.dumps({k: v for k, v in r.items() if k != "params"}), flush=True)
                 rows += [{**r, **meta} for r in new]
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every problem
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1), encoding="utf-8")
     meta["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1), encoding="utf-8")

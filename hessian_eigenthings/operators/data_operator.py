@@ -531,6 +531,8 @@ class DataCurvatureOperator(CurvatureOperator):
         return self._matmat(v.unsqueeze(1)).squeeze(1)  # the block path with b = 1
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if V.shape[1] == 0:  # no vector: no pass over the data
+            return torch.zeros_like(V)
         rows = self._accumulate(V)
         return rows.T if rows.shape[0] == 1 else rows.T.contiguous()
 
