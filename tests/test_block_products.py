@@ -269,6 +269,13 @@ def test_kept_graphs_refuse_a_changed_model_or_data_and_rebuild_on_release() -> 
         op.matvec(v)
     model.eval()
     op.matvec(v)
+    with torch.no_grad():  # running statistics change without a version bump
+        model.train()(data[0][0])
+    model.eval()
+    with pytest.raises(RuntimeError, match="buffer 'bn.running_mean' changed"):
+        op.matvec(v)
+    op.release_graphs()
+    op.matvec(v)
     data[1][0].mul_(2.0)  # the user's batch, edited in place
     with pytest.raises(RuntimeError, match=r"batch 1 \(microbatch 0\) changed in place"):
         op.matvec(v)

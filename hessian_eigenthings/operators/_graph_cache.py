@@ -7,8 +7,10 @@ and the batch only (the forward pass and, for the Hessian, the first backward wi
 parameters, the mode and the data it was built with, so every product first checks
 that nothing changed underneath: each parameter of the model is the same tensor, with
 the same storage and the same version counter (PyTorch increments ``_version`` on every
-in-place write, as an optimizer step or ``load_state_dict`` does), every module is in
-the same train/eval mode, and every tensor of the kept batches has the same version.
+in-place write, as an optimizer step or ``load_state_dict`` does), every buffer holds the
+same values (compared with a copy: BatchNorm updates its running statistics without
+incrementing their versions), every module is in the same train/eval mode, and every
+tensor of the kept batches has the same version.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class GraphCache:
         self.pieces: list[Piece] | None = None  # set once a whole product has read them
         self._states: dict[tuple[int, int], Any] = {}
         self._params: list[tuple[str, nn.Parameter, int, int]] = []
+        self._buffers: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self._modes: list[tuple[str, nn.Module, bool]] = []
         self._data: list[tuple[int, int, torch.Tensor, int]] = []
 
@@ -74,7 +77,7 @@ class GraphCache:
         """Forget everything (the next product reads the loader and builds again)."""
         self.pieces = None
         self._states.clear()
-        self._params, self._modes, self._data = [], [], []
+        self._params, self._buffers, self._modes, self._data = [], [], [], []
 
     @contextmanager
     def forget_on_error(self) -> Iterator[None]:
@@ -90,6 +93,7 @@ class GraphCache:
         self._params = [
             (name, p, p.data_ptr(), p._version) for name, p in self.model.named_parameters()
         ]
+        self._buffers = [(n, b, b.detach().clone()) for n, b in self.model.named_buffers()]
         self._modes = [(name, m, m.training) for name, m in self.model.named_modules()]
 
     def check(self, owner: str) -> None:
@@ -106,13 +110,25 @@ class GraphCache:
             self._refuse(owner, what)
         if len(current) != len(self._params):
             self._refuse(owner, "the model's set of parameters changed")
+        for name, b, saved in self._buffers:
+            if b.shape != saved.shape:
+                self._refuse(owner, f"buffer {name!r} changed shape")
+        if self._buffers:  # one host synchronisation for all of them
+            flags = [(b != saved).any() for _, b, saved in self._buffers]
+            device = flags[0].device
+            changed = torch.stack([f.to(device) for f in flags]).tolist()
+            for (name, _, _), differs in zip(self._buffers, changed):
+                if differs:
+                    self._refuse(owner, f"buffer {name!r} changed")
         for name, m, training in self._modes:
             if m.training != training:
                 mode = "train" if m.training else "eval"
                 self._refuse(owner, f"module {name or '<root>'} switched to {mode} mode")
-        for b, mb, t, version in self._data:
+        for batch, micro, t, version in self._data:
             if t._version != version:
-                self._refuse(owner, f"a tensor of batch {b} (microbatch {mb}) changed in place")
+                self._refuse(
+                    owner, f"a tensor of batch {batch} (microbatch {micro}) changed in place"
+                )
 
     @staticmethod
     def _refuse(owner: str, what: str) -> None:

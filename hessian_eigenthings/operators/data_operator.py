@@ -324,7 +324,9 @@ class DataCurvatureOperator(CurvatureOperator):
     def _guard(self) -> AbstractContextManager[None]:
         """What restores the user's model after a product, also when it raises."""
         return preserve_model_state(
-            self.model, snapshot_params=self._snapshot_params(), only_grad_for=self.params
+            self.model,
+            snapshot_params=self._snapshot_params(),
+            only_grad_for=self.params,
         )
 
     def _pieces(self) -> Iterator[Piece]:
