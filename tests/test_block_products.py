@@ -423,3 +423,25 @@ def test_spectral_density_in_lockstep_equals_one_run_at_a_time(mode: str) -> Non
     for a, b in zip(together.nodes, alone.nodes):
         assert a.shape == b.shape
         assert float(abs(a - b).max()) <= 1e-10 * float(abs(b).max())
+
+
+def test_lanczos_multiplies_its_verification_band_in_blocks() -> None:
+    """Once a verification vector joins, two pending vectors exist at every step: they are
+    multiplied together (one pass over the data for two products), same results."""
+    from hessian_eigenthings import LambdaOperator, lanczos
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=DT))
+    A = (Q * torch.linspace(1.0, 10.0, 80, dtype=DT)) @ Q.T
+    calls = {"passes": 0, "columns": 0}
+
+    def mm(X: torch.Tensor) -> torch.Tensor:
+        calls["passes"] += 1
+        calls["columns"] += 1 if X.dim() == 1 else X.shape[1]
+        return A @ X
+
+    blocked = lanczos(LambdaOperator(mm, 80, dtype=DT, matmat_fn=mm), k=3, seed=1)
+    alone = lanczos(LambdaOperator(lambda v: A @ v, 80, dtype=DT), k=3, seed=1)
+    assert calls["columns"] == blocked.num_matvecs == alone.num_matvecs
+    assert calls["passes"] < calls["columns"]
+    assert torch.allclose(blocked.eigenvalues, alone.eigenvalues, rtol=1e-12, atol=0)
