@@ -15,7 +15,8 @@ times every variant once, in the same order, so machine noise hits all alike).
 vectors over the time of one ``matvec`` (the block of 1), and the time of one product over
 that of one gradient of the same loss. ``ggn_two_pass`` is the previous GGN product (a
 forward-mode pass without graph, then a second forward with graph and one reverse pass),
-rebuilt here from the library's pieces, to show the one-pass product against it.
+rebuilt here on the same data loop from the library's pieces, to show the one-pass
+product against it.
 
 ``algorithms``: wall-clock of ``trace`` (each method) and ``diagonal`` (each method) at
 64 products and of ``spectral_density(num_runs=8, lanczos_steps=20)`` on the Hessian,
@@ -50,9 +51,7 @@ from typing import Any
 import numpy as np
 import scipy
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -139,42 +138,19 @@ def make_operator(problem: P.Problem, kind: str, **options: Any) -> Any:
     return EmpiricalFisherOperator(model, data, _rows, weight_fn=_rows_weight, **options)
 
 
-def two_pass_ggn(op: GGNOperator, batches: list[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The previous GGN product, rebuilt: per batch a forward-mode pass without graph, a
-    second forward with graph, ``H (J v)`` and one reverse pass; sample-weighted mean."""
-    names = ["model." + n for n, _ in op.named_params]
+class TwoPassGGN(GGNOperator):
+    """The previous GGN product, rebuilt on the same data loop: per batch and vector a
+    forward-mode pass without graph, then a second forward with graph, ``H (J v)`` and one
+    reverse pass (built from the operator's own pieces; for the benchmark only)."""
 
-    class Call(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = op.model
-
-        def forward(self, batch: Any) -> torch.Tensor:
-            return _forward(self.model, batch)
-
-    call = Call()
-    sizes = [p.numel() for p in op.params]
-
-    def product(v: torch.Tensor) -> torch.Tensor:
-        with P.math_attention():  # as the operator's curvature mode
-            return weighted(v)
-
-    def weighted(v: torch.Tensor) -> torch.Tensor:
-        vs = [t.view_as(p) for t, p in zip(torch.split(v, sizes), op.params)]
-        total, weight = torch.zeros_like(v), 0
-        for batch in batches:
-            with torch.no_grad(), fwAD.dual_level():
-                duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, op.params, vs)}
-                jv = fwAD.unpack_dual(functional_call(call, duals, (batch,))).tangent
-            out = _forward(op.model, batch)
-            hu = op.loss_of_output_fn.hvp(out.detach(), batch, jv)
-            grads = torch.autograd.grad(out, op.params, hu)
-            w = int(op.loss_of_output_fn.batch_weight(batch))
-            total += w * torch.cat([g.reshape(-1) for g in grads])
-            weight += w
-        return total / weight
-
-    return product
+    def _chunk_products(self, piece: Any, vs: Any) -> Any:
+        cols = []
+        for j in range(vs[0].shape[0]):
+            jv = self._jvp._dual_forward(piece.data, [v[j] for v in vs])
+            out = self._output(self.model, piece.data)
+            u = self._output_product(out.detach(), piece, jv)
+            cols.append(torch.autograd.grad(out, self.params, u, allow_unused=True))
+        return self._stack_columns(cols, vs)
 
 
 # -- products ----------------------------------------------------------------------------------
@@ -183,7 +159,8 @@ def two_pass_ggn(op: GGNOperator, batches: list[Any]) -> Callable[[torch.Tensor]
 def bench_products(problem: P.Problem, rounds: int) -> list[dict[str, Any]]:
     ops = {(k, m): make_operator(problem, k, block_mode=m) for k in KINDS for m in MODES}
     ggn = ops[("ggn", "loop")]
-    previous_ggn = two_pass_ggn(ggn, problem.batches)
+    two_pass = TwoPassGGN(problem.model, problem.batches, _forward, cross_entropy_loss_of_output())
+    previous_ggn = two_pass.matvec
     n = problem.num_params
     gen = torch.Generator().manual_seed(0)
     V = torch.randn(n, max(BLOCKS), generator=gen, dtype=torch.float32)
