@@ -474,7 +474,7 @@ def main() -> None:
     )
     parser.add_argument("--from-json", action="store_true", help="only re-render the page")
     parser.add_argument(
-        "--update", action="store_true", help="keep the other problems' rows of --out"
+        "--update", action="store_true", help="keep the rows of --out that this run does not redo"
     )
     args = parser.parse_args()
     if args.from_json:
@@ -488,7 +488,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     if args.update and args.out.exists():
         saved = json.loads(args.out.read_text(encoding="utf-8"))
-        rows = [r for r in saved["rows"] if r["problem"] not in names]
+        rows = [
+            r for r in saved["rows"] if r["problem"] not in names or r["section"] not in sections
+        ]
     for name in names:
         problem = P.build(name, smoke=False, dtype=torch.float32)
         print(f"== {name}: {problem.num_params} parameters", flush=True)
