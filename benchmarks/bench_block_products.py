@@ -459,7 +459,55 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"| {r['problem']} | {r['solver']} | {r['products']} | {r['wall_s']:.3f} | "
                 f"{r['over_ours']:.2f} | {r['max_rel_eig_diff_vs_ours']:.1e} |"
             )
+    out += ["", "## Against the goals", ""] + [f"- {line}" for line in goals(rows)]
     return "\n".join(out) + "\n"
+
+
+def goals(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's goals, checked against this run's medians (CPU default: ``loop``)."""
+    lines = []
+    per = {
+        (r["problem"], r["operator"], r["mode"], r["block"]): r["per_vector_over_product"]
+        for r in rows
+        if r["section"] == "products" and "per_vector_over_product" in r
+    }
+    grad = {
+        (r["problem"], r["operator"], r["mode"]): r["product_over_gradient"]
+        for r in rows
+        if r["section"] == "products" and "product_over_gradient" in r
+    }
+    miss = [
+        f"{p} {k} {m} {v:.2f}" for (p, k, m, b), v in sorted(per.items()) if b == 16 and v > 0.6
+    ]
+    over = [
+        f"{p} {k} {m} {v:.2f}" for (p, k, m, b), v in sorted(per.items()) if b == 16 and v > 0.75
+    ]
+    lines.append(
+        "Per-vector cost at `b = 16` at most 0.6x a product (0.75x the floor): "
+        + ("met everywhere" if not miss else f"above 0.6 in {', '.join(miss)}")
+        + ("" if not over else f"; above the 0.75 floor in {', '.join(over)}")
+        + "."
+    )
+    for (p, k, m), g in sorted(grad.items()):
+        if k != "ggn":
+            continue
+        blocked = per.get((p, k, m, 16))
+        tail = "" if blocked is None else f", {g * blocked:.2f}x per vector in a block of 16"
+        two = grad.get((p, "ggn_two_pass", "-"))
+        prev = "" if two is None else f" (the two-pass product: {two:.2f}x)"
+        lines.append(
+            f"GGN product at most 1.5x a gradient, {p} ({m}): {g:.2f}x for one product{prev}{tail}."
+        )
+    for r in rows:
+        if r["section"] == "algorithms" and r["speedup"] < 1.6:
+            lines.append(
+                f"Algorithms at least 1.6x faster: {r['problem']} {r['algorithm']} "
+                f"{r['speedup']:.2f}x (spread {r['speedup_spread'][0]:.2f}-"
+                f"{r['speedup_spread'][1]:.2f})."
+            )
+    if not any(r["section"] == "algorithms" and r["speedup"] < 1.6 for r in rows):
+        lines.append("Algorithms at least 1.6x faster: met on every row.")
+    return lines
 
 
 def main() -> None:
