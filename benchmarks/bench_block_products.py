@@ -217,6 +217,36 @@ def bench_products(problem: P.Problem, rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_ggn_passes(problem: P.Problem, rounds: int) -> list[dict[str, Any]]:
+    """One GGN product in one forward pass against the previous two-pass product, paired."""
+    one = make_operator(problem, "ggn")
+    two = TwoPassGGN(problem.model, problem.batches, _forward, cross_entropy_loss_of_output())
+    v = torch.randn(problem.num_params, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        one.matvec(v), two.matvec(v), problem.flat_grad()
+    r_one, r_two, paired = [], [], []
+    for _ in range(rounds):
+        g = timed(problem.flat_grad)
+        a = timed(lambda: one.matvec(v))
+        b = timed(lambda: two.matvec(v))
+        r_one.append(a / g)
+        r_two.append(b / g)
+        paired.append(a / b)
+    return [
+        {
+            "section": "ggn_passes",
+            "problem": problem.name,
+            "params": problem.num_params,
+            "one_pass_over_gradient": statistics.median(r_one),
+            "two_pass_over_gradient": statistics.median(r_two),
+            "one_over_two": statistics.median(paired),
+            "one_over_two_quartiles": statistics.quantiles(paired, n=4),
+            "agreement_rel": rel(one.matvec(v), two.matvec(v)),
+            "rounds": rounds,
+        }
+    ]
+
+
 # -- algorithms --------------------------------------------------------------------------------
 
 
@@ -459,6 +489,29 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"| {r['problem']} | {r['solver']} | {r['products']} | {r['wall_s']:.3f} | "
                 f"{r['over_ours']:.2f} | {r['max_rel_eig_diff_vs_ours']:.1e} |"
             )
+    passes = [r for r in rows if r["section"] == "ggn_passes"]
+    if passes:
+        out += [
+            "",
+            "## GGN product: one forward pass against two",
+            "",
+            "The GGN product of one vector through the operator (one forward that records the "
+            "graph and carries the tangent) against the previous product rebuilt on the same "
+            "data loop (a forward-mode pass without graph, then a forward with graph), "
+            "timed alternately with a gradient; `one / two` is the median of the paired "
+            "ratios (quartiles in brackets). `mlp_wide` (1.1M parameters, one batch) is "
+            "compute-bound; the others are dominated by per-call overheads.",
+            "",
+            "| problem | params | one pass / gradient | two passes / gradient | one / two |",
+            "|---|---|---|---|---|",
+        ]
+        for r in passes:
+            q = r["one_over_two_quartiles"]
+            out.append(
+                f"| {r['problem']} | {r['params']:,} | {r['one_pass_over_gradient']:.2f} | "
+                f"{r['two_pass_over_gradient']:.2f} | {r['one_over_two']:.2f} "
+                f"({q[0]:.2f}-{q[2]:.2f}) |"
+            )
     out += ["", "## Against the goals", ""] + [f"- {line}" for line in goals(rows)]
     return "\n".join(out) + "\n"
 
@@ -515,7 +568,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--algorithm-rounds", type=int, default=5)
     parser.add_argument("--problems", default=",".join(P.PROBLEMS))
-    parser.add_argument("--sections", default="products,algorithms,lanczos")
+    parser.add_argument("--sections", default="products,algorithms,lanczos,ggn_passes")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "block_products.json")
     parser.add_argument(
         "--md", type=Path, default=ROOT / "docs" / "benchmarks" / "block_products.md"
@@ -546,10 +599,12 @@ def main() -> None:
             "products": bench_products,
             "algorithms": bench_algorithms,
             "lanczos": bench_lanczos,
+            "ggn_passes": bench_ggn_passes,
         }
         for section, run in runs.items():
             if section in sections:
-                new = run(problem, args.rounds if section == "products" else args.algorithm_rounds)
+                many = section in ("products", "ggn_passes")
+                new = run(problem, args.rounds if many else args.algorithm_rounds)
                 for r in new:
                     print(json.dumps({k: v for k, v in r.items() if k != "params"}), flush=True)
                 rows += [{**r, **meta} for r in new]
