@@ -15,7 +15,7 @@ tensor of the kept batches has the same version.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     """Every tensor inside a (nested) batch."""
     if isinstance(batch, torch.Tensor):
         return [batch]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dict, BatchEncoding
         return [t for v in batch.values() for t in _tensors(v)]
     if isinstance(batch, (tuple, list)):
         return [t for v in batch for t in _tensors(v)]
