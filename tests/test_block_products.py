@@ -445,3 +445,29 @@ def test_lanczos_multiplies_its_verification_band_in_blocks() -> None:
     assert calls["columns"] == blocked.num_matvecs == alone.num_matvecs
     assert calls["passes"] < calls["columns"]
     assert torch.allclose(blocked.eigenvalues, alone.eigenvalues, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "empirical_fisher", "mc_fisher"])
+def test_two_pass_product_is_the_same_operator_with_two_calls_per_batch(kind: str) -> None:
+    """one_pass=False: tangents in their own pass without graph, then the forward with
+    graph; the same products, two calls of the user's function per batch and block."""
+    model, data = _net(), _data((5, 3, 4))
+    if kind == "ggn":
+        fn = Counted(supervised_forward)
+        build = lambda **kw: GGNOperator(model, data, fn, cross_entropy_loss_of_output(), **kw)  # noqa: E731
+    elif kind == "empirical_fisher":
+        fn = Counted(_ce_rows)
+        build = lambda **kw: EmpiricalFisherOperator(model, data, fn, **kw)  # noqa: E731
+    else:
+        fn = Counted(supervised_forward)
+        build = lambda **kw: MCFisherOperator(model, data, fn, seed=2, **kw)  # noqa: E731
+    one, two = build(), build(one_pass=False)
+    V = torch.randn(one.size, 16, dtype=DT)
+    fn.calls = 0
+    got = two.matmat(V)
+    assert fn.calls == 2 * 3
+    fn.calls = 0
+    v = two.matvec(V[:, 0])
+    assert fn.calls == 2 * 3
+    assert rel_err(got, one.matmat(V)) <= 1e-12
+    assert rel_err(v, one.matvec(V[:, 0])) <= 1e-12

@@ -110,17 +110,20 @@ class OutputJVP:
         self.what = what
 
     def with_graph(
-        self, batch: Any, vs: Sequence[torch.Tensor]
+        self, batch: Any, vs: Sequence[torch.Tensor], *, one_pass: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f, J V)`` from one call of ``fn``: ``f`` keeps its graph to the parameters.
+        """``(f, J V)``: the output ``f`` with its graph to the parameters, and ``J V``.
 
         ``vs[i]`` has shape ``(b, *param_i.shape)``; ``J V`` has shape ``(b, *f.shape)``.
-        Grad mode records the primal computation (for the reverse pass ``J^T u``) and
-        that of the tangents (whose saved tensors are freed with them, before the reverse
-        pass).
+        ``one_pass=True``: one call of ``fn``, in which grad mode records the primal
+        computation (for the reverse pass ``J^T u``) and that of the tangents (whose
+        saved tensors, about one more set of activations, are freed with them before the
+        reverse pass). ``False``: the tangents in a forward-mode pass without graph (freed
+        layer by layer), then an ordinary forward with graph: two calls, the peak memory
+        of a training step.
         """
         try:
-            return self._with_graph(batch, vs)
+            return self._with_graph(batch, vs, one_pass)
         except torch.OutOfMemoryError:
             raise
         except (NotImplementedError, RuntimeError) as err:
@@ -137,7 +140,7 @@ class OutputJVP:
             ) from err
 
     def _with_graph(
-        self, batch: Any, vs: Sequence[torch.Tensor]
+        self, batch: Any, vs: Sequence[torch.Tensor], one_pass: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         count = vs[0].shape[0]
         if count > 1 and _updates_running_stats(self.model):
@@ -145,6 +148,14 @@ class OutputJVP:
             # (train-mode BatchNorm running statistics): one dual pass per vector (no graph),
             # then one forward with graph.
             jv = torch.stack([self._dual_forward(batch, [v[j] for v in vs]) for j in range(count)])
+            with torch.enable_grad():
+                return check_tensor_output(self.fn(self.model, batch), self.what), jv
+        if not one_pass:
+            if count == 1:
+                jv = self._dual_forward(batch, [v[0] for v in vs]).unsqueeze(0)
+            else:
+                with torch.no_grad():
+                    jv = self._vmapped(batch, vs, [p.detach() for p in self.params])[1]
             with torch.enable_grad():
                 return check_tensor_output(self.fn(self.model, batch), self.what), jv
         if count == 1:
@@ -156,18 +167,26 @@ class OutputJVP:
                 tangent = torch.zeros_like(primal)
             return primal, tangent.detach().unsqueeze(0)
 
+        with torch.enable_grad():
+            primal, tangent = self._vmapped(batch, vs, self.params)
+        return primal, tangent.detach()
+
+    def _vmapped(
+        self, batch: Any, vs: Sequence[torch.Tensor], primals: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f, J V)`` by ``torch.func.vmap`` over the tangents of ``torch.func.jvp``."""
+
         def forward(*ps: torch.Tensor) -> torch.Tensor:
             out = functional_call(self._call, dict(zip(self.names, ps)), (batch,))
             return check_tensor_output(out, self.what)
 
         def tangents(*ts: torch.Tensor) -> Any:
-            return jvp(forward, tuple(self.params), ts)
+            return jvp(forward, tuple(primals), ts)
 
         # The primal does not depend on the tangents: one copy of it (out_dims None).
         out_dims: Any = (None, 0)
-        with torch.enable_grad():
-            primal, tangent = vmap(tangents, out_dims=out_dims)(*vs)
-        return primal, tangent.detach()
+        primal, tangent = vmap(tangents, out_dims=out_dims)(*vs)
+        return primal, tangent
 
     def _dual_forward(self, batch: Any, vs: Sequence[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad(), fwAD.dual_level():

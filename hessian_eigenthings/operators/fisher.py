@@ -77,6 +77,9 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
             ``supervised_loss(nn.CrossEntropyLoss(reduction="none"))``.
         jvp: ``"forward"`` (exact forward-mode AD) or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction.
+        one_pass: ``False``: the forward-mode tangents in their own pass without graph,
+            then the forward with graph (one more forward, a training step's peak memory;
+            see :class:`~hessian_eigenthings.operators.output_curvature.OutputCurvatureOperator`).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -102,11 +105,19 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
         *,
         jvp: str = "forward",
         fd_eps: float | None = None,
+        one_pass: bool = True,
         **options: Unpack[DataOptions],
     ) -> None:
         self.loss_fn = loss_fn
         super().__init__(
-            model, dataloader, loss_fn, what="loss_fn", jvp=jvp, fd_eps=fd_eps, **options
+            model,
+            dataloader,
+            loss_fn,
+            what="loss_fn",
+            jvp=jvp,
+            fd_eps=fd_eps,
+            one_pass=one_pass,
+            **options,
         )
 
     def _output(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -196,6 +207,9 @@ class MCFisherOperator(OutputCurvatureOperator):
         class_dim: Class dimension of the logits (categorical only).
         jvp: ``"forward"`` (exact) or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction.
+        one_pass: ``False``: the forward-mode tangents in their own pass without graph,
+            then the forward with graph (one more forward, a training step's peak memory;
+            see :class:`~hessian_eigenthings.operators.output_curvature.OutputCurvatureOperator`).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -215,6 +229,7 @@ class MCFisherOperator(OutputCurvatureOperator):
         class_dim: int = 1,
         jvp: str = "forward",
         fd_eps: float | None = None,
+        one_pass: bool = True,
         **options: Unpack[DataOptions],
     ) -> None:
         if likelihood not in _LIKELIHOODS:
@@ -234,7 +249,14 @@ class MCFisherOperator(OutputCurvatureOperator):
         self.seed = fresh_seed() if seed is None else seed
         self.class_dim = class_dim
         super().__init__(
-            model, dataloader, forward_fn, what="forward_fn", jvp=jvp, fd_eps=fd_eps, **options
+            model,
+            dataloader,
+            forward_fn,
+            what="forward_fn",
+            jvp=jvp,
+            fd_eps=fd_eps,
+            one_pass=one_pass,
+            **options,
         )
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:

@@ -63,10 +63,12 @@ class GGNOperator(OutputCurvatureOperator):
     block's vectors; then the loss's closed-form ``H (J v_j)`` and one backward pass per
     vector, and no double backward through the softmax (see
     :class:`~hessian_eigenthings.operators.output_curvature.OutputCurvatureOperator`).
-    Memory: a training step's activations plus, during the forward, the tangents; for a
-    vocabulary-sized output layer PyTorch's JVP formulas materialise the primal, the
-    tangent and their partial products (1.5x the peak of a gradient step at 8k classes,
-    as with the former two-pass product; ``benchmarks/bench_ggn_memory.py``).
+    Memory: a training step's activations plus, during the forward, the tangents and
+    what their operations save (about one more set of activations: on a deep MLP the
+    peak is 1.4-1.6x that of ``one_pass=False``, which has a training step's; for a
+    vocabulary-sized output layer, where PyTorch's JVP formulas materialise the primal,
+    the tangent and their partial products, both are 1.5x a gradient step at 8k classes;
+    ``benchmarks/bench_ggn_memory.py``).
     ``microbatch_size`` and ``max_block`` bound it without changing the result. A model
     whose forward updates buffers in place (train-mode BatchNorm) gets one forward-mode
     pass per vector plus one forward with graph, since ``torch.func`` cannot batch
@@ -95,6 +97,10 @@ class GGNOperator(OutputCurvatureOperator):
         loss_hvp: ``"analytical"`` or ``"autograd"``.
         jvp: ``"forward"`` or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction (``jvp="finite_difference"``).
+        one_pass: ``False`` runs the forward-mode tangents in their own pass without graph
+            before the forward with graph: one more forward per batch and block, the peak
+            memory of a training step (the one-pass forward also holds what the tangents'
+            operations save, about one more set of activations).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -124,6 +130,7 @@ class GGNOperator(OutputCurvatureOperator):
         loss_hvp: str = "analytical",
         jvp: str = "forward",
         fd_eps: float | None = None,
+        one_pass: bool = True,
         **options: Unpack[DataOptions],
     ) -> None:
         if loss_hvp not in _LOSS_HVP_METHODS:
@@ -156,6 +163,7 @@ class GGNOperator(OutputCurvatureOperator):
             what="forward_fn",
             jvp=jvp,
             fd_eps=fd_eps,
+            one_pass=one_pass,
             loss_for_weights=loss_of_output_fn,
             **options,
         )

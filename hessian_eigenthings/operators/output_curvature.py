@@ -66,8 +66,13 @@ class OutputCurvatureOperator(DataCurvatureOperator):
     vector, parameters restored bit for bit) and the reverse pass ``J_b^T u``.
 
     Memory of the one-pass forward: the activations of a training step plus, while the
-    forward runs, the tangents of the block's vectors (forward-mode activations, freed
-    before the reverse passes); ``max_block`` caps the vectors per forward.
+    forward runs, the tangents of the block's vectors and what their recorded operations
+    save (about one more set of activations per vector, freed before the reverse
+    passes; 1.4-1.6x the GGN peak of the two-pass product on a 1.1M-parameter MLP,
+    ``benchmarks/compare_peers.py``); ``max_block`` caps the vectors per forward.
+    ``one_pass=False`` computes the tangents in a forward-mode pass without graph (its
+    activations freed layer by layer) and then runs an ordinary forward with graph: two
+    calls of the output function per batch and block, the peak memory of a training step.
 
     ``keep_graphs=True`` (``jvp="forward"``) keeps, for every (micro)batch, the output's
     graph and the graph of ``g(u) = J_b^T u`` built with ``create_graph=True``, so that a
@@ -84,6 +89,9 @@ class OutputCurvatureOperator(DataCurvatureOperator):
         jvp: ``"forward"`` or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction; default
             :func:`~hessian_eigenthings.operators.hessian.default_fd_eps` of the dtype.
+        one_pass: ``jvp="forward"``: carry the tangents in the forward that records the
+            graph (default, one call per batch) or run them in their own pass without
+            graph first (``False``: two calls, a training step's peak memory).
         loss_for_weights: The loss whose ``batch_weight`` is the default ``weight_fn``.
         **options: The data-loop options of :class:`DataCurvatureOperator`.
     """
@@ -99,6 +107,7 @@ class OutputCurvatureOperator(DataCurvatureOperator):
         what: str,
         jvp: str = "forward",
         fd_eps: float | None = None,
+        one_pass: bool = True,
         loss_for_weights: Any = None,
         **options: Unpack[DataOptions],
     ) -> None:
@@ -111,6 +120,7 @@ class OutputCurvatureOperator(DataCurvatureOperator):
         self._output_fn = output_fn
         self._what = what
         self.jvp = jvp
+        self.one_pass = bool(one_pass)
         super().__init__(model, dataloader, loss_for_weights=loss_for_weights, **options)
         self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
         self._jvp = OutputJVP(model, self._output, self.named_params, fd_eps=self.fd_eps, what=what)
@@ -178,7 +188,7 @@ class OutputCurvatureOperator(DataCurvatureOperator):
             jv = torch.stack([fd(piece.data, [v[j] for v in vs]) for j in range(count)])
             out = self._output(self.model, piece.data)
         else:
-            out, jv = self._jvp.with_graph(piece.data, vs)
+            out, jv = self._jvp.with_graph(piece.data, vs, one_pass=self.one_pass)
         if jv.shape[1:] != out.shape:
             raise ValueError(
                 f"{self._what} returned outputs of different shapes in two calls "
