@@ -74,6 +74,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
             "seeds": list(range(10)),
             "methods": ["hutch++", "hutchinson"],
         },
+        "diagonal": {
+            "problems": ["mlp_digits", "gpt2_tiny"],
+            "budgets": [100],
+            "seeds": list(range(5)),
+            "methods": ["hutchinson", "xdiag"],
+        },
         "slq": {
             "problems": ["mlp_digits", "cnn_digits", "gpt2_tiny"],
             "num_runs": 10,
@@ -97,6 +103,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
             "budgets": [30],
             "seeds": [0, 1, 2],
             "methods": ["hutch++", "hutchinson"],
+        },
+        "diagonal": {
+            "problems": ["mlp_digits"],
+            "budgets": [30],
+            "seeds": [0, 1],
+            "methods": ["hutchinson", "xdiag"],
         },
         "slq": {"problems": ["mlp_digits"], "num_runs": 3, "steps": 20, "seed": 0},
         "time": {"problems": ["mlp_digits", "gpt2_tiny"], "repeats": 5},
@@ -318,6 +330,7 @@ def ground_truth(name: str, smoke: bool, cfg: dict[str, Any]) -> dict[str, Any]:
         evals = np.linalg.eigvalsh(hess.numpy())
         truth["eigenvalues"] = evals
         truth["trace"] = float(np.trace(hess.numpy()))
+        truth["diagonal"] = np.diag(hess.numpy()).copy()
         truth["hv_dense"] = (hess @ v).numpy()
         truth["fd_vs_dense_rel_err"] = rel_err(truth["hv_fd"], truth["hv_dense"])
     if name in cfg["dense_ggn"]:
@@ -352,6 +365,18 @@ def tasks_for(name: str, cfg: dict[str, Any], adapter: str, truth: dict[str, Any
                         "method": method,
                         "num_matvecs": budget,
                         "seeds": cfg["trace"]["seeds"],
+                    }
+                )
+    diag_cfg = cfg.get("diagonal", {"problems": []})
+    if name in diag_cfg["problems"] and "diagonal" in truth:
+        for method in diag_cfg["methods"]:
+            for budget in diag_cfg["budgets"]:
+                tasks.append(
+                    {
+                        "kind": "diagonal",
+                        "method": method,
+                        "num_matvecs": budget,
+                        "seeds": diag_cfg["seeds"],
                     }
                 )
     if name in cfg["slq"]["problems"] and "eigenvalues" in truth:
@@ -394,6 +419,13 @@ def score(task: dict[str, Any], res: dict[str, Any], truth: dict[str, Any]) -> d
         out["estimates"] = res["estimates"]
         out["mean_matvecs"] = float(np.mean(res["matvecs"]))
         out["seconds"] = res["seconds"]
+        out["seconds_per_call"] = res["seconds"] / len(task["seeds"])
+    elif kind == "diagonal":
+        errs = [rel_err(np.asarray(d), truth["diagonal"]) for d in res["estimates"]]
+        out["mean_rel_err"] = float(np.mean(errs))
+        out["mean_matvecs"] = float(np.mean(res["matvecs"]))
+        out["seconds"] = res["seconds"]
+        out["seconds_per_call"] = res["seconds"] / len(task["seeds"])
     elif kind == "slq":
         xs, ws = measure_of(res)
         ev = truth["eigenvalues"]
@@ -706,6 +738,14 @@ def render_markdown(data: dict[str, Any]) -> str:
         eig_rows,
     )
     cfg = data["config"]
+
+    def timed_cell(entry: dict[str, Any] | None, key: str, **match: Any) -> str:
+        cell = _cell(entry, key, **match)
+        t = _find(entry or {}, **match) if entry is not None else None
+        if t is not None and t.get("status") == "ok" and "seconds_per_call" in t:
+            cell += f" ({t['seconds_per_call']:.2f} s)"
+        return cell
+
     trows = []
     for name, r in probs.items():
         if "peers" not in r:
@@ -716,7 +756,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                     (
                         f"{name} {method} @{budget}",
                         [
-                            _cell(
+                            timed_cell(
                                 r["peers"].get(p),
                                 "rel_rmse",
                                 kind="trace",
@@ -728,13 +768,43 @@ def render_markdown(data: dict[str, Any]) -> str:
                     )
                 )
     table(
-        "Trace: relative RMS error over seeds",
+        "Trace: relative RMS error over seeds (wall-clock per estimate)",
         f"`sqrt(mean((est - tr H)^2)) / |tr H|` over {len(cfg['trace']['seeds'])} seeds at a "
         "budget of 30 and 100 matvecs (Rademacher probes; curvlinops' Hutch++ needs a multiple "
         "of 3 and gets 99). With 10 seeds an RMS error is itself uncertain by about +-25% "
-        "(relative standard error ~1/sqrt(2 x seeds)): differences below ~1.5x are noise.",
+        "(relative standard error ~1/sqrt(2 x seeds)): differences below ~1.5x are noise. In "
+        "brackets: seconds per estimate (float64, one thread, the mean over the seeds).",
         [row for row in trows if not all(c in ("—", "n/a") for c in row[1])],
     )
+    dcfg = cfg.get("diagonal")
+    if dcfg:
+        drows = []
+        for name, r in probs.items():
+            if "peers" not in r:
+                continue
+            for method in dcfg["methods"]:
+                for budget in dcfg["budgets"]:
+                    drows.append(
+                        (
+                            f"{name} {method} @{budget}",
+                            [
+                                timed_cell(
+                                    r["peers"].get(p),
+                                    "mean_rel_err",
+                                    kind="diagonal",
+                                    method=method,
+                                    num_matvecs=budget,
+                                )
+                                for p in peers
+                            ],
+                        )
+                    )
+        table(
+            "Diagonal: mean relative error over seeds (wall-clock per estimate)",
+            f"`||d_est - diag H|| / ||diag H||` averaged over {len(dcfg['seeds'])} seeds, "
+            "Rademacher probes. In brackets: seconds per estimate (float64, one thread).",
+            [row for row in drows if not all(c in ("—", "n/a") for c in row[1])],
+        )
     srows = []
     for name, r in probs.items():
         if "peers" not in r:
@@ -750,16 +820,32 @@ def render_markdown(data: dict[str, Any]) -> str:
             elif t.get("status") != "ok":
                 cells.append("n/a" if t.get("status") == "n/a" else "fails")
             else:
-                cells.append(f"{_fmt(t['w1_over_width'])} / {t['matvecs']}")
+                cells.append(f"{_fmt(t['w1_over_width'])} / {t['matvecs']} ({t['seconds']:.2f} s)")
         srows.append((name, cells))
     s = cfg["slq"]
     table(
-        "Spectral density (SLQ): Wasserstein-1 to the true spectrum / matvecs",
+        "Spectral density (SLQ): Wasserstein-1 to the true spectrum / matvecs (wall-clock)",
         f"`W1(estimate, true eigenvalue distribution) / (lambda_max - lambda_min)`, "
         f"{s['num_runs']} runs x {s['steps']} Lanczos steps. Quadrature nodes and weights "
-        "where the library returns them, else its smoothed grid density.",
+        "where the library returns them, else its smoothed grid density. In brackets: "
+        "seconds for the whole estimate (float64, one thread).",
         srows,
     )
+    slower = not_fastest(data, peers)
+    lines += ["## Where this library is not the fastest", ""]
+    if slower:
+        lines += (
+            [
+                "Every timed row where a peer took less time than this library (its accuracy "
+                "next to ours; a faster peer with a clearly larger error is not at equal "
+                "accuracy):",
+                "",
+            ]
+            + [f"- {line}" for line in slower]
+            + [""]
+        )
+    else:
+        lines += ["No timed row has a faster peer.", ""]
     if data.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     lines += [
@@ -774,6 +860,41 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def not_fastest(data: dict[str, Any], peers: list[str]) -> list[str]:
+    """Timed rows (product time, trace, diagonal, SLQ) where a peer beat this library."""
+    out = []
+    for name, r in data["problems"].items():
+        entries = r.get("peers", {})
+        ours = entries.get("peer_ours")
+        if ours is None or ours.get("available"):
+            continue
+        for t in ours.get("tasks", []):
+            kind = t.get("kind")
+            if t.get("status") != "ok" or kind not in ("time", "trace", "diagonal", "slq"):
+                continue
+            match = {k: t[k] for k in ("kind", "op", "method", "num_matvecs") if k in t}
+            time_key = {"time": "ratio", "slq": "seconds"}.get(kind, "seconds_per_call")
+            err_key = {"trace": "rel_rmse", "diagonal": "mean_rel_err", "slq": "w1_over_width"}
+            for p in peers:
+                if p == "peer_ours" or p not in entries or entries[p].get("available"):
+                    continue
+                other = _find(entries[p], **match)
+                if other is None or other.get("status") != "ok" or time_key not in other:
+                    continue
+                if other[time_key] < t[time_key]:
+                    what = " ".join(str(match[k]) for k in match if k != "kind")
+                    acc = ""
+                    if kind in err_key:
+                        key = err_key[kind]
+                        acc = f"; error {_fmt(other.get(key))} vs ours {_fmt(t.get(key))}"
+                    unit = "x a gradient" if kind == "time" else "s"
+                    out.append(
+                        f"`{name}` {kind} {what}: {LABELS[p]} {other[time_key]:.3g} {unit} "
+                        f"vs ours {t[time_key]:.3g} {unit}{acc}"
+                    )
+    return out
 
 
 # --------------------------------------------------------------------------- self check

@@ -24,8 +24,9 @@ before a failure are kept:
                   configuration the launcher's table picks.
 ``products``      GPT-2 small (12 layers, d = 768, V = 50257, from ``GPT2Config``, random
                   weights): Hessian and GGN products per vector for blocks of 1, 8 and 32
-                  vectors through ``op.matmat`` (column loop), and through a vmap / block mode
-                  when the operators expose one; ratios to a training step timed alike.
+                  vectors through ``op.matmat``, with the per-vector part as a loop over
+                  the retained graph (``block_mode="loop"``) and batched (``"vmap"``) when
+                  the operators expose the option; ratios to a training step timed alike.
 ``memory``        peak ``torch.cuda.max_memory_allocated`` above the resident model and batch
                   for a training step (forward + backward), a GGN product and a Hessian
                   product on the same model and batch.
@@ -507,19 +508,34 @@ def _operators(
 BLOCK_OPTION_NAMES = ("block_mode", "vmap", "matmat_mode", "batched")
 
 
-def block_mode_options(op_class: Any) -> dict[str, Any]:
+def _keyword_defaults(op_class: Any) -> dict[str, Any]:
+    """Keyword names of ``op_class.__init__`` with their defaults, including the shared data
+    options that ``**options: Unpack[DataOptions]`` declares once for every data operator."""
+    params = inspect.signature(op_class.__init__).parameters
+    found = {name: p.default for name, p in params.items() if p.kind != p.VAR_KEYWORD}
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        for klass in getattr(op_class, "__mro__", ()):
+            if klass.__name__ == "DataCurvatureOperator":
+                base = inspect.signature(klass.__init__).parameters
+                found.update({n: p.default for n, p in base.items() if n not in found})
+    return found
+
+
+def block_mode_options(op_class: Any, mode: str = "vmap") -> dict[str, Any]:
     """Constructor options that switch an operator's ``matmat`` to a vmap / block mode.
 
     Looks for a keyword named like ``block_mode="vmap"`` or ``vmap=True`` in the operator's
-    signature; returns ``{}`` when there is none (then only the column loop is timed).
+    signature (or in the data options every data operator takes); returns ``{}`` when there
+    is none (then only the column loop is timed). ``mode="loop"`` gives the options of the
+    loop over a retained graph instead (``{}`` for a boolean flag: its default).
     """
-    params = inspect.signature(op_class.__init__).parameters
+    params = _keyword_defaults(op_class)
     for name in BLOCK_OPTION_NAMES:
         if name in params:
-            default = params[name].default
+            default = params[name]
             if isinstance(default, bool) or name in ("vmap", "batched"):
-                return {name: True}
-            return {name: "vmap"}
+                return {name: True} if mode == "vmap" else {}
+            return {name: mode}
     return {}
 
 
@@ -544,6 +560,8 @@ def section_products(cfg: dict[str, Any], out: Emitter, clock: Clock) -> None:
         found = block_mode_options(cls)
         if found:
             variants.setdefault("vmap", {})[kind] = found
+            # the default ("auto") is the vmap path on CUDA: ask for the loop explicitly
+            variants["loop"][kind] = block_mode_options(cls, "loop")
     if "vmap" not in variants:
         out.note("the operators expose no block-mode / vmap option: timing the column loop only")
     # baseline: a training step (forward + backward), timed the same way

@@ -112,6 +112,11 @@ def _agree(t: torch.Tensor) -> bool:
     return all(torch.equal(p, parts[0]) for p in parts)
 
 
+def _columns(op: Any, block: torch.Tensor) -> torch.Tensor:
+    """The block's products column by column (``matvec``), the oracle of ``matmat``."""
+    return torch.stack([op.matvec(block[:, j]) for j in range(block.shape[1])], dim=1)
+
+
 # -- scenarios -------------------------------------------------------------------------------
 def ddp_hessian(rank: int, method: str, wrap: bool) -> dict[str, Any]:
     model = make_model()
@@ -126,8 +131,9 @@ def ddp_hessian(rank: int, method: str, wrap: bool) -> dict[str, Any]:
     v = rand_vec(op.size, 3)
     with CommCounter() as cc:
         got = op.matvec(v)
-    block = torch.stack([v, rand_vec(op.size, 4)], dim=1)
-    got_block = op.matmat(block)
+    block = torch.stack([v, rand_vec(op.size, 4), rand_vec(op.size, 5)], dim=1)
+    with CommCounter() as cc_block:
+        got_block = op.matmat(block)
     want = single.matvec(v)
     unchanged = True
     try:
@@ -139,9 +145,13 @@ def ddp_hessian(rank: int, method: str, wrap: bool) -> dict[str, Any]:
         "rel_vs_single": rel_err(got, want),
         "rel_vs_dense": rel_err(got, dense @ v),
         "rel_block_vs_dense": rel_err(got_block, dense @ block),
+        "rel_block_vs_columns": rel_err(got_block, _columns(op, block)),
         "same_on_all_ranks": _agree(got),
         "python_all_reduce": cc.python_all_reduce,
         "gloo": cc.gloo,
+        "block_width": block.shape[1],
+        "block_python_all_reduce": cc_block.python_all_reduce,
+        "block_gloo": cc_block.gloo,
         "model_unchanged": unchanged,
         "is_ddp_wrapped": wrap,
     }
@@ -219,7 +229,9 @@ def ddp_curvature(rank: int, kind: str) -> dict[str, Any]:
     v = rand_vec(op.size, 11)
     with CommCounter() as cc:
         got = op.matvec(v)
-    block = torch.stack([v, rand_vec(op.size, 12)], dim=1)
+    block = torch.stack([v, rand_vec(op.size, 12), rand_vec(op.size, 13)], dim=1)
+    with CommCounter() as cc_block:
+        got_block = op.matmat(block)
     unchanged = True
     try:
         assert_unchanged(model, snap)
@@ -229,10 +241,14 @@ def ddp_curvature(rank: int, kind: str) -> dict[str, Any]:
         "size": op.size,
         "rel_vs_single": rel_err(got, single.matvec(v)),
         "rel_vs_dense": rel_err(got, dense @ v),
-        "rel_block_vs_dense": rel_err(op.matmat(block), dense @ block),
+        "rel_block_vs_dense": rel_err(got_block, dense @ block),
+        "rel_block_vs_columns": rel_err(got_block, _columns(op, block)),
         "same_on_all_ranks": _agree(got),
         "python_all_reduce": cc.python_all_reduce,
         "gloo": cc.gloo,
+        "block_width": block.shape[1],
+        "block_python_all_reduce": cc_block.python_all_reduce,
+        "block_gloo": cc_block.gloo,
         "model_unchanged": unchanged,
     }
 
@@ -360,16 +376,25 @@ def fsdp_sharded(rank: int, uneven: bool = False) -> dict[str, Any]:
     with CommCounter() as cc:
         local = op.matvec(op.backend.shard(v))
     got = op.backend.gather(local)
+    block = torch.stack([v, rand_vec(op.size, 8), rand_vec(op.size, 9)], dim=1)
+    local_block = torch.stack([op.backend.shard(block[:, j]) for j in range(3)], dim=1)
+    with CommCounter() as cc_block:
+        got_local_block = op.matmat(local_block)
+    got_block = torch.stack([op.backend.gather(got_local_block[:, j]) for j in range(3)], dim=1)
     after = [p.to_local() for p in model.parameters()]
     return {
         "size": op.size,
         "local_size": op.local_size,
         "rel_vs_single": rel_err(got, single.matvec(v)),
         "rel_vs_dense": rel_err(got, dense @ v),
+        "rel_block_vs_dense": rel_err(got_block, dense @ block),
+        "rel_block_col0_vs_matvec": rel_err(got_block[:, 0], got),
         "same_on_all_ranks": _agree(got),
         "params_unchanged": all(torch.equal(x, y) for x, y in zip(before, after)),
         "gloo": cc.gloo,
         "python_all_reduce": cc.python_all_reduce,
+        "block_gloo": cc_block.gloo,
+        "block_python_all_reduce": cc_block.python_all_reduce,
     }
 
 

@@ -81,12 +81,31 @@ def test_trace_time_limit_returns_the_estimate_of_the_products_made(method: str)
         assert cut.details["num_probes"] == samples.size
 
 
-def test_slq_time_limit_returns_the_completed_runs() -> None:
-    full = spectral_density(operator(), num_runs=6, lanczos_steps=12, seed=5)
-    cut = spectral_density(operator(), num_runs=6, lanczos_steps=12, seed=5, time_limit=TINY)
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_slq_time_limit_returns_the_runs_cut_at_the_step_they_reached(block_size: int) -> None:
+    """The limit is read between Lanczos steps: after the first step (one block product
+    for the first group of runs), every run started is a one-node Gauss rule at its
+    probe's Rayleigh quotient ``v^T A v / ||v||^2`` (matching the moments 0 and 1)."""
+    from hessian_eigenthings.backends import SingleDeviceBackend
+    from hessian_eigenthings.backends.base import seeded_generator
+
+    kw: dict[str, Any] = {"num_runs": 6, "lanczos_steps": 12, "seed": 5, "block_size": block_size}
+    full = spectral_density(operator(), **kw)
+    cut = spectral_density(operator(), time_limit=TINY, **kw)
     assert cut.stop_reason == "time_limit" and full.stop_reason == "completed"
-    assert cut.num_runs == 1 and cut.num_matvecs == 12
-    assert np.array_equal(cut.nodes[0], full.nodes[0])
+    started = min(block_size, 6)
+    assert cut.num_runs == started and cut.num_matvecs == started
+    A, gen = matrix(), seeded_generator(5, torch.device("cpu"))
+    for nodes, weights in zip(cut.nodes, cut.weights):
+        v = SingleDeviceBackend().random(
+            A.shape[0],
+            generator=gen,
+            dtype=A.dtype,
+            device=torch.device("cpu"),
+            distribution="rademacher",
+        )
+        assert nodes.shape == (1,) and weights[0] == pytest.approx(1.0)
+        assert nodes[0] == pytest.approx(float(v @ A @ v / (v @ v)), rel=1e-12)
     assert abs(cut.integral() - 1.0) < 1e-3
 
 

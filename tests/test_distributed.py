@@ -147,6 +147,30 @@ def test_ddp_matvec_is_one_all_reduce_of_size_plus_one(
         ]
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ddp_hessian_autograd",
+        "ddp_hessian_fd",
+        "ddp_hessian_wrapped",
+        "ddp_ggn",
+        "ddp_ggn_tokens",
+        "ddp_fisher",
+    ],
+)
+def test_ddp_block_is_one_all_reduce_of_block_plus_one(
+    results: list[dict[str, Any]], name: str
+) -> None:
+    """A block of b vectors is one pass and ONE collective: [H V (b * size), weight];
+    its columns equal the column-by-column matvecs."""
+    for res in _scenario(results, name):
+        assert res["block_python_all_reduce"] == 1
+        assert [(c["name"], c["numel"]) for c in res["block_gloo"]] == [
+            ("gloo:all_reduce", res["block_width"] * res["size"] + 1)
+        ]
+        assert res["rel_block_vs_columns"] <= 1e-12
+
+
 def test_mismatched_sizes_raise_on_every_rank(results: list[dict[str, Any]]) -> None:
     for res in _scenario(results, "mismatch_size"):
         assert res["raised"] == "ValueError"
@@ -223,6 +247,12 @@ def test_fsdp_sharded_matvec_equals_unsharded(
         assert res["python_all_reduce"] == rounds + 1
         numel = 3 + WORLD
         ours = [c for c in res["gloo"] if c["name"] == "gloo:all_reduce" and c["numel"] == numel]
+        assert len(ours) == rounds + 1
+        # A block of 3: the same rounds (one (2 + 3)-number all-reduce each), not 3x as many.
+        assert res["rel_block_vs_dense"] <= 1e-6
+        assert res["rel_block_col0_vs_matvec"] <= 1e-12
+        assert res["block_python_all_reduce"] == rounds + 1
+        ours = [c for c in res["block_gloo"] if c["name"] == "gloo:all_reduce" and c["numel"] == 5]
         assert len(ours) == rounds + 1
 
 

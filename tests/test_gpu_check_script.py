@@ -122,6 +122,13 @@ def test_block_mode_detection():
     assert gpu_check.block_mode_options(Loop) == {}
     assert gpu_check.block_mode_options(Named) == {"block_mode": "vmap"}
     assert gpu_check.block_mode_options(Flag) == {"vmap": True}
+    assert gpu_check.block_mode_options(Named, "loop") == {"block_mode": "loop"}
+    # the library's operators declare block_mode once, in the data options
+    from hessian_eigenthings import GGNOperator, HessianOperator
+
+    for cls in (HessianOperator, GGNOperator):
+        assert gpu_check.block_mode_options(cls) == {"block_mode": "vmap"}
+        assert gpu_check.block_mode_options(cls, "loop") == {"block_mode": "loop"}
     assert gpu_check.peak_bandwidth("NVIDIA H200") == (4.8, "H200")
     assert gpu_check.peak_bandwidth("NVIDIA H100 80GB HBM3") == (3.35, "H100")
     assert gpu_check.peak_bandwidth("NVIDIA H100 PCIe") == (2.0, "H100 PCIe")

@@ -141,16 +141,29 @@ def test_diagonal_names_the_product_and_keeps_the_clean_estimate(method: str) ->
     assert bool(torch.isfinite(partial.estimate).all())
 
 
-def test_slq_returns_the_runs_completed_before_the_bad_product() -> None:
-    clean = spectral_density(poisoned(None), num_runs=5, lanczos_steps=10, seed=1)
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_slq_returns_the_runs_cut_before_the_bad_product(block_size: int) -> None:
+    """The runs started before the bad product, each cut before its first bad step.
+
+    ``block_size=1``: one run after another; product 25 is step 5 of run 3, so runs 1-2
+    are whole and run 3 keeps its 4 clean steps. ``block_size=16``: the 5 runs go in
+    lockstep (5 products per step); product 25 is step 5 of run 5, which keeps 4 steps.
+    """
+    kw: dict[str, Any] = {"num_runs": 5, "lanczos_steps": 10, "seed": 1}
+    clean = spectral_density(poisoned(None), block_size=block_size, **kw)
     with pytest.raises(NonFiniteError) as info:
-        spectral_density(poisoned(25), num_runs=5, lanczos_steps=10, seed=1)
+        spectral_density(poisoned(25), block_size=block_size, **kw)
     err = info.value
-    assert err.matvec == 25 and "run 3 of 5" in str(err)
+    where = "runs 3-3 of 5" if block_size == 1 else "runs 1-5 of 5"
+    assert err.matvec == 25 and where in str(err)
     partial = err.partial
-    assert partial.num_runs == 2 and partial.stop_reason == "non_finite"
-    for x, y in zip(partial.nodes, clean.nodes[:2]):
-        assert np.array_equal(x, y)
+    whole = 2 if block_size == 1 else 4
+    # the products behind the rules it holds: the whole runs' and the 4 clean steps
+    assert partial.stop_reason == "non_finite" and partial.num_matvecs == whole * 10 + 4
+    assert partial.num_runs == whole + 1
+    for x, y in zip(partial.nodes[:whole], clean.nodes[:whole]):
+        assert np.array_equal(x, y)  # the clean runs are the uninterrupted call's
+    assert len(partial.nodes[whole]) == 4  # the bad run, cut at its 4 clean steps
     assert abs(partial.integral() - 1.0) < 1e-3
 
 

@@ -119,6 +119,23 @@ def _mc_fisher() -> tuple[CurvatureOperator, nn.Module]:
     return MCFisherOperator(model, data, supervised_forward, num_samples=3, seed=0), model
 
 
+def _hessian_vmap_kept() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _mlp_data()
+    return HessianOperator(model, data, _ce, block_mode="vmap", keep_graphs=True), model
+
+
+def _ggn_vmap_chunks() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _mlp_data()
+    loss = cross_entropy_loss_of_output()
+    return GGNOperator(model, data, supervised_forward, loss, block_mode="vmap", max_block=2), model
+
+
+def _ggn_kept() -> tuple[CurvatureOperator, nn.Module]:
+    model, data = _mlp_data()
+    loss = cross_entropy_loss_of_output()
+    return GGNOperator(model, data, supervised_forward, loss, keep_graphs=True), model
+
+
 CASES: dict[str, Case] = {
     "lambda": _lambda,
     "hessian": _hessian,
@@ -132,6 +149,9 @@ CASES: dict[str, Case] = {
     "ggn_bn_train": _ggn_bn_train,
     "empirical_fisher": _empirical_fisher,
     "mc_fisher": _mc_fisher,
+    "hessian_vmap_kept": _hessian_vmap_kept,
+    "ggn_vmap_chunks": _ggn_vmap_chunks,
+    "ggn_kept": _ggn_kept,
 }
 
 # Tolerances: exact operators to rounding; finite differences to their O(h^2) error.

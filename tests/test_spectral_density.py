@@ -57,7 +57,12 @@ def block_op(eigs: np.ndarray, block: int = 100, seed: int = 0) -> LambdaOperato
         op.calls["n"] += 1  # type: ignore[attr-defined]
         return mv(v)
 
+    def counted_block(V: torch.Tensor) -> torch.Tensor:
+        op.calls["n"] += V.shape[1]  # type: ignore[attr-defined]  # products, one per column
+        return mm(V)
+
     op._fn = counted
+    op._mm = counted_block
     return op
 
 

@@ -219,6 +219,21 @@ def _run_one(adapter: ModuleType, problem: P.Problem, task: dict[str, Any]) -> d
             "matvecs": matvecs,
             "seconds": time.perf_counter() - t0,
         }
+    if kind == "diagonal":
+        estimate_diagonal = getattr(adapter, "diagonal", None)
+        if estimate_diagonal is None:
+            raise Unsupported("no diagonal estimator")
+        diagonals, matvecs = [], []
+        t0 = time.perf_counter()
+        for seed in task["seeds"]:
+            res = estimate_diagonal(problem, task["num_matvecs"], task["method"], seed)
+            diagonals.append(res["estimate"])
+            matvecs.append(res["matvecs"])
+        return {
+            "estimates": diagonals,
+            "matvecs": matvecs,
+            "seconds": time.perf_counter() - t0,
+        }
     if kind == "slq":
         t0 = time.perf_counter()
         out = adapter.slq(problem, task["num_runs"], task["steps"], task["seed"])

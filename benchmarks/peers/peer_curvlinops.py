@@ -4,9 +4,10 @@ Operators: ``HessianLinearOperator`` and ``GGNLinearOperator`` on the same ``(X,
 and ``nn.CrossEntropyLoss`` (curvlinops weights batches by ``X.shape[0] / N``). Eigenvalues:
 curvlinops has no eigensolver of its own and documents scipy's ``eigsh`` over
 ``op.to_scipy()``, which is what runs here. Trace: ``hutchpp_trace``, ``hutchinson_trace``,
-``xtrace`` (seeded through torch's global RNG). Density: ``lanczos_approximate_spectrum``
-(Papyan 2020, no reorthogonalisation, boundaries by ``eigsh``), a smoothed density on a
-grid. Products are counted through the operator's ``_matmat`` (columns).
+``xtrace`` (seeded through torch's global RNG). Diagonal: ``hutchinson_diag``, ``xdiag``.
+Density: ``lanczos_approximate_spectrum`` (Papyan 2020, no reorthogonalisation, boundaries by
+``eigsh``), a smoothed density on a grid. Products are counted through the operator's
+``_matmat`` (columns).
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ def trace(problem: P.Problem, num_matvecs: int, method: str, seed: int) -> dict[
     torch.manual_seed(seed)
     est = fns[method](op, num_matvecs)
     return {"estimate": float(est), "matvecs": counter.count - start}
+
+
+def diagonal(problem: P.Problem, num_matvecs: int, method: str, seed: int) -> dict[str, Any]:
+    import curvlinops
+
+    fns = {"hutchinson": curvlinops.hutchinson_diag, "xdiag": curvlinops.xdiag}
+    if method not in fns:
+        raise Unsupported(f"no diagonal method {method!r}")
+    if method == "xdiag":
+        num_matvecs -= num_matvecs % 2  # curvlinops' XDiag needs an even count
+    op, counter = _op(problem, "hessian")
+    start = counter.count
+    torch.manual_seed(seed)
+    est = fns[method](op, num_matvecs)
+    return {"estimate": [float(x) for x in est.tolist()], "matvecs": counter.count - start}
 
 
 def slq(problem: P.Problem, num_runs: int, steps: int, seed: int) -> dict[str, Any]:

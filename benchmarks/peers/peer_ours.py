@@ -104,6 +104,14 @@ def trace(problem: P.Problem, num_matvecs: int, method: str, seed: int) -> dict[
     return {"estimate": float(res.estimate), "matvecs": counter.count - start}
 
 
+def diagonal(problem: P.Problem, num_matvecs: int, method: str, seed: int) -> dict[str, Any]:
+    diagonal_fn = _need("hessian_eigenthings.algorithms.diagonal", "diagonal")
+    op, counter = _counted(problem, "hessian")
+    start = counter.count
+    res = diagonal_fn(op, num_matvecs, method=method, seed=seed)
+    return {"estimate": [float(x) for x in res.estimate.tolist()], "matvecs": counter.count - start}
+
+
 def slq(problem: P.Problem, num_runs: int, steps: int, seed: int) -> dict[str, Any]:
     density = _need("hessian_eigenthings.algorithms.spectral_density", "spectral_density")
     op, counter = _counted(problem, "hessian")

@@ -396,29 +396,39 @@ class _Lanczos(ResumableRun[EigenResult]):
     ) -> tuple[list[tuple[int, int, torch.Tensor, torch.Tensor]], ProductFailure | None]:
         """Multiply the next ``steps`` pending vectors; return per-step breakdown data.
 
+        Pending vectors that already exist (more than one while a verification vector is
+        in the basis: the band of the band Lanczos process) are multiplied together in
+        one block product; each product is then orthogonalised in turn, as one by one.
         A product the operator refused (a data operator's ``NonFiniteError``) stops the
         expansion and is returned: the state holds the products before it.
         """
         st = self.state
         log: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-        for _ in range(steps):
-            j, p = st.num_processed, st.num_basis
-            self._ensure_capacity(p + 1)
+        while len(log) < steps:
+            j = st.num_processed
+            width = min(steps - len(log), st.num_basis - j)
             try:
-                w = self.apply(st.basis[j], check=False)  # checked through its norms
+                if width == 1:
+                    products = self.apply(st.basis[j], check=False).unsqueeze(1)
+                else:  # checked through their norms
+                    products = self.apply(st.basis[j : j + width].T, check=False)
             except ProductFailure as failure:
                 return log, failure
-            st.num_matvecs += 1
-            w_norm = self.backend.norm(w)
-            w, coef = self._orthogonalize(w, p)
-            beta = self.backend.norm(w)
-            st.projected[p].zero_()
-            st.projected[:p, j] = coef.to(torch.float64)
-            st.projected[p, j] = beta.to(torch.float64)
-            tiny = torch.finfo(self.dtype).tiny
-            st.basis[p] = w / beta.clamp_min(tiny)
-            st.num_processed, st.num_basis = j + 1, p + 1
-            log.append((j, p, beta, w_norm))
+            for col in range(width):
+                j, p = st.num_processed, st.num_basis
+                self._ensure_capacity(p + 1)
+                st.num_matvecs += 1
+                w = products[:, col]
+                w_norm = self.backend.norm(w)
+                w, coef = self._orthogonalize(w, p)
+                beta = self.backend.norm(w)
+                st.projected[p].zero_()
+                st.projected[:p, j] = coef.to(torch.float64)
+                st.projected[p, j] = beta.to(torch.float64)
+                tiny = torch.finfo(self.dtype).tiny
+                st.basis[p] = w / beta.clamp_min(tiny)
+                st.num_processed, st.num_basis = j + 1, p + 1
+                log.append((j, p, beta, w_norm))
         return log, None
 
     # -- host side (float64, once per check) --------------------------------------------

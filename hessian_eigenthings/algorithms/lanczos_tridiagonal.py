@@ -19,12 +19,19 @@ converges, which produces spurious ("ghost") copies of eigenvalues. With
 ``reorthogonalize=True`` (default) every new vector is orthogonalised against all
 previous ones twice with classical Gram-Schmidt ("twice is enough": Giraud, Langou &
 Rozloznik 2005), which keeps ``Q_m`` orthonormal to working precision.
+
+:class:`LockstepLanczos` runs several such recurrences (from the columns of a block of
+start vectors) side by side: each step multiplies the current vectors of all runs in
+one block product, and every run does exactly the arithmetic it would do alone, so a
+run in lockstep and the same run alone give the same tridiagonal matrix (bit for bit
+when the block product returns the same columns as one-vector products).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,7 +40,7 @@ from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.backends.devices import same_device
 from hessian_eigenthings.operators.base import CurvatureOperator
 
-__all__ = ["LanczosTridiag", "lanczos_tridiagonal", "tridiagonalize"]
+__all__ = ["LanczosTridiag", "LockstepLanczos", "lanczos_tridiagonal", "tridiagonalize"]
 
 # Steps between the (single, scalar) host synchronisations that test for breakdown.
 _CHECK_EVERY = 8
@@ -160,61 +167,159 @@ def tridiagonalize(
     Raises:
         ValueError: ``v0`` is zero.
     """
-    dtype, device = v0.dtype, v0.device
-    eps = float(torch.finfo(dtype).eps)
+    run = LockstepLanczos(backend, v0.unsqueeze(1), m, reorthogonalize)
+    while not run.done():
+        run.step(lambda Q: product(Q[:, 0]).unsqueeze(1))
+    return run.result(0)
 
-    v0_norm = backend.norm(v0)
-    if not bool(v0_norm > 0):
-        raise ValueError("v0 must be nonzero (its norm is 0); Lanczos needs a direction.")
-    q = v0 / v0_norm
 
-    alphas = torch.zeros(m, dtype=torch.float64, device=device)
-    # resid[j] = beta_{j+1}: norm of the residual after step j (off-diagonal j, j+1).
-    resid = torch.zeros(m, dtype=torch.float64, device=device)
-    # scale[j] = ||A q_j|| + beta_{j-1}: the size of what is orthogonalised at step j.
-    scale = torch.zeros(m, dtype=torch.float64, device=device)
-    basis = torch.empty((m, v0.shape[0]), dtype=dtype, device=device) if reorthogonalize else None
-    q_prev: torch.Tensor | None = None
-    beta_prev = torch.zeros((), dtype=dtype, device=device)
-    tiny = torch.finfo(dtype).tiny
+class LockstepLanczos:
+    """``R`` Lanczos recurrences of at most ``m`` steps, advanced together.
 
-    iterations = m
-    steps_done = 0
-    breakdown = False
-    for j in range(m):
-        if basis is not None:
-            basis[j] = q
-        w = product(q)
-        scale[j] = (backend.norm(w) + beta_prev).to(torch.float64)
-        alpha = backend.dot(q, w)
-        w = w - alpha * q
-        if q_prev is not None:
-            w = w - beta_prev * q_prev
-        if basis is not None:
-            prev = basis[: j + 1]
-            for _ in range(2):
-                w = w - backend.gram(prev.T, w) @ prev
-        beta = backend.norm(w)
-        alphas[j] = alpha.to(torch.float64)
-        resid[j] = beta.to(torch.float64)
-        steps_done = j + 1
-        q_prev = q
-        q = w / torch.clamp(beta, min=tiny)
-        beta_prev = beta
-        if steps_done % _CHECK_EVERY == 0 or steps_done == m:
-            broke = resid[:steps_done] <= _BREAKDOWN_FACTOR * eps * scale[:steps_done]
-            hits = torch.nonzero(broke)
+    Each :meth:`step` multiplies the current Lanczos vectors of the runs still going as
+    one block ``(n_local, a)`` (``a`` active runs) and then does, run by run, the
+    arithmetic of :func:`lanczos_tridiagonal` (the same operations in the same order,
+    none shared between runs). Every 8 steps one host synchronisation tests all active
+    runs for breakdown; a run that broke down leaves the block.
+
+    Memory: the ``R`` bases, ``R * m * n_local`` entries of the vector dtype (with
+    ``reorthogonalize``; otherwise ``2 R`` vectors).
+
+    Args:
+        backend: Vector arithmetic.
+        starts: Start vectors as columns ``(n_local, R)``, of the vector dtype.
+        m: Steps per run.
+        reorthogonalize: Full reorthogonalisation (keeps the bases).
+
+    Raises:
+        ValueError: A start vector is zero.
+    """
+
+    def __init__(
+        self, backend: LinAlgBackend, starts: torch.Tensor, m: int, reorthogonalize: bool
+    ) -> None:
+        self.backend, self.m = backend, m
+        count, n_local = starts.shape[1], starts.shape[0]
+        dtype, device = starts.dtype, starts.device
+        self.eps = float(torch.finfo(dtype).eps)
+        self.tiny = torch.finfo(dtype).tiny
+        self.q = torch.empty((count, n_local), dtype=dtype, device=device)
+        for r in range(count):
+            norm = backend.norm(starts[:, r])
+            if not bool(norm > 0):
+                raise ValueError("v0 must be nonzero (its norm is 0); Lanczos needs a direction.")
+            self.q[r] = starts[:, r] / norm
+        self.q_prev = torch.zeros_like(self.q)
+        self.beta_prev = torch.zeros(count, dtype=dtype, device=device)
+        self.alphas = torch.zeros((count, m), dtype=torch.float64, device=device)
+        # resid[r, j] = beta_{j+1} of run r (off-diagonal j, j+1); scale[r, j] =
+        # ||A q_j|| + beta_{j-1}, the size of what is orthogonalised at step j.
+        self.resid = torch.zeros((count, m), dtype=torch.float64, device=device)
+        self.scale = torch.zeros((count, m), dtype=torch.float64, device=device)
+        self.basis = (
+            torch.empty((count, m, n_local), dtype=dtype, device=device)
+            if reorthogonalize
+            else None
+        )
+        self.steps = 0  # lockstep steps made
+        self.iterations = [m] * count  # the size of each run's T (smaller after breakdown)
+        self.spent = [0] * count  # products per run
+        self.broke = [False] * count
+        self.active = list(range(count))
+
+    @property
+    def count(self) -> int:
+        """Number of runs ``R``."""
+        return len(self.iterations)
+
+    def done(self) -> bool:
+        """Whether every run has made its ``m`` steps or broken down."""
+        return not self.active
+
+    def step(self, product: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """One Lanczos step of every active run; ``product(Q) = A Q`` for columns ``Q``."""
+        j, active, backend = self.steps, self.active, self.backend
+        if self.basis is not None:
+            self.basis[active, j] = self.q[active]
+        W = product(self.q[active].T)
+        for col, r in enumerate(active):
+            w, q, beta_prev = W[:, col], self.q[r], self.beta_prev[r]
+            self.scale[r, j] = (backend.norm(w) + beta_prev).to(torch.float64)
+            alpha = backend.dot(q, w)
+            w = w - alpha * q
+            if j > 0:
+                w = w - beta_prev * self.q_prev[r]
+            if self.basis is not None:
+                prev = self.basis[r, : j + 1]
+                for _ in range(2):
+                    w = w - backend.gram(prev.T, w) @ prev
+            beta = backend.norm(w)
+            self.alphas[r, j] = alpha.to(torch.float64)
+            self.resid[r, j] = beta.to(torch.float64)
+            self.q_prev[r] = q
+            self.q[r] = w / torch.clamp(beta, min=self.tiny)
+            self.beta_prev[r] = beta
+            self.spent[r] = j + 1
+        self.steps = j + 1
+        if self.steps % _CHECK_EVERY == 0 or self.steps == self.m:
+            self._check_breakdown()
+
+    def _check_breakdown(self) -> None:
+        """Stop the runs whose residual vanished (one host sync for all of them)."""
+        done = self.steps
+        rows = self.active
+        broke = (
+            self.resid[rows, :done] <= _BREAKDOWN_FACTOR * self.eps * self.scale[rows, :done]
+        ).cpu()
+        still = []
+        for i, r in enumerate(rows):
+            hits = torch.nonzero(broke[i])
             if hits.numel() > 0:
-                iterations = int(hits[0, 0]) + 1
-                breakdown = True
-                break
+                self.iterations[r] = int(hits[0, 0]) + 1
+                self.broke[r] = True
+            elif done < self.m:
+                still.append(r)
+        self.active = still
 
-    return LanczosTridiag(
-        alphas=alphas[:iterations],
-        betas=resid[: iterations - 1],
-        basis=None if basis is None else basis[:iterations],
-        last_beta=resid[iterations - 1],
-        iterations=iterations,
-        num_matvecs=steps_done,
-        breakdown=breakdown,
-    )
+    def result(self, r: int, *, steps: int | None = None) -> LanczosTridiag:
+        """Run ``r`` as a :class:`LanczosTridiag`, cut at ``steps`` (default: all it made)."""
+        it = min(self.iterations[r], self.spent[r] if steps is None else steps)
+        return LanczosTridiag(
+            alphas=self.alphas[r, :it],
+            betas=self.resid[r, : max(it - 1, 0)],
+            basis=None if self.basis is None else self.basis[r, :it],
+            last_beta=self.resid[r, max(it - 1, 0)],
+            iterations=it,
+            num_matvecs=self.spent[r],
+            breakdown=self.broke[r],
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`step` reads later (CPU tensors and plain values)."""
+        return {
+            "q": self.q.cpu(),
+            "q_prev": self.q_prev.cpu(),
+            "beta_prev": self.beta_prev.cpu(),
+            "alphas": self.alphas.cpu(),
+            "resid": self.resid.cpu(),
+            "scale": self.scale.cpu(),
+            "basis": None if self.basis is None else self.basis[:, : self.steps].cpu(),
+            "steps": self.steps,
+            "iterations": list(self.iterations),
+            "spent": list(self.spent),
+            "broke": list(self.broke),
+            "active": list(self.active),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (onto this run's device)."""
+        device = self.q.device
+        for name in ("q", "q_prev", "beta_prev", "alphas", "resid", "scale"):
+            setattr(self, name, state[name].to(device))
+        self.steps = int(state["steps"])
+        if self.basis is not None:
+            self.basis[:, : self.steps] = state["basis"].to(device)
+        self.iterations = [int(i) for i in state["iterations"]]
+        self.spent = [int(i) for i in state["spent"]]
+        self.broke = [bool(b) for b in state["broke"]]
+        self.active = [int(r) for r in state["active"]]

@@ -53,7 +53,7 @@ from hessian_eigenthings.algorithms._validation import (
     resolve_seed,
 )
 from hessian_eigenthings.algorithms.estimator_results import SpectralDensityResult
-from hessian_eigenthings.algorithms.lanczos_tridiagonal import tridiagonalize
+from hessian_eigenthings.algorithms.lanczos_tridiagonal import LockstepLanczos
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
 
@@ -119,18 +119,26 @@ def spectral_density(
     zero_tol: float | None = None,
     reorthogonalize: bool = True,
     seed: int | None = None,
+    block_size: int = 16,
     backend: LinAlgBackend | None = None,
     **long_run: Unpack[LongRunOptions],
 ) -> SpectralDensityResult:
     """Estimate the eigenvalue density of ``A`` with Stochastic Lanczos Quadrature.
 
-    Every run draws one probe on the operator's device and runs
+    Every run draws one probe on the operator's device and runs the recurrence of
     :func:`~hessian_eigenthings.algorithms.lanczos_tridiagonal.lanczos_tridiagonal` with
     full reorthogonalisation (no ghost eigenvalues); its tridiagonal matrix is
     diagonalised in float64. The per-run nodes and weights are kept, so
     :meth:`SpectralDensityResult.resmooth` changes ``sigma``, grid or scale without new
-    products. Cost: ``num_runs * lanczos_steps`` products; memory ``O(lanczos_steps * n)``
-    for one run's Lanczos basis.
+    products.
+
+    Runs go in lockstep, ``block_size`` at a time: each Lanczos step multiplies the
+    current vectors of all runs of the group with one ``operator.matmat`` (for a data
+    operator, one pass over the data per step instead of one per run and step); each run
+    does exactly the arithmetic it would do alone. Cost: ``num_runs * lanczos_steps``
+    products in ``ceil(num_runs / block_size) * lanczos_steps`` blocks; memory
+    ``O(min(block_size, num_runs) * lanczos_steps * n)`` for the group's Lanczos bases
+    (``block_size=1``: one run at a time, ``O(lanczos_steps * n)``).
 
     Scales: ``"linear"`` is a density in ``lambda`` that integrates to 1. ``"log"`` is a
     density in ``x = log10|lambda|`` for spectra spanning many orders of magnitude (Papyan
@@ -176,12 +184,19 @@ def spectral_density(
             individual nodes are no longer distinct eigenvalue estimates.
         seed: ``None`` draws a fresh seed (recorded in the result); an int reproduces.
             Under a distributed backend every rank uses rank 0's seed.
+        block_size: Runs advanced in lockstep (columns per ``operator.matmat``).
         backend: Vector arithmetic; default ``operator.backend``.
         **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
             ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
-            The checkpoint holds the completed runs' quadrature rules, written between
-            runs; a time-limited call (with at least one run done) returns the density
-            of the runs done so far (``num_runs`` says how many).
+            The checkpoint is written between Lanczos steps and holds the completed
+            runs' quadrature rules and, while a group of runs is in flight, its Lanczos
+            state (with ``reorthogonalize``, the group's bases so far: up to
+            ``block_size * lanczos_steps * n`` numbers), so a resumed call continues
+            bit for bit. A time-limited call (checked between steps) returns the
+            density of every run started so far: the completed runs and the group in
+            flight cut at the step it reached, each cut run a ``j``-node Gauss rule of
+            its probe that matches ``2 j`` moments (lower resolution, the same
+            unbiased trace); ``nodes`` says how far each run got.
 
     Returns:
         A :class:`SpectralDensityResult`, including ``trace`` (``tr(A)`` with a standard
@@ -192,7 +207,8 @@ def spectral_density(
         ValueError: Non-positive ``num_runs``/``lanczos_steps``, unknown ``scale`` or
             ``distribution``, bad ``sigma``/``grid``/``zero_tol``.
         NonFiniteError: A product was inf/nan; ``err.partial`` is the density of the
-            runs completed before it (``None`` if none was).
+            runs started before it, each cut before its first non-finite step (``None``
+            if no clean step exists).
         CheckpointMismatchError, CorruptCheckpointError: ``checkpoint`` cannot be used.
 
     Example:
@@ -210,6 +226,7 @@ def spectral_density(
     distribution = check_choice(distribution, DISTRIBUTIONS, "probe distribution")
     if zero_tol is not None and not (isinstance(zero_tol, (int, float)) and zero_tol >= 0):
         raise ValueError(f"zero_tol must be None or a number >= 0, got {zero_tol!r}.")
+    block_size = check_int(block_size, "block_size")
     options = long_run_options("spectral_density", long_run)
     backend = backend if backend is not None else operator.backend
     run = _SLQ(
@@ -221,6 +238,7 @@ def spectral_density(
         distribution=distribution,
         reorthogonalize=reorthogonalize,
         zero_tol=zero_tol,
+        block_size=block_size,
         smoothing={
             "scale": scale,
             "sigma": sigma,
@@ -231,13 +249,24 @@ def spectral_density(
     config = {"num_runs": num_runs, "lanczos_steps": lanczos_steps, "distribution": distribution}
     return drive(
         run,
-        {**config, "reorthogonalize": reorthogonalize, "seed": seed, "vector_dtype": run.dtype},
+        {
+            **config,
+            "reorthogonalize": reorthogonalize,
+            "seed": seed,
+            "vector_dtype": run.dtype,
+            "block_size": block_size,
+        },
         options,
     )
 
 
 class _SLQ(ResumableRun[SpectralDensityResult]):
-    """``num_runs`` Lanczos runs from random probes; a step is one whole run."""
+    """``num_runs`` Lanczos runs from random probes, ``block_size`` runs in lockstep.
+
+    A step is one Lanczos step of the group of runs in flight (one block product); the
+    first step of a group draws its probes. A finished group's runs become quadrature
+    rules.
+    """
 
     algorithm = "spectral_density"
 
@@ -252,72 +281,139 @@ class _SLQ(ResumableRun[SpectralDensityResult]):
         distribution: str,
         reorthogonalize: bool,
         zero_tol: float | None,
+        block_size: int,
         smoothing: dict[str, Any],
     ) -> None:
         super().__init__(operator, backend, seed)
         self.num_runs, self.lanczos_steps = num_runs, lanczos_steps
         self.distribution, self.reorthogonalize = distribution, reorthogonalize
         self.zero_tol, self.smoothing = zero_tol, smoothing
+        self.block_size = block_size
+        self.steps = min(lanczos_steps, operator.size)
         self.dtype = default_vector_dtype(operator.dtype)
         self.nodes: list[np.ndarray] = []
         self.weights: list[np.ndarray] = []
         self.norms_sq: list[torch.Tensor] = []
         self.num_matvecs = 0  # products of the completed runs
+        self.group: LockstepLanczos | None = None  # the runs in flight
+        self.group_norms_sq: list[torch.Tensor] = []
 
     def used(self) -> int:
-        return self.num_matvecs
+        return self.num_matvecs + (sum(self.group.spent) if self.group is not None else 0)
 
     def done(self) -> bool:
-        return len(self.nodes) >= self.num_runs
+        return self.group is None and len(self.nodes) >= self.num_runs
 
     def context(self) -> str:
-        return f" (during run {len(self.nodes) + 1} of {self.num_runs})"
+        first = len(self.nodes) + 1
+        if self.group is None:
+            return f" (before run {first} of {self.num_runs})"
+        last = len(self.nodes) + self.group.count
+        where = "" if self.group.done() else f", Lanczos step {self.group.steps + 1}"
+        return f" (runs {first}-{last} of {self.num_runs}{where})"
 
     def step(self) -> None:
-        v = self.backend.random(
-            self.op.size,
-            generator=self.gen,
-            dtype=self.dtype,
-            device=self.op.device,
-            distribution=self.distribution,
+        group = self.group if self.group is not None else self._start_group()
+        group.step(lambda Q: self.apply(Q, check=False))
+        if group.done():
+            self._finish_group(group)
+
+    def _start_group(self) -> LockstepLanczos:
+        """Draw the next group's probes (in run order, one draw per run, as alone)."""
+        count = min(self.block_size, self.num_runs - len(self.nodes))
+        probes = [
+            self.backend.random(
+                self.op.size,
+                generator=self.gen,
+                dtype=self.dtype,
+                device=self.op.device,
+                distribution=self.distribution,
+            )
+            for _ in range(count)
+        ]
+        self.group_norms_sq = [self.backend.dot(v, v).to(torch.float64).cpu() for v in probes]
+        self.group = LockstepLanczos(
+            self.backend, torch.stack(probes, dim=1), self.steps, self.reorthogonalize
         )
-        norm_sq = self.backend.dot(v, v).to(torch.float64).cpu()
-        tri = tridiagonalize(
-            lambda q: self.apply(q, check=False),
-            self.backend,
-            v,
-            min(self.lanczos_steps, self.op.size),
-            self.reorthogonalize,
-        )
-        T = tri.matrix().cpu()
+        return self.group
+
+    def _finish_group(self, group: LockstepLanczos) -> None:
+        rules = []
+        for r in range(group.count):
+            rule = self._rule(group.result(r).matrix().cpu())
+            if rule is None:
+                self.fail(self._first_bad_product(group, r))
+            rules.append(rule)
+        for r, rule in enumerate(rules):
+            self.nodes.append(rule[0])
+            self.weights.append(rule[1])
+            self.norms_sq.append(self.group_norms_sq[r])
+        self.num_matvecs += sum(group.spent)
+        self.group, self.group_norms_sq = None, []
+
+    @staticmethod
+    def _rule(T: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """Gauss nodes and weights of ``T`` (float64 eigendecomposition); None if not finite."""
         if not bool(torch.isfinite(T).all()):
-            bad_alpha = (~torch.isfinite(tri.alphas.cpu())).nonzero()
-            j = int(bad_alpha[0, 0]) if bad_alpha.numel() > 0 else 0
-            self.fail(self.num_matvecs + j + 1)
-        self.num_matvecs += tri.num_matvecs
+            return None
         theta, vecs = torch.linalg.eigh(T)
-        self.nodes.append(theta.numpy())
-        self.weights.append((vecs[0] ** 2).numpy())
-        self.norms_sq.append(norm_sq)
+        return theta.numpy(), (vecs[0] ** 2).numpy()
+
+    def _clean_steps(self, group: LockstepLanczos, r: int) -> int:
+        """Steps of run ``r`` before its first non-finite coefficient."""
+        it = min(group.iterations[r], group.spent[r])
+        coef = torch.stack([group.alphas[r, :it], group.resid[r, :it]]).cpu()
+        bad = (~torch.isfinite(coef)).any(dim=0).nonzero()
+        return it if bad.numel() == 0 else int(bad[0, 0])
+
+    def _first_bad_product(self, group: LockstepLanczos, r: int) -> int:
+        """1-based index of run ``r``'s first non-finite product in this call's order."""
+        j = self._clean_steps(group, r)
+        before = sum(min(s, j) for s in group.spent)  # products of the steps before j
+        ahead = sum(1 for q in range(r) if group.spent[q] > j)  # earlier columns of step j
+        return self.num_matvecs + before + ahead + 1
 
     def partial(self, stop_reason: StopReason) -> SpectralDensityResult | None:
-        return self._density(stop_reason) if self.nodes else None
+        nodes, weights, norms = list(self.nodes), list(self.weights), list(self.norms_sq)
+        spent = self.num_matvecs
+        group = self.group
+        if group is not None:  # the runs in flight, each cut at its last clean step
+            for r in range(group.count):
+                j = self._clean_steps(group, r)
+                rule = self._rule(group.result(r, steps=j).matrix().cpu()) if j > 0 else None
+                if rule is not None:
+                    nodes.append(rule[0])
+                    weights.append(rule[1])
+                    norms.append(self.group_norms_sq[r])
+                    whole = j == min(group.iterations[r], group.spent[r])
+                    spent += group.spent[r] if whole else j
+        if not nodes:
+            return None
+        return self._density(nodes, weights, norms, spent, stop_reason)
 
     def result(self) -> SpectralDensityResult:
-        return self._density("completed")
+        return self._density(self.nodes, self.weights, self.norms_sq, self.num_matvecs, "completed")
 
-    def _density(self, stop_reason: StopReason) -> SpectralDensityResult:
+    def _density(
+        self,
+        nodes: list[np.ndarray],
+        weights: list[np.ndarray],
+        norms_sq: list[torch.Tensor],
+        num_matvecs: int,
+        stop_reason: StopReason,
+    ) -> SpectralDensityResult:
+        """The density of these rules; ``num_matvecs``: the products behind them."""
         tol = self.zero_tol
         if tol is None:
             steps = min(self.lanczos_steps, self.op.size)
-            tol = default_zero_tol(self.nodes, steps, self.op.dtype)
+            tol = default_zero_tol(nodes, steps, self.op.dtype)
         return SpectralDensityResult.from_quadrature(
-            self.nodes,
-            self.weights,
-            torch.stack(self.norms_sq).numpy(),
+            nodes,
+            weights,
+            torch.stack(norms_sq).numpy(),
             lanczos_steps=self.lanczos_steps,
             operator_size=self.op.size,
-            num_matvecs=self.num_matvecs,
+            num_matvecs=num_matvecs,
             distribution=self.distribution,
             seed=self.seed,
             zero_tol=float(tol),
@@ -331,6 +427,8 @@ class _SLQ(ResumableRun[SpectralDensityResult]):
             "weights": [torch.from_numpy(t) for t in self.weights],
             "norms_sq": self.norms_sq,
             "num_matvecs": self.num_matvecs,
+            "group": None if self.group is None else self.group.state_dict(),
+            "group_norms_sq": list(self.group_norms_sq),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -338,3 +436,15 @@ class _SLQ(ResumableRun[SpectralDensityResult]):
         self.weights = [t.numpy() for t in state["weights"]]
         self.norms_sq = list(state["norms_sq"])
         self.num_matvecs = int(state["num_matvecs"])
+        group = state.get("group")  # absent in checkpoints written between whole runs
+        self.group = None
+        self.group_norms_sq = list(state.get("group_norms_sq", []))
+        if group is not None:
+            count = len(self.group_norms_sq)
+            probe = torch.ones(
+                (self.backend.local_size(self.op.size), count),
+                dtype=self.dtype,
+                device=self.op.device,
+            )
+            self.group = LockstepLanczos(self.backend, probe, self.steps, self.reorthogonalize)
+            self.group.load_state_dict(group)

@@ -31,6 +31,12 @@ def preserve_model_state(
             differences); they are copied and written back exactly.
         only_grad_for: If given, every other parameter has ``requires_grad`` switched off
             inside the block, so autograd builds no graph for it.
+
+    Buffers are written back only where their values changed (decided with one host
+    synchronisation for all of them; every product ends in one anyway), so unchanged
+    buffers keep their version counters and graphs kept between products that saved
+    them (eval-mode BatchNorm statistics) stay usable. Values, not versions, decide:
+    BatchNorm updates its running statistics without incrementing their versions.
     """
     params = list(model.parameters())
     requires = [p.requires_grad for p in params]
@@ -49,9 +55,13 @@ def preserve_model_state(
         with torch.no_grad():
             for p, saved in values:
                 p.copy_(saved)
-            for b, saved_b in buffers:
-                if b.shape == saved_b.shape:
-                    b.copy_(saved_b)
+            same = [(b, s) for b, s in buffers if b.shape == s.shape]
+            if same:
+                flags = [(b != s).any() for b, s in same]
+                changed = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+                for (b, saved_b), write in zip(same, changed):
+                    if write:
+                        b.copy_(saved_b)
         # Assign only what changed: setters of .grad and Module attributes are not free.
         for p, req, g in zip(params, requires, grads):
             if p.requires_grad != req:

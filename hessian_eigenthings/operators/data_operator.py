@@ -8,15 +8,28 @@ tokens) and per-batch mean-loss curvature ``C_b``, every data operator computes
     C v = \frac{1}{W} \sum_b w_b \, C_b v, \qquad W = \sum_b w_b,
 
 the curvature of the mean loss over all samples used, never a plain mean over batches.
-Subclasses supply only ``C_b v`` (:meth:`DataCurvatureOperator._piece_product`), given
-each (micro)batch as a :class:`~hessian_eigenthings.operators._data.Piece` (its data, its
-batch and microbatch index, its weight). Data-parallel subclasses override the one
-cross-process seam :meth:`DataCurvatureOperator._reduce`; the parameter-sharded operator
-also overrides the other seams grouped below it (its passes are collective).
+Subclasses supply only ``C_b V`` for a block of vectors
+(:meth:`DataCurvatureOperator._piece_products`; or ``C_b v`` for one vector,
+:meth:`DataCurvatureOperator._piece_product`, when nothing is shared between vectors),
+given each (micro)batch as a :class:`~hessian_eigenthings.operators._data.Piece` (its
+data, its batch and microbatch index, its weight).
+
+A block of vectors is one pass over the data: :meth:`~CurvatureOperator.matmat` of a
+block ``V`` of shape ``(n, b)`` reads every (micro)batch once and hands the whole block to
+the operator, which shares its forward (and, for the Hessian, its first backward) among
+the ``b`` vectors; :meth:`~CurvatureOperator.matvec` is the same path with ``b = 1``.
+How the per-vector part runs is the operator's ``block_mode``: ``"loop"`` (one vector at
+a time over the retained graph; the default on CPU), ``"vmap"`` (batched with
+``is_grads_batched``; the default on CUDA), ``"auto"`` choosing by device; at most
+``max_block`` vectors are multiplied at once (larger blocks are split into column chunks).
+
+Data-parallel subclasses override the one cross-process seam
+:meth:`DataCurvatureOperator._reduce` (one collective per block); the parameter-sharded
+operator also overrides the other seams grouped below it (its passes are collective).
 
 Non-finite products (an overflowing bf16 model, a bad batch) are refused: the loop keeps
 one on-device finiteness flag per (micro)batch, and after the reduction one host sync per
-matvec checks the sum; if it is not finite, a
+matvec (or block) checks the sum; if it is not finite, a
 :class:`~hessian_eigenthings.errors.NonFiniteError` names the operator, the
 batch index (and microbatch) and the parameters whose blocks went non-finite. An
 exception raised while a batch is processed (by the loss, the model or the loader) is
@@ -37,8 +50,8 @@ import math
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack
-from typing import Any, ClassVar, TypedDict
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 import torch
 from torch import nn
@@ -54,14 +67,28 @@ from hessian_eigenthings.operators._data import (
     leading_dim,
     split_batch,
 )
+from hessian_eigenthings.operators._graph_cache import GraphCache
 from hessian_eigenthings.operators._guard import preserve_model_state
 from hessian_eigenthings.operators._user_fns import located
 from hessian_eigenthings.operators.base import CurvatureOperator
 from hessian_eigenthings.param_utils import ParamFilterLike, ParamLayout, select_params
 
-__all__ = ["DataCurvatureOperator", "DataOptions", "determinism_tolerance"]
+__all__ = [
+    "BLOCK_MODES",
+    "DEFAULT_MAX_BLOCK",
+    "DataCurvatureOperator",
+    "DataOptions",
+    "determinism_tolerance",
+]
 
 logger = logging.getLogger("hessian_eigenthings")
+
+T = TypeVar("T")
+
+#: How the per-vector part of a block product runs (see :class:`DataCurvatureOperator`).
+BLOCK_MODES = ("auto", "loop", "vmap")
+#: Default cap on the vectors one pass multiplies at once.
+DEFAULT_MAX_BLOCK = 32
 
 _RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -114,6 +141,9 @@ class DataOptions(TypedDict, total=False):
     weight_fn: WeightFn | None
     check_determinism: bool
     backend: LinAlgBackend | None
+    block_mode: str
+    max_block: int | None
+    keep_graphs: bool
 
 
 class DataCurvatureOperator(CurvatureOperator):
@@ -143,6 +173,25 @@ class DataCurvatureOperator(CurvatureOperator):
             with the default sample-count weighting). The check for an autograd graph
             runs either way.
         backend: Vector backend for algorithms.
+        block_mode: How a block product runs its per-vector part once the shared part
+            (forward, first backward) is done: ``"loop"`` (one vector at a time over the
+            retained graph: least memory, fastest on CPU), ``"vmap"`` (all vectors of a
+            chunk at once with ``is_grads_batched``: fastest on GPUs, memory of the
+            per-vector part times the chunk), or ``"auto"`` (default: ``"vmap"`` on
+            CUDA, ``"loop"`` elsewhere). Results agree to rounding.
+        max_block: Most vectors multiplied at once (default 32); a larger block is split
+            into column chunks, which bounds the memory of the batched parts (the vmap
+            backward, the forward-mode tangents of the output-curvature operators).
+            ``max_block=1`` multiplies vector by vector (no batching transform at all).
+            ``None``: no cap.
+        keep_graphs: Keep every (micro)batch's graph alive between products (operators
+            that support it: the Hessian by autograd, the output-curvature operators with
+            ``jvp="forward"``), so later products skip the forward and first backward.
+            Memory: all (micro)batches' graphs at once (see the operator's docstring).
+            The loader is read once, at the first product; every later product checks
+            that no parameter (and no tensor of the kept batches) changed in place or was
+            replaced and that no module switched train/eval mode, and raises otherwise.
+            Needs ``full_dataset=True``.
     """
 
     #: Whether ``__init__`` evaluates the model on the first batch; operators whose
@@ -165,9 +214,29 @@ class DataCurvatureOperator(CurvatureOperator):
         loss_for_weights: Any = None,
         check_determinism: bool = True,
         backend: LinAlgBackend | None = None,
+        block_mode: str = "auto",
+        max_block: int | None = DEFAULT_MAX_BLOCK,
+        keep_graphs: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        owner = type(self).__name__
+        if block_mode not in BLOCK_MODES:
+            raise ValueError(
+                f"Unknown block_mode {block_mode!r} for {owner}; expected one of {BLOCK_MODES}."
+            )
+        if max_block is not None and (
+            not isinstance(max_block, int) or isinstance(max_block, bool) or max_block < 1
+        ):
+            raise ValueError(f"max_block must be a positive int or None, got {max_block!r}.")
+        if keep_graphs:
+            why = self._keep_graphs_unsupported()
+            if why is None and not full_dataset:
+                why = "full_dataset=False draws a new batch for every product"
+            if why is not None:
+                raise ValueError(
+                    f"{owner}(keep_graphs=True) is not available: {why}. Drop keep_graphs."
+                )
         self.model = model
         self.named_params = select_params(model, param_filter)
         self.params = [p for _, p in self.named_params]
@@ -198,6 +267,13 @@ class DataCurvatureOperator(CurvatureOperator):
             weight_fn or getattr(loss_for_weights, "batch_weight", None) or leading_dim
         )
         self._backend = backend or SingleDeviceBackend()
+        self.block_mode = (
+            block_mode
+            if block_mode != "auto"
+            else ("vmap" if self._device.type == "cuda" else "loop")
+        )
+        self.max_block = max_block
+        self._graphs = GraphCache(model) if keep_graphs else None
         if self._probe_in_init:
             self._construction_probe(check_determinism)
 
@@ -228,7 +304,59 @@ class DataCurvatureOperator(CurvatureOperator):
         ``vs`` holds ``v`` in blocks shaped like :meth:`_vector_blocks` (one per selected
         parameter); the result has one entry per block, ``None`` meaning zero (a
         parameter that does not reach the loss). The loop applies ``piece.weight``.
+        Operators that share work between the vectors of a block implement
+        :meth:`_piece_products` and this as its ``b = 1`` case.
         """
+
+    def _piece_products(
+        self, piece: Piece, vs: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
+        """``C_b V`` for a block: ``vs[i]`` has shape ``(b, *block_i.shape)``, as the result.
+
+        What the data loop calls, for every (micro)batch and block (``b = 1`` for a
+        matvec). Default: :meth:`_piece_product` column by column (nothing shared).
+        """
+        cols = [self._piece_product(piece, [v[j] for v in vs]) for j in range(vs[0].shape[0])]
+        return self._stack_columns(cols, vs)
+
+    @staticmethod
+    def _stack_columns(
+        cols: Sequence[Sequence[torch.Tensor | None]], vs: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor | None]:
+        """Per-vector products (``cols[j][i]``) as blocks ``(b, ...)`` (``None``: all zero)."""
+        out: list[torch.Tensor | None] = []
+        for i, v in enumerate(vs):
+            col = [c[i] for c in cols]
+            out.append(
+                None
+                if all(h is None for h in col)
+                else torch.stack([torch.zeros_like(v[0]) if h is None else h for h in col])
+            )
+        return out
+
+    def _keep_graphs_unsupported(self) -> str | None:
+        """Why ``keep_graphs=True`` cannot work for this operator (``None``: it can)."""
+        return f"{type(self).__name__} keeps no graph between products"
+
+    def _chunks(self, b: int) -> list[slice]:
+        """The column chunks of a block of ``b`` vectors (at most ``max_block`` each)."""
+        step = b if self.max_block is None else self.max_block
+        return [slice(s, min(s + step, b)) for s in range(0, b, step)]
+
+    def _kept(self, piece: Piece, build: Callable[[], T]) -> T:
+        """The per-piece work every vector shares: ``build()``, or the kept one."""
+        if self._graphs is None:
+            return build()
+        return self._graphs.get((piece.batch_index, piece.microbatch_index), build)
+
+    def release_graphs(self) -> None:
+        """Free the graphs kept by ``keep_graphs=True``; the next product builds them anew.
+
+        Call it after changing the model or the data on purpose (a product refuses a
+        changed model while graphs are kept).
+        """
+        if self._graphs is not None:
+            self._graphs.clear()
 
     @abstractmethod
     def _probe_loss(self, batch: Any) -> torch.Tensor:
@@ -280,19 +408,33 @@ class DataCurvatureOperator(CurvatureOperator):
         return stack
 
     def _pieces(self) -> Iterator[Piece]:
-        """The weighted (micro)batches of one product; those of weight ``0`` are skipped."""
+        """The weighted (micro)batches of one product; those of weight ``0`` are skipped.
+
+        With ``keep_graphs=True`` the loader is read at the first product only; later
+        products reuse its pieces (after checking that nothing changed underneath).
+        """
+        kept = self._graphs
+        if kept is not None and kept.pieces is not None:
+            kept.check(type(self).__name__)
+            yield from kept.pieces
+            return
+        seen: list[Piece] = []
         for batch in self.source.batches():
             parts = self.source.microbatches(batch)
             self._check_microbatch_split(parts)
             for index, data in enumerate(parts):
                 w = self._weight(data)
                 if not (isinstance(w, int) and w == 0):
-                    yield Piece(data, self.source.batch_index, index, w)
+                    piece = Piece(data, self.source.batch_index, index, w)
+                    seen.append(piece)
+                    yield piece
+        if kept is not None:
+            kept.seal(seen)
 
     def _weighted_product(
         self, piece: Piece, vs: Sequence[torch.Tensor], like: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        """``w_b C_b v / unit`` as a fresh flat vector, and the ``unit`` it still owes.
+        """``w_b C_b V / unit`` as fresh flat rows ``(b, n)``, and the ``unit`` it still owes.
 
         Integer weights are owed (the loop scales once, not per batch); tensor weights
         are applied here, and a piece of weight 0 (every token ignored, where the loss
@@ -344,18 +486,24 @@ class DataCurvatureOperator(CurvatureOperator):
                         "split. Call model.eval() or drop microbatch_size."
                     )
 
-    def _split(self, vec: torch.Tensor) -> list[torch.Tensor]:
-        """``vec`` as views shaped like :meth:`_vector_blocks`, in their dtypes."""
+    def _split(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Vectors as rows ``(b, n)``, split into ``(b, *block.shape)`` in the blocks' dtypes.
+
+        Views for ``b = 1``; a block (whose rows are strided columns of ``V``) is copied
+        once per parameter.
+        """
         sizes = [b.numel() for b in self._blocks]
+        count = rows.shape[0]
         return [
-            piece.to(b.dtype).view(b.shape)
-            for piece, b in zip(torch.split(vec, sizes), self._blocks)
+            piece.to(b.dtype).reshape(count, *b.shape)
+            for piece, b in zip(torch.split(rows, sizes, dim=1), self._blocks)
         ]
 
-    def _accumulate(self, vec: torch.Tensor) -> torch.Tensor:
-        """``(1/W) sum_b w_b C_b v`` over the batches of one matvec."""
+    def _accumulate(self, V: torch.Tensor) -> torch.Tensor:
+        """``(1/W) sum_b w_b C_b V`` over the batches of one product, as rows ``(b, n)``."""
+        vec = V.T  # one vector per row
         vs = self._split(vec)
-        # ``total`` holds (1/ref) * sum_j w_j C_j v, where ``ref`` is the unit owed by the
+        # ``total`` holds (1/ref) * sum_j w_j C_j V, where ``ref`` is the unit owed by the
         # first product: a single batch then needs no scaling pass at all.
         total: torch.Tensor | None = None
         ref = 1
@@ -364,7 +512,7 @@ class DataCurvatureOperator(CurvatureOperator):
         # products (NaN/inf whenever an entry is), taken only when there are several.
         where: list[tuple[int, int]] = []
         sums: list[torch.Tensor] = []
-        with self._guard():
+        with self._guard(), self._forget_on_error():
             for piece in self._pieces():
                 flat, unit = self._weighted_product(piece, vs, vec)
                 where.append((piece.batch_index, piece.microbatch_index))
@@ -377,7 +525,7 @@ class DataCurvatureOperator(CurvatureOperator):
                     total.add_(flat, alpha=unit / ref)
                 weight = weight + piece.weight
             if total is None:
-                total = torch.zeros(vec.numel(), dtype=vec.dtype, device=vec.device)
+                total = torch.zeros(vec.shape, dtype=vec.dtype, device=vec.device)
             if type(self)._reduce is not DataCurvatureOperator._reduce and ref != 1:
                 total.mul_(ref)  # processes exchange the plain weighted sum
                 ref = 1
@@ -406,12 +554,16 @@ class DataCurvatureOperator(CurvatureOperator):
             else total.div_(weight.to(total.dtype))
         )
 
+    def _forget_on_error(self) -> AbstractContextManager[None]:
+        """Drop half-built kept graphs if a product raises (the next one starts afresh)."""
+        return self._graphs.forget_on_error() if self._graphs is not None else nullcontext()
+
     def _non_finite_names(self, total: torch.Tensor) -> tuple[str, ...]:
-        """Names of the parameters whose blocks of ``total`` are not finite."""
+        """Names of the parameters whose blocks of ``total`` (rows ``(b, n)``) are not finite."""
         sizes = [b.numel() for b in self._blocks]
         return tuple(
             name
-            for (name, _), block in zip(self.named_params, torch.split(total, sizes))
+            for (name, _), block in zip(self.named_params, torch.split(total, sizes, dim=-1))
             if not bool(torch.isfinite(block).all())
         )
 
@@ -451,19 +603,27 @@ class DataCurvatureOperator(CurvatureOperator):
     def _flat_product(
         self, piece: Piece, vs: Sequence[torch.Tensor], like: torch.Tensor
     ) -> torch.Tensor:
-        """``C_b v`` as one fresh flat vector of ``like``'s dtype (zeros for unused params)."""
-        prods = self._piece_product(piece, vs)
+        """``C_b V`` as fresh rows ``(b, n)`` of ``like``'s dtype (zeros for unused params)."""
+        count = like.shape[0]
+        prods = self._piece_products(piece, vs)
         return torch.cat(
             [
-                torch.zeros(b.numel(), dtype=like.dtype, device=like.device)
+                torch.zeros(count, b.numel(), dtype=like.dtype, device=like.device)
                 if h is None
-                else h.reshape(-1).to(like.dtype)
+                else h.reshape(count, -1).to(like.dtype)
                 for h, b in zip(prods, self._blocks)
-            ]
+            ],
+            dim=1,
         )
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(v)
+        return self._matmat(v.unsqueeze(1)).squeeze(1)  # the block path with b = 1
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if V.shape[1] == 0:  # no vector: no pass over the data
+            return torch.zeros_like(V)
+        rows = self._accumulate(V)
+        return rows.T if rows.shape[0] == 1 else rows.T.contiguous()
 
     # -- construction probe ------------------------------------------------------------
     def _probe_piece(self) -> Piece:

@@ -69,10 +69,11 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
     ``N`` counts every sample of every batch used (ragged batches and microbatches are
     weighted by their sample counts), so ``F`` is exactly the mean over all samples.
     Per batch of ``B`` samples the product is
-    ``(1/B) J_\ell^\top (J_\ell v) = (1/B) \sum_i \langle g_i, v\rangle g_i``: one
-    forward-mode JVP of the per-sample losses (exact; or a finite difference with
-    ``jvp="finite_difference"``) and one backward pass, in O(n) memory (no per-sample
-    gradient matrix).
+    ``(1/B) J_\ell^\top (J_\ell v) = (1/B) \sum_i \langle g_i, v\rangle g_i``: one call of
+    ``loss_fn`` per batch and block of vectors (a forward pass carrying the forward-mode
+    tangents ``J_\ell v_j``, exact; or finite differences with
+    ``jvp="finite_difference"``) and one backward pass per vector, in O(n) memory (no
+    per-sample gradient matrix).
 
     The empirical Fisher is not the Fisher information nor the GGN in general (Kunstner
     et al., 2019); it is the uncentred covariance of the per-sample gradients. For the
@@ -94,6 +95,9 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
             (exact; see :mod:`~hessian_eigenthings.operators._lm_head`). ``"chunked"``:
             the same, raising where it does not apply; ``"off"``: never.
         lm_head_chunk: Tokens per chunk (default ``2^22 / V``).
+        one_pass: ``True``: the forward-mode tangents in the forward with graph (one
+            forward instead of two, about 1.5x the peak memory; see
+            :class:`~hessian_eigenthings.operators.output_curvature.OutputCurvatureOperator`).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -123,6 +127,7 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
         fd_eps: float | None = None,
         lm_head: str = "auto",
         lm_head_chunk: int | None = None,
+        one_pass: bool = False,
         **options: Unpack[DataOptions],
     ) -> None:
         self.loss_fn = loss_fn
@@ -137,6 +142,7 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
             lm_head=lm_head,
             lm_head_chunk=lm_head_chunk,
             head_loss=loss_fn,
+            one_pass=one_pass,
             **options,
         )
 
@@ -240,6 +246,9 @@ class MCFisherOperator(OutputCurvatureOperator):
         class_dim: Class dimension of the logits (categorical only).
         jvp: ``"forward"`` (exact) or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction.
+        one_pass: ``True``: the forward-mode tangents in the forward with graph (one
+            forward instead of two, about 1.5x the peak memory; see
+            :class:`~hessian_eigenthings.operators.output_curvature.OutputCurvatureOperator`).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -282,6 +291,7 @@ class MCFisherOperator(OutputCurvatureOperator):
         class_dim: int = 1,
         jvp: str = "forward",
         fd_eps: float | None = None,
+        one_pass: bool = False,
         **options: Unpack[DataOptions],
     ) -> None:
         if likelihood not in _LIKELIHOODS:
@@ -301,7 +311,14 @@ class MCFisherOperator(OutputCurvatureOperator):
         self.seed = fresh_seed() if seed is None else seed
         self.class_dim = class_dim
         super().__init__(
-            model, dataloader, forward_fn, what="forward_fn", jvp=jvp, fd_eps=fd_eps, **options
+            model,
+            dataloader,
+            forward_fn,
+            what="forward_fn",
+            jvp=jvp,
+            fd_eps=fd_eps,
+            one_pass=one_pass,
+            **options,
         )
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:

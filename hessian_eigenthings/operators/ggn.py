@@ -15,9 +15,10 @@ method"). It is positive semi-definite whenever the loss is convex in the output
 (cross-entropy, squared error) and equals the Hessian without the term that involves
 the model's second derivatives.
 
-One product ``G v`` costs one forward-mode pass (``J v``), the loss's closed-form
-``H_b (J v)``, and one reverse pass (``J^T u``): the memory of one training step,
-without a double backward anywhere.
+One product ``G v`` costs one forward pass that also carries the forward-mode tangent
+``J v`` (and records the graph for the reverse pass), the loss's closed-form
+``H_b (J v)``, and one reverse pass (``J^T u``), without a double backward anywhere; a
+block of vectors shares the forward.
 """
 
 from __future__ import annotations
@@ -57,14 +58,21 @@ class GGNOperator(OutputCurvatureOperator):
     tokens via the loss's ``batch_weight``), so ragged batches and token losses give the
     GGN of the mean over all samples (tokens). Schraudolph (2002); Martens (2020).
 
-    Per product and batch (default path): one forward-mode pass for ``J v`` (no graph
-    kept), one ordinary forward, the loss's closed-form ``H (J v)`` and one backward
-    pass, and no double backward through the softmax. Memory: the forward-mode pass keeps
-    no graph, so for deep models the peak is that of a training step; for a
-    vocabulary-sized output layer PyTorch's JVP formulas materialise the primal, the
-    tangent and their partial products (about 5 logits-sized tensors, 1.8x the peak of a
-    gradient step at 32k classes; ``benchmarks/bench_ggn_memory.py``).
-    ``microbatch_size`` bounds it without changing the result.
+    Per batch and block of vectors: a forward-mode pass without graph gives the
+    tangents ``J v_j`` of the block's vectors, a forward with graph the output; then the
+    loss's closed-form ``H (J v_j)`` and one backward pass per vector, and no double
+    backward through the softmax (see
+    :class:`~hessian_eigenthings.operators.output_curvature.OutputCurvatureOperator`).
+    Memory: that of a training step (the SPEC's contract). ``one_pass=True`` carries the
+    tangents in the forward with graph (one call of ``forward_fn`` instead of two): on a
+    deep MLP its peak is 1.4-1.6x a training step's; for a vocabulary-sized output
+    layer, where PyTorch's JVP formulas materialise the primal, the tangent and their
+    partial products, both are 1.5x a gradient step at 8k classes
+    (``benchmarks/bench_ggn_memory.py``).
+    ``microbatch_size`` and ``max_block`` bound it without changing the result. A model
+    whose forward updates buffers in place (train-mode BatchNorm) gets one forward-mode
+    pass per vector plus one forward with graph, since ``torch.func`` cannot batch
+    tangents through in-place buffer updates.
 
     Options:
         ``loss_hvp="analytical"`` (default) uses ``loss_of_output_fn.hvp(output, batch,
@@ -98,10 +106,15 @@ class GGNOperator(OutputCurvatureOperator):
             :mod:`~hessian_eigenthings.operators._lm_head`). ``"chunked"``: the same,
             raising where it does not apply; ``"off"``: never.
         lm_head_chunk: Tokens per chunk (default ``2^22 / V``: 16 MiB of float32 logits).
+        one_pass: ``True`` carries the forward-mode tangents in the forward that records
+            the graph: one forward per batch and block instead of two, faster, but about
+            1.5x the peak memory (it also holds what the tangents' operations save). The
+            default ``False`` has the peak memory of a training step.
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
-            ``weight_fn``, ``check_determinism``, ``backend``); ``weight_fn`` defaults to
+            ``weight_fn``, ``check_determinism``, ``backend``, ``block_mode``,
+            ``max_block``, ``keep_graphs``); ``weight_fn`` defaults to
             ``loss_of_output_fn.batch_weight`` or the batch size.
 
     Example:
@@ -130,6 +143,7 @@ class GGNOperator(OutputCurvatureOperator):
         fd_eps: float | None = None,
         lm_head: str = "auto",
         lm_head_chunk: int | None = None,
+        one_pass: bool = False,
         **options: Unpack[DataOptions],
     ) -> None:
         if loss_hvp not in _LOSS_HVP_METHODS:
@@ -162,6 +176,7 @@ class GGNOperator(OutputCurvatureOperator):
             what="forward_fn",
             jvp=jvp,
             fd_eps=fd_eps,
+            one_pass=one_pass,
             loss_for_weights=loss_of_output_fn,
             lm_head=lm_head,
             lm_head_chunk=lm_head_chunk,

@@ -54,6 +54,24 @@ class HessianOperator(DataCurvatureOperator):
       bfloat16 step, detected by one forward at construction or given as
       ``fd_compute_dtype``.
 
+    Blocks (:meth:`matmat`, and every algorithm's probe blocks): with ``"autograd"``,
+    each (micro)batch costs one forward and one first backward (``create_graph=True``)
+    for the whole block, then one reverse pass through that graph per vector,
+    ``H v_j = \nabla_\theta \langle \nabla_\theta L, v_j \rangle``: in a loop over the
+    retained graph (``block_mode="loop"``) or batched (``"vmap"``,
+    ``is_grads_batched=True``). ``matvec`` is the block of one. With
+    ``"finite_difference"`` every vector needs its own two gradients; a block shares only
+    the pass over the data.
+
+    ``keep_graphs=True`` (``"autograd"`` only) keeps, for every (micro)batch, the forward
+    graph and the first backward's graph alive between products, so each later product
+    is one reverse pass per vector and (micro)batch. Memory: about the peak of one
+    Hessian-vector product (the activations plus the first backward's saved tensors,
+    roughly 2-3x a training step's activations) per (micro)batch, for all of them at
+    once; only for data that fits. A product raises if a parameter changed (in place or
+    replaced), a module switched train/eval mode or a kept batch was modified;
+    :meth:`release_graphs` frees them.
+
     Args:
         model: The model; never modified.
         dataloader: Re-iterable of batches (or a factory returning one).
@@ -78,7 +96,8 @@ class HessianOperator(DataCurvatureOperator):
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
-            ``weight_fn``, ``check_determinism``, ``backend``); ``weight_fn`` defaults to
+            ``weight_fn``, ``check_determinism``, ``backend``, ``block_mode``,
+            ``max_block``, ``keep_graphs``); ``weight_fn`` defaults to
             ``loss_fn.batch_weight`` or the batch size.
 
     Example:
@@ -146,9 +165,11 @@ class HessianOperator(DataCurvatureOperator):
             device=self.device,
             dtype=self.dtype,
             unsupported=(
-                None
-                if method == "autograd"
-                else "finite differences differentiate the whole loss (method='autograd' chunks)"
+                "finite differences differentiate the whole loss (method='autograd' chunks)"
+                if method != "autograd"
+                else "keep_graphs keeps each batch's whole graph (logits included)"
+                if self._graphs is not None
+                else None
             ),
         )
         if check:
@@ -173,24 +194,80 @@ class HessianOperator(DataCurvatureOperator):
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
         return self.params if self.method == "finite_difference" else ()
 
+    def _keep_graphs_unsupported(self) -> str | None:
+        if self.method == "finite_difference":
+            return "finite differences evaluate gradients at new points for every vector"
+        return None
+
     def _piece_product(
         self, piece: Piece, vs: Sequence[torch.Tensor]
     ) -> Sequence[torch.Tensor | None]:
+        hv = self._piece_products(piece, [v.unsqueeze(0) for v in vs])
+        return [None if h is None else h[0] for h in hv]
+
+    def _piece_products(
+        self, piece: Piece, vs: Sequence[torch.Tensor]
+    ) -> Sequence[torch.Tensor | None]:
         if self.method == "finite_difference":
-            return self._fd_product(piece, vs)
-        if self._head is not None:  # the LM head chunked over tokens
-            return self._head.hessian(piece, vs)
+            return self._fd_products(piece, vs)
+        if self._head is not None:  # the LM head chunked over tokens, vector by vector
+            per = [self._head.hessian(piece, [v[j] for v in vs]) for j in range(vs[0].shape[0])]
+            return self._stack_columns(per, vs)
         # double backward: the forward must run kernels that are twice differentiable
         with curvature_mode(self.device, self.dtype):
-            loss = self._loss(piece.data)
-            if not loss.requires_grad:  # no selected parameter reaches the loss
+            graph = self._kept(piece, lambda: self._gradient_graph(piece))
+            if graph is None:  # the loss is at most linear in the selected parameters
                 return [None] * len(self.params)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
-            if not terms:  # loss is at most linear in the selected parameters
-                return [None] * len(self.params)
-            hv = torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
-        return [None if h is None else h.detach() for h in hv]
+            grads, which = graph
+            keep = self._graphs is not None
+            count = vs[0].shape[0]
+            chunks = self._chunks(count)
+            parts: list[tuple[torch.Tensor | None, ...]] = []
+            for c, cols in enumerate(chunks):
+                retain = keep or c < len(chunks) - 1
+                cot = [vs[i][cols] for i in which]
+                if self.block_mode == "vmap" and count > 1:
+                    parts.append(
+                        torch.autograd.grad(
+                            grads,
+                            self.params,
+                            cot,
+                            retain_graph=retain,
+                            allow_unused=True,
+                            is_grads_batched=True,
+                        )
+                    )
+                    continue
+                width = cot[0].shape[0]
+                for j in range(width):
+                    col = torch.autograd.grad(
+                        grads,
+                        self.params,
+                        [v[j] for v in cot],
+                        retain_graph=retain or j < width - 1,
+                        allow_unused=True,
+                    )
+                    parts.append(tuple(None if h is None else h.unsqueeze(0) for h in col))
+        return [
+            None if parts[0][i] is None else torch.cat([p[i] for p in parts]).detach()  # type: ignore[misc]
+            for i in range(len(self.params))
+        ]
+
+    def _gradient_graph(self, piece: Piece) -> tuple[list[torch.Tensor], list[int]] | None:
+        r"""The shared part of a block: ``\nabla L_b`` with its graph (``create_graph``).
+
+        Returns the gradients that depend on the parameters and their indices, so that
+        ``H V`` is one reverse pass through them per vector (``grad_outputs = v``, since
+        ``H`` is symmetric), or ``None`` when no gradient does.
+        """
+        loss = self._loss(piece.data)
+        if not loss.requires_grad:  # no selected parameter reaches the loss
+            return None
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        which = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not which:
+            return None
+        return [grads[i] for i in which], which
 
     # -- finite differences (also the parameter-sharded operator's product) -------------
     def _grad_at(self, piece: Piece) -> list[torch.Tensor | None]:
@@ -219,9 +296,14 @@ class HessianOperator(DataCurvatureOperator):
         self.fd_eps = self._fd_step.eps
         return self._fd_step
 
-    def _direction_norm(self, vs: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """``||v||`` if known beforehand (``None``: computed from ``vs``)."""
-        return None
+    def _fd_products(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Central differences, vector by vector: two gradients at ``theta +- h u_j`` each.
+
+        Nothing of one vector's passes serves another (each runs at its own parameters);
+        a block shares only the pass over the data.
+        """
+        cols = [self._fd_product(piece, [v[j] for v in vs]) for j in range(vs[0].shape[0])]
+        return self._stack_columns(cols, vs)
 
     def _fd_product(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         h = (self._fd_step or self._settle_fd_step()).at_product(self.device)
@@ -230,7 +312,6 @@ class HessianOperator(DataCurvatureOperator):
             vs,
             h,
             lambda: self._grad_at(piece),
-            vnorm=self._direction_norm(vs),
         )
         factor = vnorm / (2 * h)
         # In place, in the gradients' dtype: the difference of two nearby floats is exact

@@ -15,7 +15,9 @@ also when the shards are uneven. Every rank runs the shared data loop of
 batches, producing the partial sum :math:`s_r = \sum_{b \in B_r} w_b C_b v` and weight
 :math:`W_r`; one ``all_reduce`` of the flat buffer :math:`[s_r, W_r]` (``n + 1``
 entries) then gives every rank :math:`\sum_r s_r` and :math:`\sum_r W_r`. That is the
-only collective of a matvec.
+only collective of a matvec. A block of ``b`` vectors (``matmat``, and every algorithm's
+probe blocks) is one pass over each rank's data and one ``all_reduce`` of ``b n + 1``
+entries.
 
 The vector is replicated: every rank holds the whole parameter vector and gets the
 same product, so any algorithm runs unchanged with a
@@ -156,10 +158,6 @@ class DDPCurvatureOperator(DataCurvatureOperator):
         )
         with ctx:
             yield
-
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        with self._wrapper_quiet():
-            return super()._matvec(v)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         with self._wrapper_quiet():

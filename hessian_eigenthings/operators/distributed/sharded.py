@@ -50,12 +50,14 @@ differences are overrides of the loop's seams: vectors are split into local shar
 the ranks run their passes in lock step, each pass weighs its loss before the
 (collective) backward, and the decisions that end a product are taken together.
 
-Communication per matvec: before each microbatch round one all-reduce of three
-float64 numbers (ranks with data left; ``||v||^2`` in the first round; the total
-weight in the last), i.e. ``P + 1`` small all-reduces for at most ``P`` microbatches
-on any rank, plus FSDP's all-gathers and reduce-scatters for two forward/backward
-passes per round. Each round reads the small buffer on the host (one synchronisation
-per microbatch, negligible next to two collective forward/backward passes). A rank
+Communication per product (a matvec, or a block of ``b`` vectors): before each
+microbatch round one all-reduce of ``2 + R + b`` float64 numbers (ranks with data left;
+the total weight in the last round; each rank's piece weight; the vectors' squared norms
+in the first round), i.e. ``P + 1`` small all-reduces for at most ``P`` microbatches on
+any rank whatever the block's width, plus FSDP's all-gathers and reduce-scatters for two
+forward/backward passes per vector and round (finite differences share no pass between
+vectors). Each round reads the small buffer on the host (one synchronisation per
+microbatch, negligible next to the collective forward/backward passes). A rank
 whose shard of the product is not finite sends NaN as its weight in the last round, so
 every rank sees the same verdict without another collective; only then, on the error
 path, the ranks gather which of their losses went non-finite to name the batch.
@@ -143,25 +145,28 @@ def _gradient_scales(model: nn.Module, params: Sequence[nn.Parameter], world: in
 class _LockStep:
     """One product's rounds: FSDP's passes are collective, so all ranks run as many.
 
-    Before each pass, one all-reduce of ``[has a piece, ||v_r||^2 (first round only),
-    W_r (ranks without a piece; NaN if the rank's shard of the product is not
-    finite), w_0, ..., w_{R-1}]``, where ``w_r`` is the weight of rank ``r``'s piece
-    (its own slot; zero elsewhere), and one host read of the result: the only host
-    synchronisation of a round. Ranks that ran out of pieces repeat their last one with
-    weight 0 (and still add their shard of the pass's summed gradient) until every
-    rank is done; the round in which no rank has a piece carries the total weight.
+    Before each (micro)batch, one all-reduce of ``[has a piece, W_r (ranks without a
+    piece; NaN if the rank's shard of the product is not finite), w_0, ..., w_{R-1},
+    ||v_{r,1}||^2, ..., ||v_{r,b}||^2 (first round only)]``, where ``w_r`` is the weight
+    of rank ``r``'s piece (its own slot; zero elsewhere) and ``v_{r,j}`` the rank's shard
+    of the block's ``j``-th vector, and one host read of the result: the only host
+    synchronisation of a round, whatever the block's width. Ranks that ran out of
+    pieces repeat their last one with weight 0 (and still add their shard of the pass's
+    summed gradient) until every rank is done; the round in which no rank has a piece
+    carries the total weight.
     """
 
     def __init__(
-        self, group: Any, rank: int, world: int, v: torch.Tensor, vs: list[torch.Tensor]
+        self, group: Any, rank: int, world: int, rows: torch.Tensor, vs: list[torch.Tensor]
     ) -> None:
         self.group = group
         self.rank = rank
         self.world = world
-        self.vs = vs  # v in blocks: ranks without a piece perturb their shards too
-        self.sq: torch.Tensor | None = squared_norm([v])
-        self.vnorm = torch.zeros((), dtype=torch.float64, device=v.device)
-        self.losses: list[torch.Tensor] = []  # two per pass (at theta +- h u)
+        self.vs = vs  # the block in parameter blocks: ranks without a piece perturb too
+        self.width = rows.shape[0]
+        self.sq: torch.Tensor | None = torch.stack([squared_norm([r]) for r in rows])
+        self.vnorm = torch.zeros(self.width, dtype=torch.float64, device=rows.device)
+        self.losses: list[torch.Tensor] = []  # two per vector and pass (at theta +- h u)
         self.filler: Any = None  # the last piece's data, rerun with weight 0
         self.total_weight = math.nan  # the summed weight of the last round, on the host
 
@@ -178,10 +183,11 @@ class _LockStep:
         back from this rank's slot); without, it is the rank's total, sent as NaN when
         ``total`` (the rank's shard of the product) is not finite.
         """
-        ctrl = torch.zeros(3 + self.world, dtype=torch.float64, device=self.vnorm.device)
+        sq_at = 2 + self.world  # [has piece, W, w_0 .. w_{R-1}, ||v_j||^2 ...]
+        ctrl = torch.zeros(sq_at + self.width, dtype=torch.float64, device=self.vnorm.device)
         if has_piece:
             ctrl[0] = 1.0
-            ctrl[3 + self.rank] = weight
+            ctrl[2 + self.rank] = weight
         elif total is not None:
             w = (
                 weight.to(ctrl.device, torch.float64)
@@ -190,19 +196,19 @@ class _LockStep:
             )
             # elementwise test in chunks: no temporaries of the shard's size
             finite = torch.stack([torch.isfinite(c).all() for c in total.split(1 << 20)]).all()
-            ctrl[2] = torch.where(finite, w, w.new_full((), float("nan")))
+            ctrl[1] = torch.where(finite, w, w.new_full((), float("nan")))
         else:
-            ctrl[2] = weight
+            ctrl[1] = weight
         if self.sq is not None:
-            ctrl[1] = self.sq
+            ctrl[sq_at:] = self.sq
         host = sum_across_ranks(ctrl, self.group).tolist()  # the round's one host read
-        self.total_weight = host[2]
+        self.total_weight = host[1]
         if self.sq is not None:
-            self.vnorm = torch.full(
-                (), math.sqrt(host[1]), dtype=torch.float64, device=self.vnorm.device
+            self.vnorm = torch.tensor(
+                [math.sqrt(q) for q in host[sq_at:]], dtype=torch.float64, device=self.vnorm.device
             )
             self.sq = None
-        return int(host[0]), torch.tensor(host[2], dtype=torch.float64), host[3 + self.rank]
+        return int(host[0]), torch.tensor(host[1], dtype=torch.float64), host[2 + self.rank]
 
 
 class ShardedHessianOperator(HessianOperator):
@@ -402,11 +408,12 @@ class ShardedHessianOperator(HessianOperator):
         # themselves, bit for bit, also when a pass raises (perturbed_pair).
         return preserve_model_state(self.model)
 
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         _reshard(self.model)
         rank = dist.get_rank(self.process_group)
-        self._rounds = _LockStep(self.process_group, rank, self._world, v, self._split(v))
-        return super()._matvec(v)
+        rows = V.T  # one vector per row
+        self._rounds = _LockStep(self.process_group, rank, self._world, rows, self._split(rows))
+        return super()._matmat(V)
 
     def _pieces(self) -> Iterator[Piece]:
         rounds = self._rounds
@@ -429,9 +436,6 @@ class ShardedHessianOperator(HessianOperator):
         # rank's weighted gradient, so the product owes no unit.
         return self._flat_product(piece, vs, like), 1
 
-    def _direction_norm(self, vs: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self._rounds.vnorm  # of the global vector, agreed in the first round
-
     def _grad_at(self, piece: Piece) -> list[torch.Tensor | None]:
         """This rank's shard of ``sum_r w_r grad L_r`` over the ranks' pieces of the pass.
 
@@ -452,34 +456,35 @@ class ShardedHessianOperator(HessianOperator):
     def _flat_product(
         self, piece: Piece, vs: Sequence[torch.Tensor], like: torch.Tensor
     ) -> torch.Tensor:
-        """This rank's shard of the pass's difference quotient, built in one flat buffer.
+        """This rank's shard of the pass's difference quotients, rows ``(b, n)`` in one buffer.
 
-        Per parameter and in the storage dtype: the gradient at ``theta + h u`` is copied
-        into the parameter's slice of the buffer and freed, the one at ``theta - h u``
-        subtracted in place, and the slice scaled by ``||v|| / (2h)``. Besides the buffer,
-        the extra memory is the saved shards (to restore them exactly) and one set of
-        gradient shards; no float64 copies, no concatenation.
+        Per vector, parameter and in the storage dtype: the gradient at ``theta + h u_j``
+        is copied into the parameter's slice of the vector's row and freed, the one at
+        ``theta - h u_j`` subtracted in place, and the row scaled by ``||v_j|| / (2h)``
+        (the global norm, agreed in the first round). Besides the buffer, the extra memory
+        is the saved shards (to restore them exactly) and one set of gradient shards; no
+        float64 copies, no concatenation. Finite differences share no pass between
+        vectors: two collective forward/backward passes per vector.
         """
-        out = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
-        views = [
-            o.view(b.shape)
-            for o, b in zip(out.split([b.numel() for b in self._blocks]), self._blocks)
-        ]
-        signs = iter((1, -1))
-
-        def pass_into_buffer() -> None:
-            sign = next(signs)
-            for view, g in zip(views, self._grad_at(piece)):
-                if g is not None:
-                    view.add_(g.to(view.dtype), alpha=sign)
-            for p in self.model.parameters():
-                p.grad = None  # free this pass's gradients before the next pass
-
+        out = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+        sizes = [b.numel() for b in self._blocks]
         h = (self._fd_step or self._settle_fd_step()).at_product(self.device)
-        _, _, vnorm = perturbed_pair(
-            self._blocks, vs, h, pass_into_buffer, vnorm=self._rounds.vnorm
-        )
-        return out.mul_((vnorm / (2 * h)).to(out.dtype))
+        for j, row in enumerate(out):
+            views = [o.view(b.shape) for o, b in zip(row.split(sizes), self._blocks)]
+            signs = iter((1, -1))
+
+            def pass_into_buffer(views: list[torch.Tensor] = views, signs: Any = signs) -> None:
+                sign = next(signs)
+                for view, g in zip(views, self._grad_at(piece)):
+                    if g is not None:
+                        view.add_(g.to(view.dtype), alpha=sign)
+                for p in self.model.parameters():
+                    p.grad = None  # free this pass's gradients before the next pass
+
+            vnorm = self._rounds.vnorm[j]
+            perturbed_pair(self._blocks, [v[j] for v in vs], h, pass_into_buffer, vnorm=vnorm)
+            row.mul_((vnorm / (2 * h)).to(out.dtype))
+        return out
 
     def _reduce(
         self, total: torch.Tensor, weight: int | torch.Tensor
@@ -511,12 +516,12 @@ class ShardedHessianOperator(HessianOperator):
             torch.tensor([n in mine_bad for n, _ in self.named_params]), self.process_group
         )
         names = tuple(n for (n, _), bad in zip(self.named_params, bad_blocks) if bad)
-        losses = self._rounds.losses
+        losses, per_pass = self._rounds.losses, 2 * self._rounds.width
         mine = [
             (
                 b,
                 m,
-                bool(torch.isfinite(torch.stack(losses[2 * i : 2 * i + 2])).all()),
+                bool(torch.isfinite(torch.stack(losses[per_pass * i : per_pass * (i + 1)])).all()),
                 bool(torch.isfinite(f)),
             )
             for i, (b, m, f) in enumerate(flags)
