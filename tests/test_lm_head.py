@@ -153,7 +153,12 @@ def _scaled_forward(model: nn.Module, batch: Any) -> torch.Tensor:
     return 2.0 * hf_lm_forward(model, batch)  # logits transformed after the head
 
 
-def test_transformed_logits_are_not_chunked(caplog: pytest.LogCaptureFixture) -> None:
+def test_transformed_logits_are_not_chunked(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hessian_eigenthings.operators import _lm_head
+
+    monkeypatch.setattr(_lm_head, "_LOGGED", set())  # each reason is logged once a process
     model, data = _gpt2(), _batches()
     loss = hf_lm_loss_of_output(fused="eager")
     with caplog.at_level(logging.INFO, logger="hessian_eigenthings"):
