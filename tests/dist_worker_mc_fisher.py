@@ -104,3 +104,9 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # The results are written and the process group destroyed: skip the interpreter's
+    # teardown, where gloo's threads now and then abort a finished process ("terminate
+    # called without an active exception"). A failure in main still exits non-zero.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
