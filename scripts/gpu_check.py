@@ -596,12 +596,16 @@ def section_memory(cfg: dict[str, Any], out: Emitter, clock: Clock) -> None:
 
     device = torch.device(cfg["device"])
     model, batch = _gpt2(cfg, device)
-    ops = _operators(model, batch, cfg)
+    ops = _operators(model, batch, cfg)  # the defaults: the LM head chunked over tokens
+    off = {"lm_head": "off"}
+    unchunked = _operators(model, batch, cfg, hessian=off, ggn=off)
     v = torch.randn(ops["ggn"].size, device=device, dtype=ops["ggn"].dtype)
     work = {
         "train_step": lambda: _train_step(model, batch),
         "ggn_matvec": lambda: ops["ggn"].matvec(v),
         "hessian_matvec": lambda: ops["hessian"].matvec(v),
+        "ggn_matvec_unchunked": lambda: unchunked["ggn"].matvec(v),
+        "hessian_matvec_unchunked": lambda: unchunked["hessian"].matvec(v),
     }
     peaks: dict[str, int] = {}
     for repeat in range(2):  # the second pass excludes one-time allocations (cuBLAS workspaces)
@@ -630,6 +634,8 @@ def section_memory(cfg: dict[str, Any], out: Emitter, clock: Clock) -> None:
         what="ratios",
         ggn_over_train_step=peaks["ggn_matvec"] / train,
         hessian_over_train_step=peaks["hessian_matvec"] / train,
+        ggn_unchunked_over_train_step=peaks["ggn_matvec_unchunked"] / train,
+        hessian_unchunked_over_train_step=peaks["hessian_matvec_unchunked"] / train,
     )
 
 

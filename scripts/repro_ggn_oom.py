@@ -16,6 +16,10 @@ blocks to the OS through ``MALLOC_MMAP_THRESHOLD_``; never tracemalloc) of
   ``linear_ce_ggn_product`` with one chunk of all ``N`` tokens (the ``(N, V)`` logits
   materialised) versus chunks of ``--chunk`` tokens.
 
+The operators run with ``lm_head="off"``: this script reproduces the unchunked products
+(the problem); ``benchmarks/bench_lm_head_memory.py`` measures the default, the LM head
+chunked over tokens, against them.
+
 Each child first runs the same computation once (warm-up: lazy initialisation,
 compilation), then resets the high-water mark and measures a second run. Rows with
 machine and versions are appended to ``benchmarks/results/repro_ggn_oom.json``.
@@ -95,7 +99,12 @@ def child(mode: str, vocab: int, tokens: int, width: int, chunk: int) -> None:
     elif mode.startswith("ggn"):
         fused = "eager" if mode == "ggn_eager" else "compile"
         op = GGNOperator(
-            model, data, hf_lm_forward, hf_lm_loss_of_output(fused=fused), check_determinism=False
+            model,
+            data,
+            hf_lm_forward,
+            hf_lm_loss_of_output(fused=fused),
+            check_determinism=False,
+            lm_head="off",
         )
         v = torch.randn(op.size)
 
@@ -103,7 +112,7 @@ def child(mode: str, vocab: int, tokens: int, width: int, chunk: int) -> None:
             op @ v
 
     elif mode == "hessian":
-        op = HessianOperator(model, data, hf_lm_loss(), check_determinism=False)
+        op = HessianOperator(model, data, hf_lm_loss(), check_determinism=False, lm_head="off")
         v = torch.randn(op.size)
 
         def run():

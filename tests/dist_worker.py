@@ -271,14 +271,21 @@ def replicated_seed(rank: int) -> dict[str, Any]:
     return {"probes_agree": _agree(x), "all_agree": agreed.tolist()}
 
 
+def one_rank_backend(n: int, **kwargs: Any) -> ShardedBackend:
+    """A ShardedBackend over a group of this rank alone: the one-rank reference."""
+    groups = [dist.new_group([r]) for r in range(dist.get_world_size())]  # collective
+    return ShardedBackend([[(0, n)]], n, groups[dist.get_rank()], **kwargs)
+
+
 def sharded_backend(rank: int) -> dict[str, Any]:
     n, cpu = 37, torch.device("cpu")
     kw: dict[str, Any] = {"dtype": torch.float64, "device": cpu}
     out: dict[str, Any] = {}
     even = ShardedBackend.contiguous(n)
-    full = SingleDeviceBackend().random(n, num=3, generator=torch.Generator().manual_seed(5), **kw)
+    one = one_rank_backend(n)
+    full = one.random(n, num=3, generator=one.generator(5, cpu), **kw)
     local = even.random(n, num=3, generator=even.generator(5, cpu), **kw)
-    out["small_matches_single_device"] = bool(torch.equal(local, even.shard(full)))
+    out["probes_match_one_rank"] = bool(torch.equal(local, even.shard(full)))
     out["gather_roundtrip"] = bool(torch.equal(even.gather(local[0]), full[0]))
     out["dot_err"] = abs(float(even.dot(local[0], local[1])) - float(full[0] @ full[1]))
     out["norm_err"] = abs(float(even.norm(local[2])) - float(full[2].norm()))
@@ -293,6 +300,33 @@ def sharded_backend(rank: int) -> dict[str, Any]:
     whole = torch.stack([alone.gather(b[i]) for i in range(2)])
     out["chunked_world_size_independent"] = bool(torch.equal(gathered, whole))
     out["rademacher"] = bool(torch.all(gathered.abs() == 1))
+    # Work per rank: only the seeded chunks holding its entries are drawn.
+    big, chunk = 20_000, 256
+    two = ShardedBackend.contiguous(big)
+    two.chunk_size = chunk
+    drawn: list[int] = []
+    import hessian_eigenthings.backends.distributed as distributed_module
+
+    original = distributed_module.draw_probes
+
+    def counted(shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
+        drawn.append(int(np.prod(shape)))
+        return original(shape, **kwargs)
+
+    distributed_module.draw_probes = counted  # type: ignore[assignment]
+    try:
+        mine = two.probes(big, 2, generator=two.generator(7, cpu), **kw)
+    finally:
+        distributed_module.draw_probes = original  # type: ignore[assignment]
+    ref = one_rank_backend(big, chunk_size=chunk)
+    whole_probes = ref.probes(big, 2, generator=ref.generator(7, cpu), **kw)
+    out["big_probes_match_one_rank"] = bool(torch.equal(mine, two.shard(whole_probes.T).T))
+    out["drawn_per_probe"] = sum(drawn) / 2
+    out["local_size"] = two.local_size(big)
+    out["big_size"] = big
+    out["chunk"] = chunk
+    out["ranges"] = len(two.ranges)
+    out["gaussian_moments"] = [float(whole_probes.mean()), float(whole_probes.var())]
     return out
 
 
@@ -398,11 +432,12 @@ def fsdp_nonfinite(rank: int, poison: str) -> dict[str, Any]:
 def sharded_algorithms(rank: int) -> dict[str, Any]:
     """SLQ and Hutchinson run unchanged on the shards; same numbers on every rank."""
     op, single = _fsdp_setup(rank, FSDP_SPLITS_1)
+    alone = one_rank_backend(single.size)  # the same probes as any number of ranks
     sd = spectral_density(op, num_runs=2, lanczos_steps=8, seed=3)
-    sd_ref = spectral_density(single, num_runs=2, lanczos_steps=8, seed=3)
+    sd_ref = spectral_density(single, num_runs=2, lanczos_steps=8, seed=3, backend=alone)
     nodes, ref_nodes = np.concatenate(sd.nodes), np.concatenate(sd_ref.nodes)
     tr = hutchinson(op, 4, seed=2, block_size=2)
-    tr_ref = hutchinson(single, 4, seed=2, block_size=2)
+    tr_ref = hutchinson(single, 4, seed=2, block_size=2, backend=alone)
     fresh = spectral_density(op, num_runs=1, lanczos_steps=4, seed=None)
     return {
         "slq_nodes_err": float(np.abs(nodes - ref_nodes).max() / np.abs(ref_nodes).max()),

@@ -186,12 +186,19 @@ def test_replicated_backend_agrees_on_fresh_seeds(results: list[dict[str, Any]])
 
 def test_sharded_backend_reductions_and_probes(results: list[dict[str, Any]]) -> None:
     for res in _scenario(results, "sharded_backend"):
-        assert res["small_matches_single_device"]
+        assert res["probes_match_one_rank"]
         assert res["gather_roundtrip"]
         for key in ("dot_err", "norm_err", "gram_err", "block_dot_err"):
             assert res[key] <= 1e-12, key
         assert res["chunked_world_size_independent"]
         assert res["rademacher"]
+        # counter-based draws: each rank draws its entries plus at most one partial
+        # chunk per range end, not the global vector (before: big_size per probe)
+        assert res["big_probes_match_one_rank"]
+        assert res["drawn_per_probe"] <= res["local_size"] + 2 * res["ranges"] * res["chunk"]
+        assert res["drawn_per_probe"] < 0.6 * res["big_size"]
+        mean, var = res["gaussian_moments"]
+        assert abs(mean) <= 4 / 200 and abs(var - 1) <= 4 * (2 / 40_000) ** 0.5
 
 
 @pytest.mark.parametrize(("name", "rounds"), [("fsdp_sharded", 2), ("fsdp_sharded_uneven", 3)])
@@ -210,10 +217,12 @@ def test_fsdp_sharded_matvec_equals_unsharded(
         assert res["rel_vs_dense"] <= 1e-6
         assert res["same_on_all_ranks"]
         assert res["params_unchanged"]
-        # Ours: one 3-number all-reduce per microbatch round plus the final one; the
-        # rest (all-gathers, reduce-scatters) is FSDP's.
+        # Ours: one (3 + world)-number all-reduce per microbatch round plus the final one
+        # (the rank's piece weight travels in its own slot); the rest (all-gathers,
+        # reduce-scatters) is FSDP's.
         assert res["python_all_reduce"] == rounds + 1
-        ours = [c for c in res["gloo"] if c["name"] == "gloo:all_reduce" and c["numel"] == 3]
+        numel = 3 + WORLD
+        ours = [c for c in res["gloo"] if c["name"] == "gloo:all_reduce" and c["numel"] == numel]
         assert len(ours) == rounds + 1
 
 

@@ -349,14 +349,15 @@ def test_lambda_output_requiring_grad_is_detached_with_one_warning() -> None:
 
 
 def test_products_read_the_host_as_before() -> None:
-    """One finiteness read per data-operator product (a second for token-count weights, as
-    before); none for a LambdaOperator. The new checks add none."""
+    """One host read per data-operator product (the total weight's check rides in the
+    finiteness read, token-count weights included); none for a LambdaOperator. The input
+    checks add none."""
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     batches = [(x.float(), y) for x, y in BATCHES]
     ops = {
         "hessian": (HessianOperator(m, batches, ce), 1),
         "hessian_fd": (HessianOperator(m, batches, ce, method="finite_difference"), 1),
-        "ggn": (GGNOperator(m, batches, supervised_forward, cross_entropy_loss_of_output()), 2),
+        "ggn": (GGNOperator(m, batches, supervised_forward, cross_entropy_loss_of_output()), 1),
         "ef": (
             EmpiricalFisherOperator(
                 m, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")

@@ -7,6 +7,7 @@ and true residuals ``||A v - lambda v||`` computed from the dense matrix.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 from hessian_eigenthings import HessianOperator, LambdaOperator
 from hessian_eigenthings.algorithms.lanczos import LanczosProgress, default_tol, lanczos
 from hessian_eigenthings.algorithms.results import EigenResult
-from tests.helpers import dense_hessian
+from tests.helpers import dense_hessian, mean_loss_fn, param_dict
 
 F64 = torch.float64
 
@@ -359,3 +360,100 @@ def test_rank_one_and_zero_operators() -> None:
     zero = LambdaOperator(lambda v: 0.0 * v, 40, dtype=F64)
     res = lanczos(zero, k=2, seed=0)
     assert res.all_converged and torch.equal(res.eigenvalues, torch.zeros(2, dtype=F64))
+
+
+# -- tolerances beyond the operator's precision ----------------------------------------
+
+
+def _small_cnn() -> tuple[nn.Module, list[Any], Any]:
+    """A float32 CNN (560 parameters) whose products cannot certify ``tol=1e-6``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 8))
+    data = [(torch.randn(64, 1, 6, 6), torch.randint(0, 8, (64,)))]
+
+    def loss(m: nn.Module, b: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    return model, data, loss
+
+
+def _warnings_of(fn: Any) -> tuple[Any, list[str]]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_unreachable_tol_on_a_float32_operator_stagnates_and_warns_once() -> None:
+    # Before: 3000 products (the whole default budget), stop_reason "max_iter", no warning.
+    a = _dense(hessian_like_spectrum(500, seed=2), seed=3)
+    a32 = a.to(torch.float32)
+    res, warned = _warnings_of(lambda: lanczos(_op(a, torch.float32), k=5, tol=1e-10, seed=0))
+    assert len(warned) == 1 and "below what a torch.float32 operator" in warned[0]
+    assert res.stop_reason == "stagnated" and not res.converged.any()
+    assert res.num_matvecs <= 200  # the default budget is 100 * basis_size = 3000
+    # The best pairs are eigenpairs of the float32 matrix to float32 precision, and the
+    # reported residuals bound the true ones (dense float64 check of the rounded matrix).
+    expected = _top(np.linalg.eigvalsh(a32.to(F64).numpy()), 5, "LM")
+    np.testing.assert_allclose(res.eigenvalues.numpy(), expected, rtol=1e-6)
+    true_res = _true_residuals(a32.to(F64), res)
+    assert torch.all(true_res <= res.residuals + 1e-5 * 120.0)
+    assert torch.all(res.residuals <= 1e-5 * res.eigenvalues.abs())
+
+
+def test_tol_just_beyond_a_float32_models_precision_stagnates() -> None:
+    # The issue's case: tol=1e-6 on a float32 model (attainable on paper, not in practice).
+    model, data, loss = _small_cnn()
+    op = HessianOperator(model, data, loss)
+    res, warned = _warnings_of(lambda: lanczos(op, k=4, tol=1e-6, seed=0))
+    assert len(warned) == 1 and "stopped decreasing" in warned[0], warned
+    assert res.stop_reason == "stagnated" and res.num_matvecs <= 400
+    # Oracle: the dense float64 Hessian of the same model (torch.func, vectorised).
+    model64 = model.double()
+    f = mean_loss_fn(model64, [(x.double(), y) for x, y in data], loss, list(param_dict(model64)))
+    flat = torch.cat([p.detach().reshape(-1) for p in model64.parameters()])
+    dense = torch.func.hessian(f)(flat)
+    expected = _top(np.linalg.eigvalsh(dense.numpy()), 4, "LM")
+    np.testing.assert_allclose(res.eigenvalues.numpy(), expected, rtol=1e-6)
+    # converged flags are honest: a flagged pair's relative residual meets tol
+    rel = res.residuals / res.eigenvalues.abs()
+    assert torch.equal(res.converged, rel <= 1e-6 * (1 + 1e-12))
+
+
+def test_time_limited_resumes_never_lose_converged_pairs(tmp_path: Any) -> None:
+    a = _dense(hessian_like_spectrum(500, seed=2), seed=3)
+
+    def run(**kw: Any) -> EigenResult:
+        return lanczos(_op(a, torch.float32), k=5, tol=1e-6, seed=0, **kw)
+
+    reference, _ = _warnings_of(run)
+    path = tmp_path / "run.ckpt"
+    counts: list[tuple[int, np.ndarray]] = []
+    for _ in range(200):
+        res, _ = _warnings_of(lambda: run(checkpoint=path, time_limit=1e-9))
+        counts.append((int(res.converged.sum()), res.eigenvalues.numpy()))
+        if res.stop_reason != "time_limit":
+            break
+    assert res.stop_reason == "stagnated" and len(counts) > 5
+    assert torch.equal(res.eigenvalues, reference.eigenvalues)
+    assert torch.equal(res.converged, reference.converged)
+    # A later part of the run never reports fewer converged pairs for the same eigenvalues
+    # (the count may only drop when a wanted Ritz value moves: a missing eigenvalue found).
+    for (c0, v0), (c1, v1) in itertools.pairwise(counts):
+        if np.allclose(v0, v1, rtol=1e-4):
+            assert c1 >= c0, counts
+
+
+def test_tight_but_reachable_tol_converges_without_warning(
+    hessian_like: tuple[torch.Tensor, np.ndarray],
+) -> None:
+    a, evals = hessian_like
+    res, warned = _warnings_of(lambda: lanczos(_op(a), k=5, tol=1e-12, seed=0))
+    assert warned == [] and res.stop_reason == "converged" and res.all_converged
+    _check_pairs(a, res, _top(evals, 5, "LM"), rtol=1e-11)
+    back = EigenResult.from_dict(
+        json.loads(json.dumps({**res.to_dict(), "stop_reason": "stagnated"}))
+    )
+    assert back.stop_reason == "stagnated"

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from scipy.stats import t as student_t
 from scipy.stats import wasserstein_distance
 from torch import nn
 
@@ -188,8 +189,8 @@ def test_log_scale_with_signs_and_many_magnitudes() -> None:
     res = spectral_density(op, 10, 80, scale="log", seed=1)
     assert res.scale == "log" and res.negative_density is not None
     x, w = quadrature(res)
-    # an interior zero cluster is not resolved by 80 steps: nodes near 0 are tiny but not
-    # numerically zero, so they stay on the log axis (far left) and nothing is dropped
+    # an interior zero cluster is resolved to about span / m by 80 steps: the nodes within
+    # zero_tol of 0 (the zeros and the eigenvalues nearest to them) are dropped as zero mass
     assert res.zero_mass == pytest.approx(float(w[np.abs(x) <= res.zero_tol].sum()))
     assert res.integral() == pytest.approx(1.0 - res.zero_mass, abs=0.01)
     step = res.grid[1] - res.grid[0]
@@ -339,3 +340,199 @@ def test_docstring_example_runs() -> None:
     module = importlib.import_module("hessian_eigenthings.algorithms.spectral_density")
     failures, attempted = doctest.testmod(module, extraglobs={"torch": torch})
     assert failures == 0 and attempted > 0
+
+
+# -- masses: negative, zero and positive fractions with error bars ---------------------
+
+
+def signed_spectrum(n: int = 1000, neg: float = 0.2, zero: float = 0.5) -> np.ndarray:
+    """Negative eigenvalues in [-2, -0.5], exact zeros, positive ones in [1, 10]."""
+    rng = np.random.default_rng(11)
+    n_neg, n_zero = int(neg * n), int(zero * n)
+    return np.concatenate(
+        [
+            -rng.uniform(0.5, 2.0, n_neg),
+            np.zeros(n_zero),
+            rng.uniform(1.0, 10.0, n - n_neg - n_zero),
+        ]
+    )
+
+
+def dense_op(eigs: np.ndarray, dtype: torch.dtype, seed: int = 0) -> LambdaOperator:
+    """``Q diag(eigs) Q^T`` with a Haar-random ``Q``, rounded to ``dtype`` (exact zeros of
+    the float64 matrix become eigenvalues of order ``eps * ||A||`` of either sign)."""
+    n = eigs.size
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    a = (q * torch.as_tensor(eigs, dtype=DT)) @ q.T
+    a = ((a + a.T) / 2).to(dtype)
+    return LambdaOperator(lambda v: a @ v, n, dtype=dtype)
+
+
+def masses(res: SpectralDensityResult) -> np.ndarray:
+    return np.array([res.negative_mass, res.zero_mass, res.positive_mass])
+
+
+def mass_errors(res: SpectralDensityResult) -> np.ndarray:
+    return np.array([res.negative_mass_stderr, res.zero_mass_stderr, res.positive_mass_stderr])
+
+
+def check_masses(res: SpectralDensityResult, truth: np.ndarray) -> None:
+    """Masses sum to 1, match the quadrature, and are within their error bars of the truth.
+
+    The standard errors are estimated from ``R`` runs, so ``(mass - truth) / stderr`` follows
+    Student's t with ``R - 1`` degrees of freedom: the bound is its two-sided 1e-4 quantile
+    (each check fails with probability 1e-4 when the error bars are honest). Calibration
+    itself is checked over many seeds in ``test_mass_error_bars_cover_the_truth_over_seeds``.
+    """
+    got, err = masses(res), mass_errors(res)
+    assert got.sum() == pytest.approx(1.0, abs=1e-12)
+    x, w = quadrature(res)
+    t = res.zero_tol
+    np.testing.assert_allclose(got, [w[x < -t].sum(), w[np.abs(x) <= t].sum(), w[x > t].sum()])
+    assert np.all(np.isfinite(err)) and np.all(err >= 0)
+    z = student_t.ppf(1 - 0.5e-4, res.num_runs - 1)
+    assert np.all(np.abs(got - truth) <= z * err), (got, err, truth)
+
+
+@pytest.mark.parametrize("scale", ["linear", "log"])
+def test_masses_of_a_spectrum_with_negative_zero_and_positive_parts(scale: str) -> None:
+    # 20% negative, 50% exactly zero, 30% positive; zero lies inside the spectrum
+    eigs = signed_spectrum()
+    truth = np.array([0.2, 0.5, 0.3])
+    op = block_op(eigs, seed=5)
+    for s in range(3):
+        res = spectral_density(op, 10, 80, scale=scale, seed=s)
+        check_masses(res, truth)
+        assert np.all(np.abs(masses(res) - truth) <= 0.05)
+        # the threshold is the resolution of the run at 0, far below the gaps around 0
+        assert 1e-3 < res.zero_tol < 0.5
+        if scale == "log":
+            assert res.integral() == pytest.approx(1.0 - res.zero_mass, abs=0.01)
+        else:
+            assert res.integral() == pytest.approx(1.0, abs=0.01)
+    # the masses do not depend on the scale of the density
+    other = "log" if scale == "linear" else "linear"
+    np.testing.assert_array_equal(masses(res.resmooth(scale=other)), masses(res))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masses_with_exact_zeros_rounded_by_the_operator(dtype: torch.dtype) -> None:
+    # the zero eigenvalues of a float32 operator are rounding noise of either sign
+    eigs = signed_spectrum(n=600)
+    op = dense_op(eigs, dtype)
+    for scale in ("linear", "log"):
+        res = spectral_density(op, 8, 60, scale=scale, seed=1)
+        check_masses(res, np.array([0.2, 0.5, 0.3]))
+        x, _ = quadrature(res)
+        assert np.any((x < 0) & (np.abs(x) <= res.zero_tol)) or dtype == torch.float64
+
+
+def test_masses_of_a_large_zero_cluster() -> None:
+    # 90% exact zeros with 4% negative and 6% positive eigenvalues
+    eigs = signed_spectrum(neg=0.04, zero=0.9)
+    op = block_op(eigs, seed=6)
+    for s in range(3):
+        res = spectral_density(op, 10, 50, seed=s)
+        check_masses(res, np.array([0.04, 0.9, 0.06]))
+
+
+def test_tiny_negative_eigenvalues_below_the_resolution_count_as_zero() -> None:
+    # A GGN-like spectrum: a null space, 10% tiny negative eigenvalues (-1e-9 * ||A||, as
+    # rounding leaves them) and a positive part. At 40 steps they are zero; what is
+    # resolved (the positive part) keeps its mass, on both scales.
+    rng = np.random.default_rng(12)
+    eigs = np.concatenate([np.zeros(500), np.full(100, -1e-8), 10.0 ** rng.uniform(-1.0, 1.0, 400)])
+    op = block_op(eigs, seed=7)
+    for scale in ("linear", "log"):
+        for s in range(2):
+            res = spectral_density(op, 10, 40, scale=scale, seed=s)
+            assert res.zero_tol > 1e-8
+            assert res.negative_mass == 0.0
+            check_masses(res, np.array([0.0, 0.6, 0.4]))
+    # An explicit zero_tol is honoured and recorded. (Below the resolution the zeros and
+    # the tiny negatives share one node, at about +2e-8 here: such a threshold cannot
+    # split them, which is why the default is the resolution; see the docs.)
+    fine = spectral_density(op, 10, 40, seed=0, zero_tol=1e-12)
+    assert fine.zero_tol == 1e-12 and masses(fine).sum() == pytest.approx(1.0)
+
+
+def test_mass_error_bars_cover_the_truth_over_seeds() -> None:
+    eigs = signed_spectrum(n=500)
+    op = block_op(eigs, seed=8)
+    truth = np.array([0.2, 0.5, 0.3])
+    got, err = [], []
+    for s in range(30):
+        res = spectral_density(op, 6, 40, seed=s)
+        got.append(masses(res))
+        err.append(mass_errors(res))
+    g, e = np.array(got), np.array(err)
+    coverage = np.mean(np.abs(g - truth) <= 3 * e, axis=0)
+    ratio = e.mean(axis=0) / g.std(axis=0, ddof=1)
+    print(f"\nmass 3-se coverage over 30 seeds {coverage}, stderr / spread {ratio}")
+    assert np.all(coverage >= 0.85) and np.all((ratio >= 0.5) & (ratio <= 2.0))
+    assert np.all(np.abs(g.mean(axis=0) - truth) <= 3 * g.std(axis=0, ddof=1) / np.sqrt(30))
+
+
+def test_default_zero_tol_is_the_resolution_at_zero_or_the_precision_floor() -> None:
+    from hessian_eigenthings.algorithms.spectral_density import default_zero_tol
+
+    m = 80
+    # 0 inside the spectrum [-2, 10]: the Chebyshev spacing there, ~ pi sqrt(2 * 10) / m
+    inside = default_zero_tol([np.array([-2.0, 10.0])], m, torch.float64)
+    assert inside == pytest.approx(np.pi * np.sqrt(20.0) / m, rel=0.05)
+    # 0 at the lower end of a PSD spectrum: ~ span * pi^2 / (2 m^2), much finer
+    edge = default_zero_tol([np.array([0.0, 10.0])], m, torch.float64)
+    assert edge == pytest.approx(10.0 * np.pi**2 / (2 * m**2), rel=0.05)
+    # at 0 the precision of the operator's dtype is the floor
+    many = default_zero_tol([np.array([0.0, 10.0])], 10**5, torch.float32)
+    assert many == pytest.approx(4 * torch.finfo(torch.float32).eps * 10.0)
+    bf16 = default_zero_tol([np.array([0.0, 10.0])], m, torch.bfloat16)
+    assert bf16 == pytest.approx(4 * 2.0**-7 * 10.0)
+
+
+def test_masses_of_a_small_cnn_hessian_match_its_dense_eigenvalues() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)).to(DT)
+    data = [(torch.randn(64, 1, 6, 6, dtype=DT), torch.randint(0, 4, (64,)))]
+
+    def loss(m: nn.Module, b: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(50):  # partly trained: an indefinite Hessian with a large null space
+        opt.zero_grad()
+        loss(model, data[0]).backward()
+        opt.step()
+    eigs = torch.linalg.eigvalsh(dense_hessian(model, data, loss)).numpy()
+    op = HessianOperator(model, data, loss)
+    for scale in ("linear", "log"):
+        res = spectral_density(op, 10, 60, scale=scale, seed=0)
+        t = res.zero_tol
+        # The masses are those of the dense eigenvalues at the run's resolution: the
+        # boundary +-t is known to within a factor 2 (nodes near it carry mass from both
+        # sides), and the error bars cover the probe randomness.
+        lo = np.array([np.mean(eigs < -2 * t), np.mean(abs(eigs) <= t / 2), np.mean(eigs > 2 * t)])
+        hi = np.array([np.mean(eigs < -t / 2), np.mean(abs(eigs) <= 2 * t), np.mean(eigs > t / 2)])
+        got, err = masses(res), mass_errors(res)
+        assert np.all(got >= lo - 3 * err) and np.all(got <= hi + 3 * err), (got, err, lo, hi)
+        assert (eigs < 0).mean() > 0.2 > res.negative_mass  # tiny negatives are not negative
+
+
+def test_masses_round_trip_and_old_payloads_get_them_recomputed() -> None:
+    op = block_op(signed_spectrum(n=300), seed=9)
+    res = spectral_density(op, 4, 30, seed=2)
+    back = SpectralDensityResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    np.testing.assert_array_equal(masses(back), masses(res))
+    np.testing.assert_array_equal(mass_errors(back), mass_errors(res))
+    # A payload written before the masses had error bars: no positive mass, no stderrs,
+    # the zero mass of that version (0 on the linear scale). Masses follow its zero_tol.
+    old = {k: v for k, v in res.to_dict().items() if not k.endswith("mass_stderr")}
+    del old["positive_mass"]
+    old.update(zero_mass=0.0, negative_mass=0.7)
+    loaded = SpectralDensityResult.from_dict(old)
+    np.testing.assert_allclose(masses(loaded), masses(res))
+    np.testing.assert_allclose(mass_errors(loaded), mass_errors(res))
+    assert "masses (negative, zero, positive)" in repr(loaded)
+    one = spectral_density(op, 1, 30, seed=2)
+    assert np.isnan(one.negative_mass_stderr) and masses(one).sum() == pytest.approx(1.0)

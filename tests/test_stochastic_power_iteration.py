@@ -1,20 +1,24 @@
-"""Stochastic power iteration: the eigenvalue estimate is unbiased, with and without momentum.
+"""Stochastic power iteration: the estimate is not biased low, with and without momentum.
 
 Noisy operator: ``A_t v = A v + sigma * D_t v`` with ``D_t`` a fresh random diagonal of
-signs per product (``E[D_t] = 0``), ``A`` a dense float64 matrix of known spectrum.
+signs per product (``E[D_t] = 0``), ``A`` a dense float64 matrix of known spectrum; and a
+mini-batch covariance ``A_t = X_b^T X_b / 64`` with rows drawn with replacement.
 Claims are checked over many seeds (never one lucky draw):
 
-* conditional unbiasedness, the exact claim: the sample ``<v, A_t v>`` minus the exact
-  Rayleigh quotient ``<v, A v>`` of the returned iterate has mean zero;
+* conditional unbiasedness of a single sample: ``<v, A_t v>`` minus the exact Rayleigh
+  quotient ``<v, A v>`` of the iterate has mean zero (``num_average=1``);
 * the averaged estimate of plain and momentum runs matches ``lambda_1`` within a few
   standard errors once the (measured) Rayleigh-quotient deficit of the iterates is counted;
 * the reported per-run standard error matches the spread across seeds;
+* at noise that moves the iterate well off ``u_1`` the estimate is not biased low (the
+  mean of the samples was) and its error bar covers the truth;
 * a negative control: the naive momentum estimate ``<w_t, w_{t+1}> / ||w_t||^2`` is biased.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -217,3 +221,66 @@ def test_stop_reason_uses_the_eigensolver_words_and_old_payloads_load(
     bad["stop_reason"] = "finished"
     with pytest.raises(ValueError, match="stop_reason"):
         StochasticEigenResult.from_dict(bad)
+
+
+# -- the estimate on noisy operators: bias removed, error bars that cover ---------------
+
+
+def _minibatch_covariance(seed: int, rows: int = 2000, batch: int = 64) -> tuple[Any, float]:
+    """``A = X^T X / rows`` and ``A_t`` the same mean over 64 rows drawn with replacement
+    (``E[A_t] = A`` exactly): a mini-batch Gauss-Newton matrix, much noisier than the
+    sign noise; the truth is ``eigvalsh(A)[-1]``."""
+    g = torch.Generator().manual_seed(5)
+    lam = torch.cat([torch.tensor([LAM1, LAM2]), 5 * torch.rand(N - 2, generator=g)]).to(F64)
+    x = torch.randn(rows, N, generator=g, dtype=F64) * lam.sqrt()
+    gen = torch.Generator().manual_seed(20_000 + seed)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        xb = x[torch.randint(0, rows, (batch,), generator=gen)]
+        return xb.T @ (xb @ v) / batch
+
+    top = float(torch.linalg.eigvalsh(x.T @ x / rows)[-1])
+    return LambdaOperator(matvec, N, dtype=F64), top
+
+
+def _covers(res: StochasticEigenResult, truth: float) -> bool:
+    """Within 2% of the truth or within 3 of its own standard errors."""
+    est = res.eigenvalues[0].item()
+    stderr = res.eigenvalue_stderr[0].item()  # type: ignore[index]
+    return abs(est - truth) <= 0.02 * abs(truth) or abs(est - truth) <= 3 * stderr
+
+
+@pytest.mark.parametrize("beta", [0.0, BETA])
+def test_noisy_operator_estimate_is_not_biased_low(matrix: torch.Tensor, beta: float) -> None:
+    # The issue's operator: sign noise sigma = 2 moves the iterate ~0.2 rad off u_1. The
+    # mean of the samples <v_t, A_t v_t> was 2.8-4.9% low on every seed (stderr 0.02-0.05);
+    # benchmarks/bench_spi_coverage.py measures 100 seeds before and after.
+    est = []
+    for seed in range(3):
+        res = stochastic_power_iteration(
+            _noisy(matrix, seed, sigma=2.0), max_iter=200, momentum=beta, seed=seed
+        )
+        assert _covers(res, LAM1), (res.eigenvalues, res.eigenvalue_stderr)
+        est.append(res.eigenvalues[0].item())
+        # the returned vector is the window's average: closer to u_1 than the samples say
+        assert LAM1 - _rayleigh(matrix, res.eigenvectors[0]) < 0.02 * LAM1
+    assert abs(np.mean(est) - LAM1) <= 0.01 * LAM1, est
+
+
+def test_minibatch_operator_error_bars_cover_the_truth() -> None:
+    # 22% low with no seed covered before; now at least 2 of 3 seeds within 3 stderr or 2%.
+    hits = []
+    for seed in range(3):
+        op, top = _minibatch_covariance(seed)
+        res = stochastic_power_iteration(op, max_iter=200, seed=seed)
+        hits.append(_covers(res, top))
+    assert sum(hits) >= 2, hits
+
+
+def test_window_too_short_for_blocks_is_the_plain_sample_mean(matrix: torch.Tensor) -> None:
+    op = _noisy(matrix, 0, sigma=0.5)
+    res = stochastic_power_iteration(op, max_iter=30, seed=0, num_average=3)
+    assert res.num_samples == 3 and res.eigenvalue_std is not None
+    assert res.eigenvalue_stderr[0].item() == pytest.approx(  # type: ignore[index]
+        res.eigenvalue_std[0].item() / math.sqrt(3)
+    )

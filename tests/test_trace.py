@@ -371,3 +371,24 @@ def test_float32_rank_deficient_sketch_falls_back_honestly() -> None:
     err = np.array([abs(r.estimate - eigs.sum()) for r in res])
     assert np.mean(err <= 3 * np.array([r.stderr for r in res])) >= 0.9
     assert err.mean() <= 1e-4 * eigs.sum()
+
+
+def test_no_docstring_repeats_a_section() -> None:
+    """Each Google section (Args, Returns, Raises, ...) appears at most once per docstring.
+
+    ``trace`` once had two ``Raises:`` sections, which the rendered API page shows as two
+    lists (the first hiding the second in some viewers).
+    """
+    import ast
+    from pathlib import Path
+
+    import hessian_eigenthings
+
+    sections = ("Args:", "Returns:", "Raises:", "Yields:", "Attributes:", "Example:")
+    repeated = []
+    for path in Path(hessian_eigenthings.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                lines = [ln.strip() for ln in (ast.get_docstring(node) or "").splitlines()]
+                repeated += [f"{path.name}:{node.name} {s}" for s in sections if lines.count(s) > 1]
+    assert repeated == []

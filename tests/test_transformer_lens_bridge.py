@@ -196,3 +196,27 @@ def test_bridge_spectrum_equals_unwrapped_model():
     b = lanczos(ref, k=4, seed=0, tol=1e-10)
     assert a.all_converged and b.all_converged
     assert rel_err(a.eigenvalues, b.eigenvalues) <= 1e-8
+
+
+def test_bridge_lm_head_is_chunked_exactly():
+    # the bridge's W_U is the transpose of the HuggingFace lm_head weight (tied to the
+    # input embedding): the chunked products must credit that parameter in its own layout
+    from hessian_eigenthings import EmpiricalFisherOperator
+    from hessian_eigenthings.loss_fns.transformer_lens import tlens_per_sample_loss
+
+    bridge = _bridge()
+    no_qkv = ~match_names("*.qkv.*")
+    makers = {
+        "ggn": lambda **kw: GGNOperator(
+            bridge, BATCHES, tlens_forward, tlens_loss_of_output(fused="eager"), **kw
+        ),
+        "fisher": lambda **kw: EmpiricalFisherOperator(
+            bridge, BATCHES, tlens_per_sample_loss(), **kw
+        ),
+        "hessian": lambda **kw: HessianOperator(bridge, BATCHES, tlens_loss(), **kw),
+    }
+    for kind, make in makers.items():
+        chunked = make(lm_head="chunked", lm_head_chunk=4, param_filter=no_qkv)
+        plain = make(lm_head="off", param_filter=no_qkv)
+        v = _vec(chunked.size, 2)
+        assert rel_err(chunked.matvec(v), plain.matvec(v)) <= 1e-10, kind

@@ -1,11 +1,14 @@
 """Algorithms that consume curvature operators: eigensolvers and estimators."""
 
 # Long runs: the keywords every algorithm takes (checkpoint, time limit)
+# Long runs: errors of non-finite products and unusable checkpoints
+from hessian_eigenthings.algorithms import errors
 from hessian_eigenthings.algorithms._run import LongRunOptions
 
 # Stochastic estimators with error bars (trace, diagonal, SLQ spectral density) and the
 # plain Lanczos tridiagonalisation that SLQ is built on
 from hessian_eigenthings.algorithms.diagonal import diagonal
+from hessian_eigenthings.algorithms.errors import *  # noqa: F403
 from hessian_eigenthings.algorithms.estimator_results import (
     DiagonalResult,
     SpectralDensityResult,
@@ -26,15 +29,6 @@ from hessian_eigenthings.algorithms.spectral_density import spectral_density
 from hessian_eigenthings.algorithms.stochastic_power_iteration import stochastic_power_iteration
 from hessian_eigenthings.algorithms.trace import trace
 from hessian_eigenthings.algorithms.xtrace import xtrace
-
-# Long runs: errors of non-finite products and unusable checkpoints
-from hessian_eigenthings.errors import (
-    CheckpointError,
-    CheckpointMismatchError,
-    CheckpointWriteError,
-    CorruptCheckpointError,
-    NonFiniteError,
-)
 
 __all__ = [
     # eigensolvers
@@ -64,9 +58,5 @@ __all__ = [
     "TraceResult",
     # long runs: keywords, non-finite products, checkpoints
     "LongRunOptions",
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "CheckpointWriteError",
-    "CorruptCheckpointError",
-    "NonFiniteError",
+    *errors.__all__,
 ]

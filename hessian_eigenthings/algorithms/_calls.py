@@ -75,21 +75,22 @@ class ProbeCall:
         minimum: int,
         operator: object,
         num_matvecs: object,
-        *,
-        distribution: object,
-        seed: object,
-        block_size: object,
-        backend: LinAlgBackend | None,
+        probes: tuple[object, object, object, LinAlgBackend | None],
         long_run: Mapping[str, Any],
+        *,
         max_sketch_size: object = None,
         sketch_device: object = None,
         whole_vectors: bool = False,
     ) -> ProbeCall:
         """Validate the arguments of a call to ``who`` (method ``method``), agree the seed.
 
+        ``probes`` is the estimators' shared group of keywords as the user passed them:
+        ``(distribution, seed, block_size, backend)``.
+
         Raises:
             TypeError, ValueError: A bad argument (see :mod:`._validation`).
         """
+        distribution, seed, block_size, backend = probes
         op = check_operator(operator, who)
         m = check_num_matvecs(num_matvecs, minimum, method)
         dist = check_choice(distribution, DISTRIBUTIONS, "probe distribution")

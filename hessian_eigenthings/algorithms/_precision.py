@@ -13,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["default_tol", "default_vector_dtype", "eps"]
+__all__ = ["attainable_tol", "default_tol", "default_vector_dtype", "eps"]
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -38,3 +38,19 @@ def default_tol(operator_dtype: torch.dtype, vector_dtype: torch.dtype | None = 
     """
     vdtype = vector_dtype or default_vector_dtype(operator_dtype)
     return max(math.sqrt(eps(vdtype)), 4.0 * eps(operator_dtype))
+
+
+def attainable_tol(
+    operator_dtype: torch.dtype, vector_dtype: torch.dtype, basis_size: int
+) -> float:
+    r"""Smallest relative-residual tolerance a Lanczos run can be expected to certify.
+
+    ``max(4 eps_op, eps_vec sqrt(m))``: the operator's products carry rounding errors of a
+    few unit roundoffs of its dtype relative to ``||A||`` (see :func:`default_tol`), and
+    the residual bounds of :func:`~hessian_eigenthings.algorithms.lanczos.lanczos`
+    include an allowance ``eps_vec sqrt(p) max|theta|`` for the vector arithmetic over a
+    basis of ``p <= m + 2`` vectors. A ``tol`` below this is not met by the pair of the
+    largest magnitude, whatever the number of products (float32: about ``6.5e-7`` for
+    ``m = 30``; float64: ``1.2e-15``).
+    """
+    return max(4.0 * eps(operator_dtype), eps(vector_dtype) * math.sqrt(basis_size))

@@ -23,6 +23,7 @@ StopReason = Literal[
     "converged",
     "max_iter",
     "exhausted",
+    "stagnated",
     "completed",
     "time_limit",
     "non_finite",
@@ -36,6 +37,9 @@ StopReason = Literal[
 ``max_iter``          an eigensolver spent its matvec budget (``converged`` says
                       which pairs met the tolerance anyway)
 ``exhausted``         Lanczos: the basis spans the whole space (the pairs are exact)
+``stagnated``         Lanczos: the residuals stopped decreasing above a ``tol``
+                      tighter than the dtype's default (the precision the operator
+                      delivers); the best pairs seen, with honest ``converged`` flags
 ``completed``         an estimator spent its planned budget (trace, diagonal, SLQ)
 ``time_limit``        ``time_limit=`` stopped the call: a partial result
 ``non_finite``        the partial result carried by a ``NonFiniteError``

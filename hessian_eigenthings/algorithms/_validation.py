@@ -15,6 +15,7 @@ from typing import TypeGuard
 import torch
 
 from hessian_eigenthings.backends.base import LinAlgBackend, fresh_seed
+from hessian_eigenthings.backends.devices import canonical_device
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = [
@@ -139,7 +140,7 @@ def check_sketch_options(
         raise TypeError(
             f"sketch_device must be a torch.device or str, got {type(sketch_device).__name__}."
         )
-    return max_sketch_size, torch.device(sketch_device)
+    return max_sketch_size, canonical_device(sketch_device)
 
 
 def check_time_limit(time_limit: object) -> float | None:

@@ -132,18 +132,17 @@ def diagonal(
     """
     method = check_choice(method, DIAGONAL_METHODS, "diagonal method")
     xdiag = method == "xdiag"
+    probes = (distribution, seed, block_size, backend)
+    sketch = sketch_device if xdiag else None  # Hutchinson holds no sketch
     call = ProbeCall.check(
         "diagonal",
         method,
         _MIN_MATVECS[method],
         operator,
         num_matvecs,
-        distribution=distribution,
-        seed=seed,
-        block_size=block_size,
-        backend=backend,
-        long_run=long_run,
-        sketch_device=sketch_device if xdiag else None,  # Hutchinson holds no sketch
+        probes,
+        long_run,
+        sketch_device=sketch,
         whole_vectors=xdiag,
     )
     if xdiag and min(call.num_matvecs // 2, call.operator.size) < 2:

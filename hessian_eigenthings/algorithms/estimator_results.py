@@ -172,10 +172,22 @@ class SpectralDensityResult(ResultRecord):
 
         ``"log"``: ``density`` is a density in ``x = log10|lambda|`` (signs folded
         together; ``sigma`` is in decades). Nodes with ``|theta| <= zero_tol`` have no
-        logarithm: their mass is reported as ``zero_mass`` and left out, so ``density``
+        logarithm: their mass is ``zero_mass`` and is left out, so ``density``
         integrates to ``1 - zero_mass``. ``negative_density`` is the part contributed by
         negative nodes (the positive part is ``density - negative_density``) and
         ``negative_mass`` its integral.
+
+    Masses: the fractions of eigenvalues below ``-zero_tol``, within ``[-zero_tol,
+    zero_tol]`` and above ``zero_tol``, read from the quadrature nodes and weights (not
+    from the smoothed density) and the same on both scales. Run ``r`` gives
+    ``m_r = sum_j tau_{rj} [theta_{rj} in the class]``, an estimate of the probe measure
+    ``mu_{v_r}`` of the class (exact up to the quadrature error at the class boundary,
+    which a ``zero_tol`` of the run's resolution keeps small); each mass is the mean of
+    the ``m_r`` over runs and its ``*_stderr`` the standard error of that mean,
+    ``std(m_r, ddof=1) / sqrt(R)`` (NaN for one run), which covers the probe randomness.
+    The three masses sum to 1. ``spectral_density`` sets ``zero_tol`` to the resolution
+    of its runs by default: Lanczos cannot tell an eigenvalue closer to 0 than that from
+    0, so ``zero_mass`` is "zero at this resolution", not "exactly zero".
 
     Attributes:
         grid: Evaluation points (``lambda`` or ``log10|lambda|``).
@@ -194,14 +206,18 @@ class SpectralDensityResult(ResultRecord):
         num_matvecs: Operator products spent.
         distribution: Probe distribution.
         seed: Seed that reproduces the run.
-        zero_tol: Nodes with ``|theta| <= zero_tol`` count as zero on the log scale.
-        zero_mass: Mass of those nodes (0 on the linear scale).
-        negative_mass: Mass of nodes ``< -zero_tol`` (``< 0`` on the linear scale).
+        zero_tol: Nodes with ``|theta| <= zero_tol`` count as zero (see Masses).
+        zero_mass: Mass of those nodes.
+        negative_mass: Mass of nodes ``< -zero_tol``.
         negative_density: Log scale only: the part of ``density`` from negative nodes.
         stop_reason: ``"completed"``, ``"time_limit"`` (fewer runs than requested:
             ``num_runs`` says how many), ``"non_finite"`` (the partial result of a
             :class:`~hessian_eigenthings.errors.NonFiniteError`: the runs
             completed before the bad product), or ``""`` when not recorded.
+        positive_mass: Mass of nodes ``> zero_tol``.
+        negative_mass_stderr: Standard error of ``negative_mass`` over runs.
+        zero_mass_stderr: Standard error of ``zero_mass`` over runs.
+        positive_mass_stderr: Standard error of ``positive_mass`` over runs.
     """
 
     grid: np.ndarray
@@ -223,6 +239,10 @@ class SpectralDensityResult(ResultRecord):
     negative_mass: float
     negative_density: np.ndarray | None = None
     stop_reason: StopReason = ""
+    positive_mass: float = math.nan
+    negative_mass_stderr: float = math.nan
+    zero_mass_stderr: float = math.nan
+    positive_mass_stderr: float = math.nan
 
     @classmethod
     def from_quadrature(
@@ -254,7 +274,8 @@ class SpectralDensityResult(ResultRecord):
             num_matvecs: Products spent producing the quadrature (recorded).
             distribution: Probe distribution (recorded).
             seed: Seed (recorded).
-            zero_tol: Threshold below which ``|theta|`` counts as zero on the log scale.
+            zero_tol: Threshold at or below which ``|theta|`` counts as zero (the
+                masses; the nodes left out on the log scale).
             scale: ``"linear"`` or ``"log"``.
             sigma: Kernel width on the grid's axis; default ``span / 100`` of the
                 (transformed) nodes.
@@ -301,17 +322,11 @@ class SpectralDensityResult(ResultRecord):
                 stacklevel=2,
             )
         density = smooth_density(x, w, grid_arr, sigma)
-        all_theta = np.concatenate(nodes_t)
-        all_w = np.concatenate(weights_t) / len(nodes_t)
+        negative_density: np.ndarray | None = None
         if scale == "log":
             neg = sign < 0
-            negative_density: np.ndarray | None = smooth_density(x[neg], w[neg], grid_arr, sigma)
-            zero_mass = float(np.sum(all_w[np.abs(all_theta) <= zero_tol]))
-            negative_mass = float(np.sum(all_w[all_theta < -zero_tol]))
-        else:
-            negative_density = None
-            zero_mass = 0.0
-            negative_mass = float(np.sum(all_w[all_theta < 0]))
+            negative_density = smooth_density(x[neg], w[neg], grid_arr, sigma)
+        masses, stderrs = _quadrature_masses(nodes_t, weights_t, zero_tol)
         norms = np.asarray(probe_norms_sq, dtype=np.float64).reshape(-1)
         trace = _quadrature_trace(
             nodes_t, weights_t, norms, lambda t: t, num_matvecs, operator_size, distribution, seed
@@ -332,11 +347,34 @@ class SpectralDensityResult(ResultRecord):
             distribution=distribution,
             seed=seed,
             zero_tol=float(zero_tol),
-            zero_mass=zero_mass,
-            negative_mass=negative_mass,
+            zero_mass=masses[1],
+            negative_mass=masses[0],
             negative_density=negative_density,
             stop_reason=stop_reason,
+            positive_mass=masses[2],
+            negative_mass_stderr=stderrs[0],
+            zero_mass_stderr=stderrs[1],
+            positive_mass_stderr=stderrs[2],
         )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpectralDensityResult:
+        """Rebuild a result written by ``to_dict`` (arrays as float64 NumPy arrays).
+
+        A payload written before the masses had error bars (no ``positive_mass``) gets
+        all three masses and their standard errors recomputed from its stored quadrature
+        and ``zero_tol``.
+        """
+        result = super().from_dict(data)
+        if isinstance(data, dict) and "positive_mass" not in data:
+            masses, stderrs = _quadrature_masses(result.nodes, result.weights, result.zero_tol)
+            result.negative_mass, result.zero_mass, result.positive_mass = masses
+            (
+                result.negative_mass_stderr,
+                result.zero_mass_stderr,
+                result.positive_mass_stderr,
+            ) = stderrs
+        return result
 
     def resmooth(
         self,
@@ -446,7 +484,9 @@ class SpectralDensityResult(ResultRecord):
             f"SpectralDensityResult(num_runs={self.num_runs}, lanczos_steps="
             f"{self.lanczos_steps}, scale={self.scale!r}, sigma={self.sigma:.3g}, "
             f"grid=[{self.grid[0]:.4g}, {self.grid[-1]:.4g}] x {self.grid.size}, "
-            f"trace={self.trace.estimate:.6g} +- {self.trace.stderr:.3g})"
+            f"trace={self.trace.estimate:.6g} +- {self.trace.stderr:.3g}, masses "
+            f"(negative, zero, positive)=({self.negative_mass:.3f}, {self.zero_mass:.3f}, "
+            f"{self.positive_mass:.3f}) at zero_tol={self.zero_tol:.3g})"
         )
 
     def _repr_html_(self) -> str:
@@ -489,6 +529,30 @@ def _padded(rows: Sequence[np.ndarray], fill: float) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, : r.size] = torch.from_numpy(np.asarray(r, dtype=np.float64))
     return out
+
+
+def _quadrature_masses(
+    nodes: Sequence[np.ndarray], weights: Sequence[np.ndarray], zero_tol: float
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Negative, zero and positive masses of the quadrature and their standard errors.
+
+    Per run the weights of the nodes ``< -zero_tol``, ``<= zero_tol`` in magnitude and
+    ``> zero_tol``; the masses are the means over runs, the errors ``std / sqrt(R)``.
+    """
+    per_run = np.array(
+        [
+            [
+                float(np.sum(w[t < -zero_tol])),
+                float(np.sum(w[np.abs(t) <= zero_tol])),
+                float(np.sum(w[t > zero_tol])),
+            ]
+            for t, w in zip(nodes, weights)
+        ],
+        dtype=np.float64,
+    )
+    columns = [_mean_stderr(per_run[:, i]) for i in range(3)]
+    means = (columns[0][0], columns[1][0], columns[2][0])
+    return means, (columns[0][1], columns[1][1], columns[2][1])
 
 
 def _quadrature_trace(

@@ -85,17 +85,9 @@ def hutchinson(
         >>> hutchinson(op, 10, seed=0).estimate  # diagonal A: exact with Rademacher probes
         5050.0
     """
+    probes = (distribution, seed, block_size, backend)
     call = ProbeCall.check(
-        "hutchinson",
-        "hutchinson",
-        MIN_MATVECS_HUTCHINSON,
-        operator,
-        num_matvecs,
-        distribution=distribution,
-        seed=seed,
-        block_size=block_size,
-        backend=backend,
-        long_run=long_run,
+        "hutchinson", "hutchinson", MIN_MATVECS_HUTCHINSON, operator, num_matvecs, probes, long_run
     )
     run = _Hutchinson(call)
     return drive(run, call.config(run.dtype), call.long_run)

@@ -56,6 +56,23 @@ residual direction is dropped (its tiny norm is recorded in the residual bound),
 made after it in the same check interval are discarded (still counted in
 ``num_matvecs``), and a new random vector orthogonal to the basis continues the run.
 
+Stagnation: a ``tol`` tighter than the dtype's default (:func:`default_tol`) may be out of
+reach: rounding in the operator's products and in the vector arithmetic sets a floor under
+the residuals, and the bounds then grow slowly with each restart (the terms the restarts
+drop accumulate). For such a ``tol`` the run remembers the best Ritz pairs it has seen once
+every wanted pair is below the default tolerance (most pairs meeting ``tol``, then the
+smallest worst relative residual; a check whose wanted Ritz values moved, because a missing
+eigenvalue or copy was found, replaces them whatever its residuals), and it has stalled when
+the wanted values have not moved and their worst relative residual has not halved for five
+cycles' worth of products (``5 (m - l)``, ``l`` the Ritz vectors kept at a restart) while
+some pair still misses ``tol``. The first stall adds a verification vector, as convergence
+does (repeated eigenvalues); the next one stops the run with ``stop_reason="stagnated"``,
+returning the best pairs with honest flags, and warns once. Results cut short by the
+budget or a time limit return the best pairs of the current set too, so a resumed run
+never reports fewer converged pairs for the same eigenvalues than an earlier part did.
+A tolerance below :func:`attainable_tol` (what the dtypes can certify at all) is warned
+about before the run.
+
 Long runs (see ``docs/concepts/long-runs.md``): ``checkpoint=`` writes the whole
 :class:`LanczosState` (basis, projected matrix, counters, residual-bound terms, generator
 state) at the top of the run's loop, at most every ``checkpoint_every`` products or
@@ -75,6 +92,7 @@ work (matvec, Gram-Schmidt, norms) stays on the device.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -84,18 +102,25 @@ from typing_extensions import Unpack
 
 from hessian_eigenthings._compat import lanczos_reorthogonalize_none, legacy_keywords
 from hessian_eigenthings.algorithms._calls import SolverCall
-from hessian_eigenthings.algorithms._precision import default_tol, default_vector_dtype, eps
+from hessian_eigenthings.algorithms._precision import (
+    attainable_tol,
+    default_tol,
+    default_vector_dtype,
+    eps,
+)
 from hessian_eigenthings.algorithms._records import StopReason
 from hessian_eigenthings.algorithms._run import LongRunOptions, ProductFailure, ResumableRun, drive
 from hessian_eigenthings.algorithms._validation import check_choice, check_int
 from hessian_eigenthings.algorithms.checkpoint import generator_state, restore_generator
 from hessian_eigenthings.algorithms.results import EigenResult
 from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.backends.devices import canonical_device, host_zeros
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = [
     "LanczosProgress",
     "LanczosState",
+    "attainable_tol",
     "default_basis_size",
     "default_tol",
     "default_vector_dtype",
@@ -103,6 +128,10 @@ __all__ = [
 ]
 
 _WHICH = ("LM", "LA", "SA")
+# Progress means the worst relative residual fell below this fraction of its last best.
+_PROGRESS = 0.5
+# Cycles (of m - l products) without progress after which a run has stagnated.
+_STALL_CYCLES = 5
 
 
 def default_basis_size(k: int, n: int) -> int:
@@ -165,6 +194,10 @@ class LanczosState:
             the stored relation no longer represents.
         reference: Wanted Ritz values when the last verification vector was added.
         since_verification: Products since that vector was added (-1: none yet).
+        best: For a ``tol`` below the dtype's default: the wanted pairs of the best check
+            (``values``, ``vectors``, ``residuals``, ``converged``, ``worst``), or ``None``.
+        best_progress: Worst relative residual when progress was last made.
+        progress_at: ``num_matvecs`` at that check.
     """
 
     basis: torch.Tensor
@@ -178,6 +211,9 @@ class LanczosState:
     dropped: list[torch.Tensor] = field(default_factory=list)
     reference: torch.Tensor | None = None
     since_verification: int = -1
+    best: dict[str, torch.Tensor] | None = None
+    best_progress: float = math.inf
+    progress_at: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as CPU tensors and plain numbers (what a checkpoint stores)."""
@@ -193,11 +229,23 @@ class LanczosState:
             "dropped": [t.clone() for t in self.dropped],
             "reference": None if self.reference is None else self.reference.clone(),
             "since_verification": self.since_verification,
+            "best": None if self.best is None else {k: v.cpu() for k, v in self.best.items()},
+            "best_progress": self.best_progress,
+            "progress_at": self.progress_at,
         }
 
     def load_dict(self, data: dict[str, Any]) -> None:
         """Restore the fields saved by :meth:`to_dict` (tensors onto this state's devices)."""
-        self.basis = data["basis"].to(self.basis.device)
+        saved = data["basis"]
+        basis = self.basis
+        if basis.shape != saved.shape or basis.dtype != saved.dtype:  # keeps pinning
+            basis = torch.empty(
+                saved.shape,
+                dtype=saved.dtype,
+                device=basis.device,
+                pin_memory=basis.device.type == "cpu" and basis.is_pinned(),
+            )
+        self.basis = basis.copy_(saved)
         self.projected = data["projected"].to(self.projected.device)
         self.num_processed = int(data["num_processed"])
         self.num_basis = int(data["num_basis"])
@@ -208,6 +256,10 @@ class LanczosState:
         self.dropped = list(data["dropped"])
         self.reference = data["reference"]
         self.since_verification = int(data["since_verification"])
+        best = data.get("best")
+        self.best = None if best is None else {k: v.to(self.basis.device) for k, v in best.items()}
+        self.best_progress = float(data.get("best_progress", math.inf))
+        self.progress_at = int(data.get("progress_at", 0))
 
 
 @dataclass
@@ -269,6 +321,10 @@ class _Lanczos(ResumableRun[EigenResult]):
         self.check_every = max(4, basis_size // 8)
         # Products after a verification vector joins before the run may stop: one cycle.
         self.verify_steps = max(1, basis_size - _num_keep(k, basis_size, basis_size))
+        # A tol below the dtype's default may be out of reach: track the best pairs.
+        self.stall_level = default_tol(operator.dtype, vector_dtype)
+        self.track = tol < self.stall_level
+        self.stall_window = max(_STALL_CYCLES * self.verify_steps, 2 * self.check_every)
         self.n = operator.size
         self.eps = eps(vector_dtype)
         self.breakdown_tol = self.eps**0.75
@@ -278,7 +334,9 @@ class _Lanczos(ResumableRun[EigenResult]):
         n_local = backend.local_size(self.n)
         capacity = self.m + 2
         self.state = LanczosState(
-            basis=torch.zeros((capacity, n_local), dtype=vector_dtype, device=device),
+            basis=host_zeros(
+                (capacity, n_local), dtype=vector_dtype, device=device, serves=operator.device
+            ),
             projected=torch.zeros((capacity, capacity), dtype=torch.float64, device=device),
             num_processed=0,
             num_basis=0,
@@ -307,7 +365,12 @@ class _Lanczos(ResumableRun[EigenResult]):
         if rows <= cap:
             return
         new_cap = max(rows, cap + 2)
-        basis = st.basis.new_zeros((new_cap, st.basis.shape[1]))
+        basis = host_zeros(
+            (new_cap, st.basis.shape[1]),
+            dtype=st.basis.dtype,
+            device=st.basis.device,
+            serves=self.op.device,
+        )
         basis[:cap] = st.basis
         proj = torch.zeros((new_cap, new_cap), dtype=torch.float64, device=st.projected.device)
         proj[:cap, :cap] = st.projected
@@ -481,7 +544,7 @@ class _Lanczos(ResumableRun[EigenResult]):
         if self.state.num_processed < self.k:
             return None
         ritz = self._ritz()
-        return self._result(
+        return self._best_result(
             ritz, ritz.residuals[: self.k] <= self.tol * ritz.scale[: self.k], stop_reason
         )
 
@@ -506,6 +569,7 @@ class _Lanczos(ResumableRun[EigenResult]):
             return
         ritz = self._ritz()
         conv = ritz.residuals[:k] <= self.tol * ritz.scale[:k]
+        stalled = self._track(ritz, conv)
         if self.callback is not None:
             self.callback(
                 LanczosProgress(
@@ -518,9 +582,21 @@ class _Lanczos(ResumableRun[EigenResult]):
                 )
             )
         exhausted = st.num_processed >= self.n
-        if exhausted or st.num_matvecs >= self.max_matvecs:
+        if exhausted:
+            self.final = self._result(ritz, conv, "exhausted")
+            return
+        if stalled and st.since_verification < 0 and st.num_basis < self.n:
+            # Stalled before any verification: as for converged pairs, a fresh random
+            # direction joins and the run must stall again before it stops.
+            st.reference = ritz.values[:k].clone()
+            if st.num_processed >= self.m:
+                self._restart(ritz)
+            self._add_random_vector()
+            st.since_verification, st.progress_at = 0, st.num_matvecs
+            return
+        if st.num_matvecs >= self.max_matvecs or stalled:
             reason: StopReason = "converged" if bool(conv.all()) else "max_iter"
-            self.final = self._result(ritz, conv, "exhausted" if exhausted else reason)
+            self.final = self._best_result(ritz, conv, "stagnated" if stalled else reason)
             return
         if bool(conv.all()):
             if st.reference is None or not self._unchanged(ritz, st.reference):
@@ -538,20 +614,105 @@ class _Lanczos(ResumableRun[EigenResult]):
         if st.num_processed >= self.m:
             self._restart(ritz)
 
+    def _track(self, ritz: _Ritz, conv: torch.Tensor) -> bool:
+        """Remember the best pairs of a run whose ``tol`` may be out of reach.
+
+        Only once every wanted pair is below the dtype's default tolerance. Returns whether
+        the run has stagnated: some pair misses ``tol``, the wanted Ritz values have not
+        moved and their worst relative residual has not halved for ``stall_window``
+        products.
+        """
+        if not self.track:
+            return False
+        st, k = self.state, self.k
+        worst = float((ritz.residuals[:k] / ritz.scale[:k]).max())
+        if worst > self.stall_level:
+            return False
+        # A wanted Ritz value that moved (a missing eigenvalue or copy was found) starts
+        # over: the new set is better whatever its residuals.
+        moved = self._moved(ritz)
+        if moved:
+            st.best_progress = math.inf
+        if worst < _PROGRESS * st.best_progress:
+            st.best_progress, st.progress_at = worst, st.num_matvecs
+        if (
+            st.best is None
+            or moved
+            or self._score(conv, worst) > self._score(st.best["converged"], float(st.best["worst"]))
+        ):
+            vectors = self._vectors(ritz)
+            st.best = {
+                "values": ritz.values[:k].clone(),
+                "vectors": vectors,
+                "residuals": ritz.residuals[:k].clone(),
+                "converged": conv.clone(),
+                "worst": torch.tensor(worst, dtype=torch.float64),
+            }
+        stalled = st.num_matvecs - st.progress_at >= self.stall_window
+        return stalled and not bool(conv.all())
+
+    def _moved(self, ritz: _Ritz) -> bool:
+        """Whether a wanted Ritz value differs from the best pairs' by more than the level."""
+        best, k = self.state.best, self.k
+        if best is None:
+            return False
+        delta = (ritz.values[:k] - best["values"]).abs()
+        return bool((delta > self.stall_level * ritz.scale[:k]).any())
+
+    @staticmethod
+    def _score(conv: torch.Tensor, worst: float) -> tuple[int, float]:
+        """Order of pairs sets: more pairs meeting ``tol``, then a smaller worst residual."""
+        return int(conv.sum()), -worst
+
+    def _best_result(self, ritz: _Ritz, conv: torch.Tensor, stop_reason: StopReason) -> EigenResult:
+        """The current pairs, or the remembered best ones of the same set if they score higher."""
+        best = self.state.best
+        if best is not None and not self._moved(ritz):
+            worst = float((ritz.residuals[: self.k] / ritz.scale[: self.k]).max())
+            if self._score(best["converged"], float(best["worst"])) > self._score(conv, worst):
+                return self._make(
+                    best["values"].clone(),
+                    best["vectors"].clone(),
+                    best["residuals"].clone(),
+                    best["converged"].clone(),
+                    stop_reason,
+                )
+        return self._result(ritz, conv, stop_reason)
+
     def _unchanged(self, ritz: _Ritz, reference: torch.Tensor) -> bool:
         delta = (ritz.values[: self.k] - reference).abs()
         return bool((delta <= 2 * self.tol * ritz.scale[: self.k]).all())
 
-    def _result(self, ritz: _Ritz, conv: torch.Tensor, stop_reason: StopReason) -> EigenResult:
+    def _vectors(self, ritz: _Ritz) -> torch.Tensor:
+        """The ``(k, n_local)`` wanted Ritz vectors ``(V_q s_i)^T``."""
         st = self.state
-        q, k = st.num_processed, self.k
-        s_k = ritz.vectors[:, :k].to(device=st.basis.device, dtype=self.dtype)
-        vectors = s_k.T @ st.basis[:q]
+        s_k = ritz.vectors[:, : self.k].to(device=st.basis.device, dtype=self.dtype)
+        return s_k.T @ st.basis[: st.num_processed]
+
+    def _result(self, ritz: _Ritz, conv: torch.Tensor, stop_reason: StopReason) -> EigenResult:
+        k = self.k
+        return self._make(
+            ritz.values[:k].clone(),
+            self._vectors(ritz),
+            ritz.residuals[:k].clone(),
+            conv.clone(),
+            stop_reason,
+        )
+
+    def _make(
+        self,
+        values: torch.Tensor,
+        vectors: torch.Tensor,
+        residuals: torch.Tensor,
+        conv: torch.Tensor,
+        stop_reason: StopReason,
+    ) -> EigenResult:
+        st = self.state
         return EigenResult(
-            eigenvalues=ritz.values[:k].clone(),
+            eigenvalues=values,
             eigenvectors=vectors,
-            residuals=ritz.residuals[:k].clone(),
-            converged=conv.clone(),
+            residuals=residuals,
+            converged=conv,
             iterations=st.restarts + 1,
             num_matvecs=st.num_matvecs,
             which=self.which,
@@ -595,7 +756,10 @@ def lanczos(
             with ``converged`` flags that say which met ``tol``.
         tol: Relative residual tolerance, ``||A y - theta y|| <= tol * max(|theta|,
             eps_vec^(1/3) * max_j |theta_j|)``; default :func:`default_tol` (float64:
-            1.5e-8, float32: 3.5e-4, bfloat16 operator: 3.1e-2).
+            1.5e-8, float32: 3.5e-4, bfloat16 operator: 3.1e-2). A tighter ``tol`` may be
+            out of the dtype's reach: below :func:`attainable_tol` a ``UserWarning`` says so
+            before the run; otherwise a run whose residuals stop decreasing stops with
+            ``stop_reason="stagnated"`` (module docstring) and warns. One warning per call.
         seed: Seed of the random start (and verification) vectors; ``None`` draws a fresh
             one from the OS (recorded in ``result.seed``).
         reorthogonalize: Two Gram-Schmidt passes against the whole basis per product
@@ -616,9 +780,10 @@ def lanczos(
             orthonormal only to that precision, and the residual bounds would not hold.
         basis_device: Device that holds the basis (and the projected matrix); default
             the operator's. ``"cpu"`` with a GPU operator keeps the ``(m + 2) n`` basis in
-            host memory; cost per product: one vector copied to the GPU and one back
-            (``2 n`` entries over PCIe) and the Gram-Schmidt work (``4 p n`` flops for two
-            passes) done on the CPU. Eigenvectors are returned on this device.
+            host memory (page-locked, so the copies need no staging buffer); cost per
+            product: one vector copied to the GPU and one back (``2 n`` entries over PCIe)
+            and the Gram-Schmidt work (``4 p n`` flops for two passes) done on the CPU.
+            Eigenvectors are returned on this device.
         **long_run: ``checkpoint``, ``checkpoint_every``, ``checkpoint_seconds``,
             ``time_limit`` (see :class:`~hessian_eigenthings.algorithms.LongRunOptions`).
             The checkpoint holds the whole :class:`LanczosState` and is written at
@@ -628,12 +793,16 @@ def lanczos(
 
     Returns:
         An :class:`~hessian_eigenthings.algorithms.results.EigenResult` ordered by
-        ``which``. ``residuals`` are upper bounds of ``||A v_i - lambda_i v_i||`` with
-        respect to the products the operator returned, computed from the Lanczos
-        relation (no extra matvec), exact up to rounding of the vector arithmetic (of
-        order ``eps_vec * ||A||``, for which an allowance is included); for a
-        reduced-precision operator its own rounding comes on top. ``iterations``
-        counts cycles (restarts + 1), ``num_matvecs`` products.
+        ``which``, with ``stop_reason`` ``"converged"``, ``"max_iter"``, ``"exhausted"``,
+        ``"stagnated"`` or ``"time_limit"``. After ``"max_iter"``, ``"stagnated"`` and
+        ``"time_limit"`` with a ``tol`` below the default, the pairs are the best ones seen
+        (see the module docstring), not necessarily those of the last products.
+        ``residuals`` are upper bounds of ``||A v_i - lambda_i v_i||`` with respect to the
+        products the operator returned, computed from the Lanczos relation (no extra
+        matvec), exact up to rounding of the vector arithmetic (of order
+        ``eps_vec * ||A||``, for which an allowance is included); for a reduced-precision
+        operator its own rounding comes on top. ``iterations`` counts cycles
+        (restarts + 1), ``num_matvecs`` products.
 
     Raises:
         TypeError: ``operator`` is not a CurvatureOperator, or ``seed`` not an int.
@@ -670,6 +839,18 @@ def lanczos(
         )
     m = basis_size if basis_size is not None else default_basis_size(k, n)
     tol_ = call.tol if call.tol is not None else default_tol(op_dtype, vdtype)
+    floor = attainable_tol(op_dtype, vdtype, m)
+    warned = tol_ < floor
+    if warned:
+        warnings.warn(
+            f"lanczos: tol={tol_:.3g} is below what a {op_dtype} operator with {vdtype} "
+            f"vectors can certify (about {floor:.2g}: the products' rounding and the residual "
+            "bounds' allowance for the vector arithmetic). The run stops when its residuals "
+            "stop decreasing (stop_reason='stagnated') and returns the best pairs with honest "
+            f"converged flags. Pass tol >= {floor:.2g}, or use a float64 operator.",
+            UserWarning,
+            stacklevel=2,
+        )
     max_matvecs = max_iter if max_iter is not None else 100 * m
     run = _Lanczos(
         call,
@@ -679,12 +860,26 @@ def lanczos(
         tol=tol_,
         vector_dtype=vdtype,
         reorthogonalize=reorthogonalize,
-        basis_device=call.operator.device if basis_device is None else torch.device(basis_device),
+        basis_device=canonical_device(
+            call.operator.device if basis_device is None else basis_device
+        ),
         callback=callback,
     )
     config = {"k": k, "which": which, "max_iter": max_matvecs, "tol": tol_, "seed": call.seed_arg}
-    return drive(
+    result = drive(
         run,
         {**config, "reorthogonalize": reorthogonalize, "basis_size": m, "vector_dtype": vdtype},
         call.long_run,
     )
+    if result.stop_reason == "stagnated" and not warned:
+        reached = float((result.residuals / result.eigenvalues.abs().clamp_min(1e-300)).max())
+        warnings.warn(
+            f"lanczos stopped after {result.num_matvecs} products: the residuals stopped "
+            f"decreasing at {reached:.2g} (relative), above tol={tol_:.3g}. That is the "
+            f"precision this {op_dtype} operator delivers (rounding in its products); the best "
+            f"pairs are returned (stop_reason='stagnated'). Pass tol >= {reached:.2g}, or "
+            "compute the operator in float64.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return result

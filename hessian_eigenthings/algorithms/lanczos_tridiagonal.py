@@ -30,6 +30,7 @@ import torch
 
 from hessian_eigenthings.algorithms._validation import check_int, check_operator
 from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.backends.devices import same_device
 from hessian_eigenthings.operators.base import CurvatureOperator
 
 __all__ = ["LanczosTridiag", "lanczos_tridiagonal", "tridiagonalize"]
@@ -140,7 +141,7 @@ def lanczos_tridiagonal(
             f"v0 must have shape ({n_local},) (the operator size on this process), got "
             f"{tuple(v0.shape)}."
         )
-    if v0.device != operator.device:
+    if not same_device(v0.device, operator.device):
         raise ValueError(f"v0 must be on the operator's device {operator.device}, got {v0.device}.")
     return tridiagonalize(
         operator.matvec, backend, v0, min(max_iter, operator.size), reorthogonalize

@@ -47,8 +47,10 @@ class EigenResult(ResultRecord):
         method: Name of the solver that produced the result.
         stop_reason: Why the run stopped (:data:`StopReason`): ``"converged"``,
             ``"max_iter"`` (matvec budget spent), ``"exhausted"`` (the basis spans the
-            whole space), ``"time_limit"`` (``time_limit=`` passed; partial result),
-            ``"non_finite"`` (the partial result carried by a
+            whole space), ``"stagnated"`` (Lanczos: the residuals stopped decreasing above
+            a ``tol`` the operator's precision does not reach), ``"time_limit"``
+            (``time_limit=`` passed; partial result), ``"non_finite"`` (the partial
+            result carried by a
             :class:`~hessian_eigenthings.errors.NonFiniteError`), or ``""`` when the
             solver does not record it.
     """

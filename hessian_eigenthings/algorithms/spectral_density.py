@@ -57,10 +57,52 @@ from hessian_eigenthings.algorithms.lanczos_tridiagonal import tridiagonalize
 from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
 
-__all__ = ["spectral_density"]
+__all__ = ["default_zero_tol", "spectral_density"]
 
-# On the log scale, |theta| <= this factor * eps(vector dtype) * max|theta| counts as 0.
-_ZERO_TOL_FACTOR = 100.0
+# Below this many unit roundoffs of the operator's dtype (times max|theta|) a Ritz value
+# is rounding noise: the precision floor of the default zero_tol (as default_tol's 4 eps).
+_ZERO_TOL_ROUNDOFFS = 4.0
+
+
+def default_zero_tol(
+    nodes: Sequence[np.ndarray], lanczos_steps: int, operator_dtype: torch.dtype
+) -> float:
+    r"""The zero threshold of an SLQ run: its resolution at 0, or its precision floor.
+
+    Resolution: the nodes of ``m``-point Gauss rules of measures on ``[a, b]`` follow the
+    arcsine (Chebyshev) distribution of the interval as ``m`` grows (the zeros of
+    orthogonal polynomials; Saff & Totik, *Logarithmic Potentials with External Fields*,
+    1997), so two eigenvalues closer than the local spacing of ``m`` Chebyshev points,
+
+    .. math::  x_i = rac{a + b}{2} + rac{b - a}{2}\cosrac{(2i - 1)\pi}{2m},
+
+    are not told apart: about ``(b - a) / m`` inside the spectrum, ``(b - a) \pi^2 / (2 m^2)``
+    at its ends (where a PSD operator's zero eigenvalues sit). The threshold is that
+    spacing at ``0``, with ``[a, b]`` the range of the nodes of all runs; it is raised to
+    ``4 eps(operator dtype) * max|theta|``, below which Ritz values are rounding noise
+    (a float32 operator with exact zero eigenvalues gives nodes of order
+    ``eps * max|theta|`` of either sign).
+
+    Args:
+        nodes: Per-run Ritz values.
+        lanczos_steps: Lanczos steps per run ``m`` (the requested number: a run that broke
+            down early is exact, not coarser).
+        operator_dtype: The operator's dtype.
+
+    Returns:
+        The threshold ``zero_tol`` (``>= 0``).
+    """
+    theta = np.concatenate([np.asarray(t, dtype=np.float64).reshape(-1) for t in nodes])
+    a, b = float(np.min(theta)), float(np.max(theta))
+    floor = _ZERO_TOL_ROUNDOFFS * eps(operator_dtype) * max(abs(a), abs(b))
+    m = int(lanczos_steps)
+    if m < 2 or b <= a:
+        return max(floor, b - a)
+    angles = (2.0 * np.arange(1, m + 1) - 1.0) * np.pi / (2.0 * m)
+    points = 0.5 * (a + b) + 0.5 * (b - a) * np.cos(angles)  # decreasing
+    below = int(np.searchsorted(-points, 0.0))  # points[:below] > 0 >= points[below:]
+    i = min(max(below, 1), m - 1)
+    return max(floor, float(points[i - 1] - points[i]))
 
 
 @legacy_keywords(translate=spectral_density_grid_padding)
@@ -94,9 +136,18 @@ def spectral_density(
     density in ``x = log10|lambda|`` for spectra spanning many orders of magnitude (Papyan
     2020): positive and negative eigenvalues are folded together by ``|lambda|``
     (``negative_density`` holds the negative part), and nodes with ``|theta| <=
-    zero_tol`` (default ``100 * eps * max|theta|`` of the vector dtype, below which Ritz
-    values are rounding noise) carry no logarithm; their mass is reported as
-    ``zero_mass`` and the log density integrates to ``1 - zero_mass``.
+    zero_tol`` carry no logarithm; their mass is ``zero_mass`` and the log density
+    integrates to ``1 - zero_mass``.
+
+    Masses: ``negative_mass``, ``zero_mass`` and ``positive_mass`` (below ``-zero_tol``,
+    within ``+-zero_tol``, above it; the same on both scales) are read from the quadrature
+    nodes and weights, with standard errors over the runs (``*_stderr``); see
+    :class:`SpectralDensityResult`. The default ``zero_tol`` is the resolution of the
+    run at 0 (:func:`default_zero_tol`: about ``span / m`` when 0 lies inside the
+    spectrum, ``span * pi^2 / (2 m^2)`` at its end, never below ``4 eps * max|theta|`` of
+    the operator's dtype), because nodes closer to 0 than that cannot be told from 0: a
+    mass computed with a smaller ``zero_tol`` carries a quadrature error that the
+    standard errors do not cover. More ``lanczos_steps`` resolve smaller eigenvalues.
 
     Accuracy: the quadrature matches ``2 m`` moments per probe, so the estimated measure
     is close to the true one in Wasserstein distance (``O(span / m)`` from the quadrature,
@@ -115,7 +166,8 @@ def spectral_density(
         scale: ``"linear"`` or ``"log"``.
         distribution: ``"rademacher"`` (default; ``||v||^2 = n`` exactly) or
             ``"gaussian"`` probes.
-        zero_tol: Threshold for zero eigenvalues on the log scale (see above).
+        zero_tol: Eigenvalues with ``|lambda| <= zero_tol`` count as zero (the masses,
+            the log scale); default :func:`default_zero_tol` (see above).
         reorthogonalize: Full reorthogonalisation (default; ``O(lanczos_steps * n)``
             memory). ``False`` keeps three vectors (``O(n)`` memory): converged Ritz values
             then reappear as ghost copies that share their eigenvalue's weight, so the
@@ -257,8 +309,8 @@ class _SLQ(ResumableRun[SpectralDensityResult]):
     def _density(self, stop_reason: StopReason) -> SpectralDensityResult:
         tol = self.zero_tol
         if tol is None:
-            max_abs = max(float(np.max(np.abs(t))) for t in self.nodes)
-            tol = _ZERO_TOL_FACTOR * eps(self.dtype) * max_abs
+            steps = min(self.lanczos_steps, self.op.size)
+            tol = default_zero_tol(self.nodes, steps, self.op.dtype)
         return SpectralDensityResult.from_quadrature(
             self.nodes,
             self.weights,

@@ -143,17 +143,15 @@ def xtrace(
         NonFiniteError: A product was inf/nan; ``err.partial`` is the partial estimate
             from the products before it (as for ``time_limit``), or ``None``.
     """
+    probes = (distribution, seed, block_size, backend)
     call = ProbeCall.check(
         "xtrace",
         "xtrace",
         MIN_MATVECS_XTRACE,
         operator,
         num_matvecs,
-        distribution=distribution,
-        seed=seed,
-        block_size=block_size,
-        backend=backend,
-        long_run=long_run,
+        probes,
+        long_run,
         max_sketch_size=max_sketch_size,
         sketch_device=sketch_device,
         whole_vectors=True,

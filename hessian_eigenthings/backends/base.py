@@ -18,6 +18,7 @@ without a process group agrees with itself at no cost.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import warnings
 from abc import ABC, abstractmethod
@@ -26,7 +27,15 @@ from typing import Generic, TypeVar
 
 import torch
 
-__all__ = ["Draw", "LinAlgBackend", "VectorT", "draw_probes", "fresh_seed", "seeded_generator"]
+__all__ = [
+    "Draw",
+    "LinAlgBackend",
+    "VectorT",
+    "draw_probes",
+    "fresh_seed",
+    "seeded_generator",
+    "stream_key",
+]
 
 VectorT = TypeVar("VectorT")
 #: ``draw(shape)``: the next ``shape`` random numbers of a probe stream (see ``probes``).
@@ -126,14 +135,15 @@ class LinAlgBackend(ABC, Generic[VectorT]):
 
         return self._local_rows(n, num, draw, torch.empty(0, dtype=dtype, device=device)).T
 
-    @abstractmethod
     def _local_rows(self, n: int, num: int, draw: Draw, like: torch.Tensor) -> torch.Tensor:
         """This process's entries ``(num, n_local)`` of the draw ``draw((num, n))``.
 
         ``draw(shape)`` continues the generator's stream, so a backend may draw the
-        ``(num, n)`` block in consecutive pieces (row by row, in chunks) instead of at
-        once; ``like`` is an empty tensor of the probes' dtype and device.
+        ``(num, n)`` block in consecutive pieces instead of at once; ``like`` is an empty
+        tensor of the probes' dtype and device. Default: the whole block at once (a
+        backend whose processes hold whole vectors).
         """
+        return draw((num, n))
 
     def random(
         self,
@@ -211,6 +221,20 @@ def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+def stream_key(generator: torch.Generator) -> int:
+    """A 63-bit key read from ``generator``'s state, which then advances (no host sync).
+
+    Equal generator states give equal keys, so processes whose generators agree (the same
+    seed, the same draws so far) agree on the key, and a generator restored from a
+    checkpoint gives the key it gave then. The state is host-side data also for CUDA
+    generators (a Philox seed and offset); advancing it draws one number on its device.
+    """
+    state = generator.get_state()
+    digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8, person=b"he-probes").digest()
+    torch.empty(1, device=generator.device).normal_(generator=generator)
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def _deprecated(old: str, new: str) -> None:

@@ -13,19 +13,27 @@ Two layouts occur in distributed curvature computations:
   :class:`ShardedBackend` all-reduces every reduction,
   :math:`\langle x, y \rangle = \sum_r \langle x_{I_r}, y_{I_r} \rangle`, so all ranks
   see the same scalars (all-reduce returns identical bits on every rank), and draws
-  random probes as one *global* vector from which each rank keeps its entries, so a
-  probe does not depend on the number of ranks.
+  random probes chunk by chunk from generators seeded by (stream, probe, chunk index):
+  each rank draws only the chunks that hold its entries, and a probe does not depend on
+  the number of ranks.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from hessian_eigenthings.backends.base import Draw, LinAlgBackend, seeded_generator
+from hessian_eigenthings.backends.base import (
+    LinAlgBackend,
+    draw_probes,
+    seeded_generator,
+    stream_key,
+)
+from hessian_eigenthings.backends.devices import local_accelerator
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 
 __all__ = ["ReplicatedBackend", "ShardedBackend", "broadcast_seed", "collective_device"]
@@ -45,11 +53,15 @@ def _require_initialized(what: str) -> None:
 def collective_device(process_group: ProcessGroup, preferred: torch.device) -> torch.device:
     """Device on which small control tensors for ``process_group`` must live.
 
-    NCCL groups communicate CUDA tensors only; gloo groups accept CPU and CUDA tensors.
+    NCCL groups communicate CUDA tensors only: a tensor already on a GPU stays there;
+    anything else goes to this process's GPU (:func:`~hessian_eigenthings.backends.
+    devices.local_accelerator`: the group's bound device, the device selected with
+    ``torch.cuda.set_device``, or ``LOCAL_RANK``; never GPU 0 on every rank). gloo
+    groups accept CPU and CUDA tensors.
     """
     backend = str(dist.get_backend(process_group)).lower()
     if "nccl" in backend and preferred.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
+        return local_accelerator(process_group)
     if backend == "gloo" and preferred.type not in ("cpu", "cuda"):
         return torch.device("cpu")
     return preferred
@@ -117,6 +129,13 @@ class ReplicatedBackend(_GroupAgreement, SingleDeviceBackend):
         return f"ReplicatedBackend(world_size={dist.get_world_size(self.process_group)})"
 
 
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs, platforms and ranks)."""
+    data = b"".join(int(p).to_bytes(16, "little", signed=True) for p in parts)
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def _check_partition(rank_ranges: Sequence[Sequence[tuple[int, int]]], size: int) -> None:
     spans = sorted((a, b) for ranges in rank_ranges for a, b in ranges if b > a)
     for a, b in (r for ranges in rank_ranges for r in ranges):
@@ -147,18 +166,25 @@ class ShardedBackend(_GroupAgreement, LinAlgBackend[torch.Tensor]):
     every rank returns the same value. Elementwise arithmetic needs no backend: the
     algorithms apply it to the local shards directly.
 
-    :meth:`probes` draws the global probes from ``generator`` in a fixed order (the
-    whole ``(num, size)`` block at once when it has at most ``chunk_size`` entries,
-    otherwise probe by probe in chunks of ``chunk_size``) and keeps this rank's entries,
-    so probes are independent of the number of ranks, and for small problems
-    identical to :class:`SingleDeviceBackend`'s. Peak extra memory: ``chunk_size``
-    entries. :meth:`generator` broadcasts the seed from the group's first rank.
+    :meth:`probes` is counter-based: the global index set is cut into chunks of
+    ``chunk_size`` entries, and entry ``j`` of probe ``i`` is entry ``j mod chunk_size``
+    of a draw from a fresh generator seeded by ``(key, i, j // chunk_size)``, where
+    ``key`` is read from ``generator``'s state (which then advances, as after a draw).
+    A rank draws only the chunks that hold its entries (each once per probe), so its
+    work is ``O(n_local + chunk_size x ranges)``,
+    never more than the global vector, instead of ``O(n)`` per probe; and the probes
+    are the same for any number of ranks and any split, given the seed and
+    ``chunk_size``. They differ from :class:`SingleDeviceBackend`'s probes for the same
+    seed (equally distributed). No host synchronisation: the key comes from the
+    generator's host-side state. :meth:`generator` broadcasts the seed from the
+    group's first rank.
 
     Args:
         rank_ranges: For every rank of the group (group rank order), its index ranges.
         size: Global vector size ``n``.
         process_group: The group (``None``: default group).
-        chunk_size: Entries drawn at a time by :meth:`random`.
+        chunk_size: Entries per seeded chunk of the probes; part of the probes'
+            definition (every rank, and a resumed run, must use the same).
 
     Raises:
         ValueError: The ranges do not partition ``[0, size)`` or do not list every rank.
@@ -170,7 +196,7 @@ class ShardedBackend(_GroupAgreement, LinAlgBackend[torch.Tensor]):
         size: int,
         process_group: ProcessGroup = None,
         *,
-        chunk_size: int = 1 << 22,
+        chunk_size: int = 1 << 20,
     ) -> None:
         _require_initialized("ShardedBackend")
         world = dist.get_world_size(process_group)
@@ -254,28 +280,45 @@ class ShardedBackend(_GroupAgreement, LinAlgBackend[torch.Tensor]):
         return out
 
     # -- randomness --------------------------------------------------------------------
-    def _local_rows(self, n: int, num: int, draw: Draw, like: torch.Tensor) -> torch.Tensor:
-        if num * n <= self.chunk_size:
-            return self.shard(draw((num, n)))
-        block = like.new_empty((num, self.local_size(n)))
-        for i in range(num):
-            self._draw_row_into(block[i], n, draw)
-        return block
+    def probes(
+        self,
+        n: int,
+        num: int,
+        *,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+        device: torch.device,
+        distribution: str = "gaussian",
+    ) -> torch.Tensor:
+        """``num`` probes of global size ``n``; this rank's entries as ``(n_local, num)``.
 
-    def _draw_row_into(self, out: torch.Tensor, n: int, draw: Draw) -> None:
-        # Global entries are drawn chunk by chunk; local ranges are copied as they pass.
-        starts = []
+        See the class docstring: chunk ``c`` of probe ``i`` comes from a generator seeded
+        by ``(key, i, c)``; only the chunks overlapping this rank's ranges are drawn.
+        """
+        local = self.local_size(n)
+        key = stream_key(generator)
+        out = torch.empty((num, local), dtype=dtype, device=device)
+        # (chunk, first, last) needed per chunk, and where each piece lands locally
+        pieces: dict[int, list[tuple[int, int, int]]] = {}
         pos = 0
         for a, b in self.ranges:
-            starts.append(pos)
+            for c in range(a // self.chunk_size, -(-b // self.chunk_size)):
+                c0 = c * self.chunk_size
+                lo, hi = max(a, c0), min(b, c0 + self.chunk_size)
+                pieces.setdefault(c, []).append((lo - c0, hi - c0, pos + lo - a))
             pos += b - a
-        for c0 in range(0, n, self.chunk_size):
-            c1 = min(c0 + self.chunk_size, n)
-            chunk = draw((c1 - c0,))
-            for (a, b), s in zip(self.ranges, starts):
-                lo, hi = max(a, c0), min(b, c1)
-                if lo < hi:
-                    out[s + lo - a : s + hi - a] = chunk[lo - c0 : hi - c0]
+        for i in range(num):
+            for c, parts in pieces.items():
+                gen = seeded_generator(_mix(key, i, c), device)
+                # the whole chunk: a prefix of a draw is not a shorter draw (vectorised
+                # samplers fill blocks), so every rank draws the same length
+                width = min(self.chunk_size, n - c * self.chunk_size)
+                chunk = draw_probes(
+                    (width,), generator=gen, dtype=dtype, device=device, distribution=distribution
+                )
+                for lo, hi, at in parts:
+                    out[i, at : at + hi - lo] = chunk[lo:hi]
+        return out.T
 
     def __repr__(self) -> str:
         return (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hessian_eigenthings.backends.base import Draw, LinAlgBackend, draw_probes
+from hessian_eigenthings.backends.base import LinAlgBackend, draw_probes
 
 __all__ = ["SingleDeviceBackend", "draw_probes"]
 
@@ -20,9 +20,6 @@ class SingleDeviceBackend(LinAlgBackend[torch.Tensor]):
 
     def local_size(self, n: int) -> int:
         return n
-
-    def _local_rows(self, n: int, num: int, draw: Draw, like: torch.Tensor) -> torch.Tensor:
-        return draw((num, n))
 
     def __repr__(self) -> str:
         return "SingleDeviceBackend()"

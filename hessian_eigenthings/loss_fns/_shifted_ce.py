@@ -16,7 +16,9 @@ logits' dtype otherwise (float64 stays float64). ``.hvp`` is the closed form
 computed by :func:`~hessian_eigenthings.loss_fns.fused_ce.fused_ce_hvp` directly on the
 unshifted ``(B, T, V)`` logits (no shifted copy), and ``.batch_weight`` is :math:`n`, so
 data operators weight batches by their non-ignored token counts and the operator is
-the curvature of the token mean over the whole dataset.
+the curvature of the token mean over the whole dataset. ``.head_ce`` declares it a
+cross entropy of the LM head's logits (operators chunk the head, see
+:mod:`~hessian_eigenthings.loss_fns.head_ce`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch.nn.functional as F
 
 from hessian_eigenthings.loss_fns.base import LossOfOutput
 from hessian_eigenthings.loss_fns.fused_ce.dispatch import BACKENDS, fused_ce_hvp
+from hessian_eigenthings.loss_fns.head_ce import HeadCrossEntropy
 
-__all__ = ["IGNORE_INDEX", "next_token_targets", "shifted_ce_loss_of_output"]
+__all__ = ["IGNORE_INDEX", "next_token_targets", "per_sequence_ce", "shifted_ce_loss_of_output"]
 
 IGNORE_INDEX = -100
 """Target value of positions that do not count (HuggingFace's convention)."""
@@ -107,4 +110,23 @@ def shifted_ce_loss_of_output(
     def batch_weight(batch: Any) -> torch.Tensor:
         return (targets_of(batch) != IGNORE_INDEX).sum()
 
-    return LossOfOutput(fn, hvp, batch_weight=batch_weight, name=name)
+    loss = LossOfOutput(fn, hvp, batch_weight=batch_weight, name=name)
+    loss.head_ce = HeadCrossEntropy(targets=targets_of, fused=fused)  # type: ignore[attr-defined]
+    return loss
+
+
+def per_sequence_ce(logits: torch.Tensor, targets: torch.Tensor, name: str) -> torch.Tensor:
+    """``(B,)``: each sequence's mean cross entropy over its counted targets (0 if none).
+
+    Computed in float32 for float16/bfloat16 logits, in the logits' dtype otherwise.
+    """
+    _check_logits(logits, targets, name)
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    per_token = F.cross_entropy(
+        logits.to(acc).flatten(0, -2),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).reshape(targets.shape)
+    counts = (targets != IGNORE_INDEX).sum(-1).clamp_min(1).to(acc)
+    return per_token.sum(-1) / counts

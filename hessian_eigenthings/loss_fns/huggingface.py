@@ -26,6 +26,13 @@ not the mean of per-batch means.
 * :func:`hf_lm_loss_of_output`: the loss of the logits with a closed-form ``.hvp``
   (fused cross-entropy HVP) for the GGN. Formerly ``hf_lm_shifted_ce``, which still works
   with a ``DeprecationWarning``.
+* :func:`hf_lm_per_sample_loss`: one mean next-token loss per sequence, for the
+  empirical Fisher.
+
+All of them declare ``head_ce`` (:mod:`~hessian_eigenthings.loss_fns.head_ce`): on a
+model whose logits come straight from its output embedding
+(``model.get_output_embeddings()``), curvature operators chunk the head and the loss
+over tokens, so the ``(tokens, V)`` logits never exist whole.
 
 Example::
 
@@ -33,10 +40,11 @@ Example::
 
 Attention. Models use HuggingFace's default attention implementation (``"sdpa"``,
 i.e. ``torch.nn.functional.scaled_dot_product_attention``; ``"eager"`` also works).
-Curvature operators evaluate them inside
+Curvature operators run their double-backward and forward-mode passes inside
 :func:`~hessian_eigenthings.operators._autodiff_safety.curvature_mode`, which selects
 PyTorch's math SDPA backend (the flash / memory-efficient kernels have no double
-backward and no forward-mode AD) and restores the user's choice afterwards. FlashAttention
+backward and no forward-mode AD) and restores the user's choice afterwards; first-order
+passes keep the user's kernels. FlashAttention
 implementations (``"flash_attention_2"``, ...) bypass SDPA and are rejected with the
 remedy; other custom implementations are used as they are, with a logged warning.
 
@@ -61,14 +69,17 @@ from hessian_eigenthings._deprecation import factory_call, renamed_function
 from hessian_eigenthings.loss_fns._shifted_ce import (
     IGNORE_INDEX,
     next_token_targets,
+    per_sequence_ce,
     shifted_ce_loss_of_output,
 )
 from hessian_eigenthings.loss_fns.base import LOSS_FN, LOSS_OF_OUTPUT, LossOfOutput, factory_of
+from hessian_eigenthings.loss_fns.head_ce import HeadCrossEntropy
 
 __all__ = [
     "hf_lm_forward",
     "hf_lm_loss",
     "hf_lm_loss_of_output",
+    "hf_lm_per_sample_loss",
     "hf_lm_shifted_ce",
     "hf_token_count",
 ]
@@ -133,7 +144,8 @@ def _check_attention(model: nn.Module) -> None:
             f"attn:{impl}",
             logging.INFO,
             "hessian_eigenthings: HuggingFace attention implementation %r; curvature "
-            "operators run it with the math scaled_dot_product_attention backend.",
+            "operators run its double-backward and forward-mode passes with the math "
+            "scaled_dot_product_attention backend.",
             impl,
         )
         return
@@ -239,6 +251,7 @@ def hf_lm_loss(*, from_logits: bool = False) -> Callable[[nn.Module, Any], torch
     """
     if not isinstance(from_logits, bool):
         raise TypeError(f"from_logits must be a bool, got {from_logits!r}.")
+    head_ce = HeadCrossEntropy(targets=_next_token_targets, logits=hf_lm_forward)
     if from_logits:
         ce = hf_lm_loss_of_output(fused="eager")
 
@@ -246,6 +259,7 @@ def hf_lm_loss(*, from_logits: bool = False) -> Callable[[nn.Module, Any], torch
             return ce(hf_lm_forward(model, batch), batch)
 
         loss_from_logits.batch_weight = hf_token_count  # type: ignore[attr-defined]
+        loss_from_logits.head_ce = head_ce  # type: ignore[attr-defined]
         return loss_from_logits
 
     def loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -265,4 +279,36 @@ def hf_lm_loss(*, from_logits: bool = False) -> Callable[[nn.Module, Any], torch
         return value
 
     loss.batch_weight = hf_token_count  # type: ignore[attr-defined]
+    loss.head_ce = head_ce  # type: ignore[attr-defined]
+    return loss
+
+
+def _next_token_targets(batch: Any) -> torch.Tensor:
+    return next_token_targets(_labels(batch))
+
+
+@factory_of(LOSS_FN)
+def hf_lm_per_sample_loss() -> Callable[[nn.Module, Any], torch.Tensor]:
+    r"""``loss_fn(model, batch) -> (B,)``: each sequence's mean next-token loss.
+
+    For :class:`~hessian_eigenthings.EmpiricalFisherOperator` on a causal LM, with one
+    sample per sequence: sequence :math:`i` contributes
+    :math:`\ell_i = rac{1}{n_i} \sum_t \mathrm{CE}(z_{i,t}, y_{i,t+1})` over its
+    :math:`n_i` non-ignored shifted labels (``0`` if it has none), computed from the logits
+    of :func:`hf_lm_forward` in float32 at least. Batches are weighted by their number
+    of sequences (the operator's default).
+
+    Returns:
+        The per-sample loss function (declares ``head_ce``, so the operator can chunk the
+        LM head).
+    """
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        return per_sequence_ce(
+            hf_lm_forward(model, batch), _next_token_targets(batch), "hf_lm_per_sample_loss"
+        )
+
+    loss.head_ce = HeadCrossEntropy(  # type: ignore[attr-defined]
+        targets=_next_token_targets, logits=hf_lm_forward, per_sample=True
+    )
     return loss

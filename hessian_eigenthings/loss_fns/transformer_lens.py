@@ -14,6 +14,11 @@ dataset.
   passed as it is.
 * :func:`tlens_loss_of_output`: the same loss as a function of the logits, with a
   closed-form ``.hvp`` (fused cross-entropy HVP) for the GGN.
+* :func:`tlens_per_sample_loss`: one mean next-token loss per sequence, for the
+  empirical Fisher.
+
+All of them declare ``head_ce`` (:mod:`~hessian_eigenthings.loss_fns.head_ce`), so
+curvature operators chunk the ``unembed`` head over tokens.
 
 Parameters keep TransformerLens' names (``embed.W_E``, ``blocks.0.attn.W_Q``,
 ``unembed.W_U``, ...), so ``param_filter=["blocks.*.attn.*"]`` selects attention weights.
@@ -32,10 +37,21 @@ import torch
 from torch import nn
 
 from hessian_eigenthings._deprecation import factory_call
-from hessian_eigenthings.loss_fns._shifted_ce import IGNORE_INDEX, shifted_ce_loss_of_output
+from hessian_eigenthings.loss_fns._shifted_ce import (
+    IGNORE_INDEX,
+    per_sequence_ce,
+    shifted_ce_loss_of_output,
+)
 from hessian_eigenthings.loss_fns.base import LOSS_FN, LOSS_OF_OUTPUT, LossOfOutput, factory_of
+from hessian_eigenthings.loss_fns.head_ce import HeadCrossEntropy
 
-__all__ = ["tlens_forward", "tlens_loss", "tlens_loss_of_output", "tlens_token_count"]
+__all__ = [
+    "tlens_forward",
+    "tlens_loss",
+    "tlens_loss_of_output",
+    "tlens_per_sample_loss",
+    "tlens_token_count",
+]
 
 
 def _require_transformer_lens() -> None:
@@ -136,6 +152,31 @@ def tlens_loss() -> Callable[[nn.Module, Any], torch.Tensor]:
         return model(tokens, return_type="loss", **kwargs)
 
     loss.batch_weight = tlens_token_count  # type: ignore[attr-defined]
+    loss.head_ce = HeadCrossEntropy(targets=_targets, logits=tlens_forward)  # type: ignore[attr-defined]
+    return loss
+
+
+@factory_of(LOSS_FN)
+def tlens_per_sample_loss() -> Callable[[nn.Module, Any], torch.Tensor]:
+    r"""``loss_fn(model, batch) -> (B,)``: each sequence's mean next-token loss.
+
+    For :class:`~hessian_eigenthings.EmpiricalFisherOperator`: sequence :math:`i`
+    contributes the mean cross entropy of its counted next-token predictions (``0`` if
+    it has none), from the logits of :func:`tlens_forward`, in float32 at least.
+
+    Returns:
+        The per-sample loss function (declares ``head_ce``).
+    """
+    _require_transformer_lens()
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        return per_sequence_ce(
+            tlens_forward(model, batch), _targets(batch), "tlens_per_sample_loss"
+        )
+
+    loss.head_ce = HeadCrossEntropy(  # type: ignore[attr-defined]
+        targets=_targets, logits=tlens_forward, per_sample=True
+    )
     return loss
 
 

@@ -211,12 +211,7 @@ class BatchSource:
         """Refuse data that change between passes where a pass may not hold every sample."""
         second = next(iter(self._iterable()), _EMPTY)
         if second is _EMPTY:
-            raise ValueError(
-                "dataloader yielded batches when first iterated but none when iterated again: "
-                "it can be iterated only once (e.g. its __iter__ returns a spent generator), "
-                "and every product makes a new pass. Pass a list, a DataLoader, or a "
-                "zero-argument function returning a fresh iterable."
-            )
+            raise ValueError(_SPENT)
         shuffles = _shuffling_sampler(self._loader)
         if not shuffles and same_batch(first, second):
             return
@@ -242,7 +237,9 @@ class BatchSource:
         """The first batch of the loader, on the device (for probes)."""
         first, self._first = self._first, None
         if first is None:
-            first = next(iter(self._iterable()))
+            first = next(iter(self._iterable()), _EMPTY)
+            if first is _EMPTY:
+                raise ValueError(_SPENT)
         return move_to_device(first, self.device)
 
     def probe_batches(self) -> Iterator[tuple[int, Any]]:
@@ -376,4 +373,11 @@ def _partial_pass(loader: Any, num_batches: int | None) -> str | None:
     return None
 
 
+# The error of a dataloader that yields nothing when iterated again.
+_SPENT = (
+    "dataloader yielded batches when first iterated but none when iterated again: it can be "
+    "iterated only once (e.g. its __iter__ returns a spent generator), and every product "
+    "makes a new pass. Pass a list, a DataLoader, or a zero-argument function returning a "
+    "fresh iterable."
+)
 _EMPTY = object()

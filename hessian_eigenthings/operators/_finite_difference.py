@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["default_fd_eps", "direction_norm", "perturbed_pair"]
+__all__ = ["default_fd_eps", "direction_norm", "perturbed_pair", "squared_norm"]
 
 T = TypeVar("T")
 
@@ -33,9 +33,26 @@ def default_fd_eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
 
 
+_NORM_CHUNK = 1 << 20  # entries upcast to float64 at a time
+
+
+def squared_norm(vs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``||v||^2`` of a vector given in blocks, accumulated in float64 on the device.
+
+    Upcasts at most ``2^20`` entries at a time: never a float64 copy of a whole block
+    (a parameter shard of a large model), and no host sync.
+    """
+    parts = [
+        chunk.double().square().sum() for v in vs for chunk in v.reshape(-1).split(_NORM_CHUNK)
+    ]
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(parts).sum()
+
+
 def direction_norm(vs: Sequence[torch.Tensor]) -> torch.Tensor:
     """``||v||`` of a vector given in blocks, in float64 on the device (no host sync)."""
-    return torch.stack([v.double().square().sum() for v in vs]).sum().sqrt()
+    return squared_norm(vs).sqrt()
 
 
 def perturbed_pair(
@@ -70,11 +87,15 @@ def perturbed_pair(
         for sign in (1, -1):
             with torch.no_grad():
                 for t, b, v in zip(tensors, base, vs):
-                    s = step.to(t.dtype)
-                    t.copy_(b + s * v if sign > 0 else b - s * v)
+                    # in place: theta +- step * v without a temporary of the block's size
+                    t.copy_(b).addcmul_(v, step.to(t.dtype), value=sign)
+            # inside an enclosing autocast region, casts of the parameters are cached:
+            # a cast of theta (or of theta + h u) must not stand in for the new values
+            torch.clear_autocast_cache()
             values.append(evaluate())
     finally:
         with torch.no_grad():
             for t, b in zip(tensors, base):
                 t.copy_(b)
+        torch.clear_autocast_cache()
     return values[0], values[1], vnorm

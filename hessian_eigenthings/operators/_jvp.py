@@ -8,6 +8,7 @@ derivative. A forward-mode failure is reported with the innermost module that ra
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 
+from hessian_eigenthings.operators._autodiff_safety import curvature_mode
+from hessian_eigenthings.operators._compute_dtype import FDStep
 from hessian_eigenthings.operators._finite_difference import perturbed_pair
 from hessian_eigenthings.operators._user_fns import check_tensor_output
 
@@ -70,7 +73,9 @@ class OutputJVP:
 
     ``"forward"``: exact, by forward-mode AD (dual tensors through
     :func:`torch.func.functional_call` under ``torch.no_grad``: no reverse graph is kept,
-    so the peak memory is that of one inference forward with tangents).
+    so the peak memory is that of one inference forward with tangents), inside
+    :func:`~hessian_eigenthings.operators._autodiff_safety.curvature_mode` (fused
+    attention kernels have no forward-mode derivative).
 
     ``"finite_difference"``: ``J v ~ ||v|| (f(\theta + h u) - f(\theta - h u)) / (2h)``
     along ``u = v / ||v||``, error ``O(h^2)``; parameters restored bit for bit.
@@ -93,8 +98,11 @@ class OutputJVP:
         self._call = _Call(model, fn)
         self.names = ["model." + n for n, _ in named_params]
         self.params = [p for _, p in named_params]
+        self.device = self.params[0].device
+        self.dtype = functools.reduce(torch.promote_types, [p.dtype for p in self.params])
         self.method = method
         self.fd_eps = fd_eps
+        self.fd_step: FDStep | None = None  # set by the operator: the compute-dtype step
         self.what = what
 
     def __call__(self, batch: Any, vs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -103,7 +111,8 @@ class OutputJVP:
         return self._forward_mode(batch, vs)
 
     def _dual_forward(self, batch: Any, vs: Sequence[torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad(), fwAD.dual_level():
+        # forward-mode AD: fused attention kernels have no JVP, the math kernel has
+        with curvature_mode(self.device, self.dtype), torch.no_grad(), fwAD.dual_level():
             duals = {
                 n: fwAD.make_dual(p.detach(), v) for n, p, v in zip(self.names, self.params, vs)
             }
@@ -137,9 +146,10 @@ class OutputJVP:
             with torch.no_grad():
                 return check_tensor_output(self.fn(self.model, batch), self.what)
 
-        out_plus, out_minus, vnorm = perturbed_pair(self.params, vs, self.fd_eps, output)
+        h = self.fd_eps if self.fd_step is None else self.fd_step.at_product(self.device)
+        out_plus, out_minus, vnorm = perturbed_pair(self.params, vs, h, output)
         # the difference of two nearby floats is exact in their own dtype (Sterbenz), so no
         # float64 copies of the (possibly vocabulary-sized) outputs are needed
         diff = out_plus - out_minus
         del out_plus, out_minus
-        return diff.mul_((vnorm / (2 * self.fd_eps)).to(diff.dtype))
+        return diff.mul_((vnorm / (2 * h)).to(diff.dtype))

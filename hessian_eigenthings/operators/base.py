@@ -29,6 +29,7 @@ import torch
 
 from hessian_eigenthings._compat import deprecated
 from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.backends.devices import same_device
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 from hessian_eigenthings.errors import NonFiniteError
 
@@ -236,7 +237,7 @@ class CurvatureOperator(ABC):
                 f"{type(self).__name__} computes in {self.dtype} but got a {what} of lower "
                 f"precision {v.dtype}. Pass v.to({self.dtype}) (or a higher precision)."
             )
-        if v.device != self.device:
+        if not same_device(v.device, self.device):
             raise ValueError(
                 f"{type(self).__name__} expected a {what} on device {self.device}, got "
                 f"{v.device}. Move it with v.to({str(self.device)!r})."

@@ -47,7 +47,6 @@ from hessian_eigenthings.backends.base import LinAlgBackend
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 from hessian_eigenthings.errors import NonFiniteError
 from hessian_eigenthings.operators._aliasing import check_disjoint_for_finite_differences
-from hessian_eigenthings.operators._autodiff_safety import curvature_mode
 from hessian_eigenthings.operators._data import (
     BatchSource,
     Piece,
@@ -306,15 +305,23 @@ class DataCurvatureOperator(CurvatureOperator):
         flat.mul_(w.to(flat.dtype)).masked_fill_(w <= 0, 0.0)
         return flat, 1
 
-    def _all_finite(self, total: torch.Tensor, weight: int | torch.Tensor) -> bool:
-        """Whether the reduced product is finite: one host sync per matvec.
+    def _all_finite(self, total: torch.Tensor, weight: int | torch.Tensor) -> tuple[bool, bool]:
+        """Whether the reduced product is finite, and whether the total weight is positive.
 
-        A sum is much cheaper than an elementwise test; if it is not finite (a NaN/inf
-        entry, or only an overflow of the sum itself), the exact elementwise test
-        decides. After the reduction every rank of a data-parallel operator holds the
-        same ``total``, so every rank decides alike.
+        One host sync per matvec: the sum of ``total`` and (for a tensor weight) the
+        weight are read together. A sum is much cheaper than an elementwise test; if it
+        is not finite (a NaN/inf entry, or only an overflow of the sum itself), the
+        exact elementwise test decides. After the reduction every rank of a
+        data-parallel operator holds the same ``total``, so every rank decides alike.
         """
-        return bool(torch.isfinite(total.sum())) or bool(torch.isfinite(total).all())
+        s = total.sum().double()
+        if isinstance(weight, torch.Tensor):
+            host = torch.stack([s, weight.double().reshape(())]).tolist()
+            total_sum, positive = host[0], host[1] > 0
+        else:
+            total_sum, positive = float(s), weight > 0
+        finite = math.isfinite(total_sum) or bool(torch.isfinite(total).all())
+        return finite, positive
 
     # -- the loop ------------------------------------------------------------------------
     def _weight(self, batch: Any) -> int | torch.Tensor:
@@ -357,7 +364,7 @@ class DataCurvatureOperator(CurvatureOperator):
         # products (NaN/inf whenever an entry is), taken only when there are several.
         where: list[tuple[int, int]] = []
         sums: list[torch.Tensor] = []
-        with self._guard(), curvature_mode(self._device, self._dtype):
+        with self._guard():
             for piece in self._pieces():
                 flat, unit = self._weighted_product(piece, vs, vec)
                 where.append((piece.batch_index, piece.microbatch_index))
@@ -375,8 +382,9 @@ class DataCurvatureOperator(CurvatureOperator):
                 total.mul_(ref)  # processes exchange the plain weighted sum
                 ref = 1
             total, weight = self._reduce(total, weight)
-        # After the reduction, so that every rank agrees.
-        if not self._all_finite(total, weight):
+        # After the reduction, so that every rank agrees; one host sync for both checks.
+        finite, positive = self._all_finite(total, weight)
+        if not finite:
             flags = sums or [torch.tensor(float("nan"))] * len(where)
             self._raise_non_finite(total, [(b, m, f) for (b, m), f in zip(where, flags)])
         if isinstance(weight, int):
@@ -385,9 +393,9 @@ class DataCurvatureOperator(CurvatureOperator):
                     "All batches had zero weight (no samples or no non-ignored tokens)."
                 )
             return total if ref == weight else total.mul_(ref / weight)
-        # Token (or class-weight) counts are tensors: one host sync per matvec to refuse an
-        # all-ignored dataset, whose mean loss (and so its curvature) is undefined.
-        if not bool(weight > 0):
+        # Token (or class-weight) counts are tensors: an all-ignored dataset, whose mean
+        # loss (and so its curvature) is undefined, is refused.
+        if not positive:
             raise ValueError(
                 "All batches had zero total weight (every target ignored): the mean loss is "
                 "undefined. Check ignore_index / the labels of the dataloader."
@@ -475,12 +483,11 @@ class DataCurvatureOperator(CurvatureOperator):
         )
 
     def _probe_context(self, piece: Piece) -> ExitStack:
-        """Model guard, curvature mode and a forked RNG, naming the batch in errors."""
+        """Model guard and a forked RNG, naming the batch in errors (the user's kernels)."""
         stack = ExitStack()
         where = f"processing batch index {piece.batch_index} (loader order) at construction"
         stack.enter_context(located(lambda: where, type(self).__name__))
         stack.enter_context(preserve_model_state(self.model))
-        stack.enter_context(curvature_mode(self._device, self._dtype))
         cuda = [self._device] if self._device.type == "cuda" else []
         stack.enter_context(torch.random.fork_rng(devices=cuda))
         stack.enter_context(torch.inference_mode(False))
@@ -501,15 +508,19 @@ class DataCurvatureOperator(CurvatureOperator):
                         p.requires_grad_(True)  # the guard restores the flags
                 self._graph_probe(piece.data)
             if check_determinism:
-                value = self._compare_probe_losses(piece)
-                if self._probe_is_mean_loss and self._weight_fn is leading_dim:
-                    self._check_mean_reduction(piece, value)
+                self._determinism_checks(piece)
 
     def _check_determinism(self) -> None:
         """Raise if the loss on the first non-empty piece is not finite or is random."""
         piece = self._probe_piece()
         with self._probe_context(piece):
-            self._compare_probe_losses(piece)
+            self._determinism_checks(piece)
+
+    def _determinism_checks(self, piece: Piece) -> None:
+        """Finite, not random, and (for a mean loss with default weights) not summed."""
+        value = self._compare_probe_losses(piece)
+        if self._probe_is_mean_loss and self._weight_fn is leading_dim:
+            self._check_mean_reduction(piece, value)
 
     def _compare_probe_losses(self, piece: Piece) -> torch.Tensor:
         with torch.no_grad():

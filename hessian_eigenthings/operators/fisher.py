@@ -85,6 +85,15 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
             ``supervised_loss(nn.CrossEntropyLoss(reduction="none"))``.
         jvp: ``"forward"`` (exact forward-mode AD) or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction.
+        lm_head: ``"auto"`` (default): with a per-sequence language-model loss of the
+            library (:func:`~hessian_eigenthings.loss_fns.huggingface.
+            hf_lm_per_sample_loss`, :func:`~hessian_eigenthings.loss_fns.transformer_lens.
+            tlens_per_sample_loss`) on a model whose logits come straight from its linear
+            output embedding, the ``(tokens, V)`` logits and their tangents are never
+            formed: per-sequence slopes and gradients are computed in chunks of tokens
+            (exact; see :mod:`~hessian_eigenthings.operators._lm_head`). ``"chunked"``:
+            the same, raising where it does not apply; ``"off"``: never.
+        lm_head_chunk: Tokens per chunk (default ``2^22 / V``).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -112,6 +121,8 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
         *,
         jvp: str = "forward",
         fd_eps: float | None = None,
+        lm_head: str = "auto",
+        lm_head_chunk: int | None = None,
         **options: Unpack[DataOptions],
     ) -> None:
         self.loss_fn = loss_fn
@@ -123,6 +134,9 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
             jvp=jvp,
             fd_eps=fd_eps,
             loss_for_weights=loss_fn,
+            lm_head=lm_head,
+            lm_head_chunk=lm_head_chunk,
+            head_loss=loss_fn,
             **options,
         )
 
@@ -146,7 +160,11 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
             )
         return losses
 
+    _per_sample_head = True
+
     def _probe_loss(self, batch: Any) -> torch.Tensor:
+        if self._head is not None:
+            return self._head.probe(batch)
         return self._output(self.model, batch).detach().sum()
 
     def _output_product(self, out: torch.Tensor, piece: Piece, u: torch.Tensor) -> torch.Tensor:

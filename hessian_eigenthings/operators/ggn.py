@@ -89,6 +89,15 @@ class GGNOperator(OutputCurvatureOperator):
         loss_hvp: ``"analytical"`` or ``"autograd"``.
         jvp: ``"forward"`` or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction (``jvp="finite_difference"``).
+        lm_head: ``"auto"`` (default): with a language-model loss of the library
+            (:func:`~hessian_eigenthings.loss_fns.huggingface.hf_lm_loss_of_output`,
+            :func:`~hessian_eigenthings.loss_fns.transformer_lens.tlens_loss_of_output`)
+            on a model whose logits ``forward_fn`` returns straight from its linear output
+            embedding, the ``(tokens, V)`` logits and their tangents are never formed:
+            the head and the loss are applied in chunks of tokens (exact; see
+            :mod:`~hessian_eigenthings.operators._lm_head`). ``"chunked"``: the same,
+            raising where it does not apply; ``"off"``: never.
+        lm_head_chunk: Tokens per chunk (default ``2^22 / V``: 16 MiB of float32 logits).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -119,6 +128,8 @@ class GGNOperator(OutputCurvatureOperator):
         loss_hvp: str = "analytical",
         jvp: str = "forward",
         fd_eps: float | None = None,
+        lm_head: str = "auto",
+        lm_head_chunk: int | None = None,
         **options: Unpack[DataOptions],
     ) -> None:
         if loss_hvp not in _LOSS_HVP_METHODS:
@@ -152,6 +163,9 @@ class GGNOperator(OutputCurvatureOperator):
             jvp=jvp,
             fd_eps=fd_eps,
             loss_for_weights=loss_of_output_fn,
+            lm_head=lm_head,
+            lm_head_chunk=lm_head_chunk,
+            head_loss=loss_of_output_fn,
             **options,
         )
 
@@ -159,6 +173,8 @@ class GGNOperator(OutputCurvatureOperator):
         return check_scalar_loss(self.loss_of_output_fn(output, batch), "loss_of_output_fn")
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
+        if self._head is not None:
+            return self._head.probe(batch)
         return self._loss(self._output(self.model, batch), batch).detach()
 
     def _graph_probe(self, batch: Any) -> None:

@@ -9,8 +9,12 @@ import torch
 from torch import nn
 
 from hessian_eigenthings._compat import legacy_keywords, microbatch_unsafe_flag
+from hessian_eigenthings.operators._autodiff_safety import curvature_mode
+from hessian_eigenthings.operators._compute_dtype import FDStep, observed_compute_dtype
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps, perturbed_pair
+from hessian_eigenthings.operators._guard import preserve_model_state
+from hessian_eigenthings.operators._lm_head import chunked_head
 from hessian_eigenthings.operators._user_fns import check_callable, check_graph, check_scalar_loss
 from hessian_eigenthings.operators.data_operator import DataCurvatureOperator, DataOptions
 
@@ -37,12 +41,18 @@ class HessianOperator(DataCurvatureOperator):
     - ``"autograd"`` (default): exact Hessian-vector product by double backward,
       ``H v = \nabla_\theta \langle \nabla_\theta L, v \rangle``. Runs inside
       :func:`~hessian_eigenthings.operators._autodiff_safety.curvature_mode`, so
-      attention and normalisation layers are differentiated exactly.
+      attention and normalisation layers are differentiated exactly (this path only:
+      finite differences keep the model's own attention kernels).
     - ``"finite_difference"``: central difference of exact gradients along the unit
       direction ``u = v / ||v||``,
       ``H v ~ ||v|| (g(\theta + h u) - g(\theta - h u)) / (2h)``. Linear in ``v`` and
       exact up to ``O(h^2)``; needs only first-order autograd (works with any layer and
-      with sharded parameters). Parameters are restored bit for bit afterwards.
+      with sharded parameters). Parameters are restored bit for bit afterwards. The
+      step is taken from the dtype the model *computes* in (see
+      :mod:`~hessian_eigenthings.operators._compute_dtype`): parameters stored in
+      float32 but run in bfloat16 (``torch.autocast``, FSDP2 mixed precision) get the
+      bfloat16 step, detected by one forward at construction or given as
+      ``fd_compute_dtype``.
 
     Args:
         model: The model; never modified.
@@ -50,7 +60,21 @@ class HessianOperator(DataCurvatureOperator):
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of the batch.
         method: ``"autograd"`` or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction; default
-            :func:`default_fd_eps` of the model dtype.
+            :func:`default_fd_eps` of the dtype the model computes in. A step below twice
+            that dtype's unit roundoff (pure rounding noise) raises ``ValueError``.
+        fd_compute_dtype: The dtype the model computes in (e.g. ``torch.bfloat16`` under
+            autocast with float32 parameters); default: observed in one forward of the
+            loss on the first microbatch at construction (finite differences only), and
+            lowered at each product to the dtype of an enclosing ``torch.autocast``.
+        lm_head: ``"auto"`` (default): when ``loss_fn`` is a language-model loss of the
+            library (:func:`~hessian_eigenthings.loss_fns.huggingface.hf_lm_loss`,
+            :func:`~hessian_eigenthings.loss_fns.transformer_lens.tlens_loss`) and the
+            model's logits come straight from its linear output embedding, the
+            ``(tokens, V)`` logits are never formed: the model runs up to the head's input
+            and head and loss are applied in chunks of tokens (exact; see
+            :mod:`~hessian_eigenthings.operators._lm_head`). ``"chunked"``: the same,
+            raising where it does not apply; ``"off"``: never.
+        lm_head_chunk: Tokens per chunk (default ``2^22 / V``: 16 MiB of float32 logits).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -77,6 +101,9 @@ class HessianOperator(DataCurvatureOperator):
         *,
         method: str = "autograd",
         fd_eps: float | None = None,
+        fd_compute_dtype: torch.dtype | None = None,
+        lm_head: str = "auto",
+        lm_head_chunk: int | None = None,
         **options: Unpack[DataOptions],
     ) -> None:
         if method not in ("autograd", "finite_difference"):
@@ -87,19 +114,61 @@ class HessianOperator(DataCurvatureOperator):
         check_callable(loss_fn, "loss_fn", "(model, batch) -> loss")
         if fd_eps is not None and not fd_eps > 0:
             raise ValueError(f"fd_eps must be positive, got {fd_eps!r}.")
+        if fd_compute_dtype is not None and (
+            not isinstance(fd_compute_dtype, torch.dtype) or not fd_compute_dtype.is_floating_point
+        ):
+            raise TypeError(
+                "fd_compute_dtype must be a floating torch.dtype or None, got "
+                f"{fd_compute_dtype!r}."
+            )
         self.loss_fn = loss_fn
         self.method = method
+        # the determinism probe runs once the LM head is set up (it may chunk the probe too)
+        check = options.get("check_determinism", True)
+        options["check_determinism"] = False
+        self._fd_args = (fd_eps, fd_compute_dtype)
+        # the compute dtype seen by the construction probe's forward (not run twice)
+        self._observed: tuple[torch.dtype | None] | None = None
         super().__init__(model, dataloader, loss_for_weights=loss_fn, **options)
         self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
+        self._fd_step: FDStep | None = None
+        if method == "finite_difference" and not self._collective_passes:
+            self._settle_fd_step()
+        self._head = chunked_head(
+            mode=lm_head,
+            owner=type(self).__name__,
+            model=self.model,
+            named_params=self.named_params,
+            loss=loss_fn,
+            forward_fn=None,
+            first_batch=self.source.first_batch,
+            chunk=lm_head_chunk,
+            device=self.device,
+            dtype=self.dtype,
+            unsupported=(
+                None
+                if method == "autograd"
+                else "finite differences differentiate the whole loss (method='autograd' chunks)"
+            ),
+        )
+        if check:
+            self._check_determinism()
 
     def _loss(self, batch: Any) -> torch.Tensor:
         return check_scalar_loss(self.loss_fn(self.model, batch), "loss_fn")
 
     def _probe_loss(self, batch: Any) -> torch.Tensor:
+        if self._head is not None:
+            return self._head.probe(batch)
         return self._loss(batch).detach()
 
     def _graph_probe(self, batch: Any) -> None:
-        check_graph(self._loss(batch), "loss_fn", "a loss")
+        if self.method != "finite_difference" or self._fd_args[1] is not None:
+            check_graph(self._loss(batch), "loss_fn", "a loss")
+            return
+        losses: list[torch.Tensor] = []
+        self._observed = (observed_compute_dtype(lambda: losses.append(self._loss(batch))),)
+        check_graph(losses[0], "loss_fn", "a loss")
 
     def _snapshot_params(self) -> Sequence[nn.Parameter]:
         return self.params if self.method == "finite_difference" else ()
@@ -109,14 +178,18 @@ class HessianOperator(DataCurvatureOperator):
     ) -> Sequence[torch.Tensor | None]:
         if self.method == "finite_difference":
             return self._fd_product(piece, vs)
-        loss = self._loss(piece.data)
-        if not loss.requires_grad:  # no selected parameter reaches the loss
-            return [None] * len(self.params)
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
-        if not terms:  # loss is at most linear in the selected parameters
-            return [None] * len(self.params)
-        hv = torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
+        if self._head is not None:  # the LM head chunked over tokens
+            return self._head.hessian(piece, vs)
+        # double backward: the forward must run kernels that are twice differentiable
+        with curvature_mode(self.device, self.dtype):
+            loss = self._loss(piece.data)
+            if not loss.requires_grad:  # no selected parameter reaches the loss
+                return [None] * len(self.params)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            terms = [(g * v).sum() for g, v in zip(grads, vs) if g is not None and g.requires_grad]
+            if not terms:  # loss is at most linear in the selected parameters
+                return [None] * len(self.params)
+            hv = torch.autograd.grad(torch.stack(terms).sum(), self.params, allow_unused=True)
         return [None if h is None else h.detach() for h in hv]
 
     # -- finite differences (also the parameter-sharded operator's product) -------------
@@ -127,22 +200,42 @@ class HessianOperator(DataCurvatureOperator):
             return [None] * len(self.params)
         return list(torch.autograd.grad(loss, self.params, allow_unused=True))
 
+    # A subclass whose forward passes are collective (FSDP2) settles the step itself,
+    # once every rank has built its operator.
+    _collective_passes = False
+
+    def _settle_fd_step(self) -> FDStep:
+        """Fix the step from the compute dtype (given, or observed in one forward)."""
+        fd_eps, compute = self._fd_args
+        if compute is None and self._observed is not None:
+            compute = self._observed[0]
+        elif compute is None:
+            piece = self.source.microbatches(self.source.first_batch())[0]
+            with preserve_model_state(self.model), torch.no_grad():
+                compute = observed_compute_dtype(lambda: self._loss(piece))
+        self._fd_step = FDStep(
+            self.dtype, fd_eps=fd_eps, compute=compute, owner=type(self).__name__
+        )
+        self.fd_eps = self._fd_step.eps
+        return self._fd_step
+
     def _direction_norm(self, vs: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """``||v||`` if known beforehand (``None``: computed from ``vs``)."""
         return None
 
     def _fd_product(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        h = (self._fd_step or self._settle_fd_step()).at_product(self.device)
         g_plus, g_minus, vnorm = perturbed_pair(
             self._blocks,
             vs,
-            self.fd_eps,
+            h,
             lambda: self._grad_at(piece),
             vnorm=self._direction_norm(vs),
         )
-        factor = vnorm / (2 * self.fd_eps)
+        factor = vnorm / (2 * h)
+        # In place, in the gradients' dtype: the difference of two nearby floats is exact
+        # or rounded once, far below the O(eps / h) rounding of the difference quotient.
         return [
-            None
-            if gp is None or gm is None
-            else ((gp.double() - gm.double()) * factor).to(gp.dtype)
+            None if gp is None or gm is None else gp.sub_(gm).mul_(factor.to(gp.dtype))
             for gp, gm in zip(g_plus, g_minus)
         ]

@@ -10,6 +10,7 @@ import torch
 
 from hessian_eigenthings._compat import lambda_operator_positional, legacy_keywords
 from hessian_eigenthings.backends.base import LinAlgBackend
+from hessian_eigenthings.backends.devices import canonical_device
 from hessian_eigenthings.backends.single_device import SingleDeviceBackend
 from hessian_eigenthings.operators.base import CurvatureOperator
 
@@ -35,7 +36,8 @@ class LambdaOperator(CurvatureOperator):
         matvec_fn: Maps a flat vector of shape ``(size,)`` and dtype ``dtype`` to ``A v``.
         size: Dimension ``n``.
         dtype: Dtype in which ``matvec_fn`` computes.
-        device: Device of the vectors.
+        device: Device of the vectors (``"cuda"`` means the current GPU, stored with its
+            index as tensors report it; ``"cpu:0"`` is ``"cpu"``).
         symmetric: Whether ``A`` is symmetric (eigensolvers require it).
         psd: Whether ``A`` is positive semi-definite.
         matmat_fn: Optional block product ``V (n, b) -> A V``; defaults to a column loop.
@@ -81,7 +83,7 @@ class LambdaOperator(CurvatureOperator):
         self._mm = matmat_fn
         self._size = size
         self._dtype = dtype
-        self._device = torch.device(device)
+        self._device = canonical_device(device)
         self._backend = backend or SingleDeviceBackend()
         self.symmetric = symmetric
         self.psd = psd

@@ -25,9 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hessian_eigenthings.operators._compute_dtype import FDStep, observed_compute_dtype
 from hessian_eigenthings.operators._data import Piece
 from hessian_eigenthings.operators._finite_difference import default_fd_eps
+from hessian_eigenthings.operators._guard import preserve_model_state
 from hessian_eigenthings.operators._jvp import JVP_METHODS, OutputJVP
+from hessian_eigenthings.operators._lm_head import chunked_head
 from hessian_eigenthings.operators._user_fns import (
     check_callable,
     check_graph,
@@ -71,8 +74,16 @@ class OutputCurvatureOperator(DataCurvatureOperator):
         what: The name of ``output_fn`` in messages (``"forward_fn"``, ``"loss_fn"``).
         jvp: ``"forward"`` or ``"finite_difference"``.
         fd_eps: Finite-difference step for the unit direction; default
-            :func:`~hessian_eigenthings.operators.hessian.default_fd_eps` of the dtype.
+            :func:`~hessian_eigenthings.operators.hessian.default_fd_eps` of the dtype the
+            model computes in (observed in one forward at construction, and lowered to
+            an enclosing ``torch.autocast`` dtype at each product; see
+            :mod:`~hessian_eigenthings.operators._compute_dtype`).
         loss_for_weights: The loss whose ``batch_weight`` is the default ``weight_fn``.
+        lm_head: ``"auto"``, ``"chunked"`` or ``"off"``: whether to chunk a language
+            model's output embedding over tokens when ``head_loss`` declares itself its
+            cross entropy (see :mod:`~hessian_eigenthings.operators._lm_head`).
+        lm_head_chunk: Tokens per chunk (default ``2^22 / V``).
+        head_loss: The loss that may declare ``head_ce`` (``None``: never chunk).
         **options: The data-loop options of :class:`DataCurvatureOperator`.
     """
 
@@ -88,6 +99,9 @@ class OutputCurvatureOperator(DataCurvatureOperator):
         jvp: str = "forward",
         fd_eps: float | None = None,
         loss_for_weights: Any = None,
+        lm_head: str = "auto",
+        lm_head_chunk: int | None = None,
+        head_loss: Any = None,
         **options: Unpack[DataOptions],
     ) -> None:
         owner = type(self).__name__
@@ -99,13 +113,46 @@ class OutputCurvatureOperator(DataCurvatureOperator):
         self._output_fn = output_fn
         self._what = what
         self.jvp = jvp
+        # the determinism probe runs once the LM head is set up (it may chunk the probe too)
+        check = options.get("check_determinism", True)
+        options["check_determinism"] = False
         super().__init__(model, dataloader, loss_for_weights=loss_for_weights, **options)
         self.fd_eps = fd_eps if fd_eps is not None else default_fd_eps(self.dtype)
+        step = None
+        if jvp == "finite_difference":  # the step of the dtype the model computes in
+            piece = self.source.microbatches(self.source.first_batch())[0]
+            with preserve_model_state(self.model), torch.no_grad():
+                compute = observed_compute_dtype(lambda: self._output(self.model, piece))
+            step = FDStep(self.dtype, fd_eps=fd_eps, compute=compute, owner=owner)
+            self.fd_eps = step.eps
         self._jvp = OutputJVP(
             model, self._output, self.named_params, method=jvp, fd_eps=self.fd_eps, what=what
         )
+        self._jvp.fd_step = step
+        self._head = chunked_head(
+            mode=lm_head,
+            owner=owner,
+            model=self.model,
+            named_params=self.named_params,
+            loss=head_loss,
+            forward_fn=output_fn,
+            first_batch=self.source.first_batch,
+            chunk=lm_head_chunk,
+            device=self.device,
+            dtype=self.dtype,
+            unsupported=None
+            if jvp == "forward"
+            else "finite-difference JVPs (jvp='forward' chunks)",
+            per_sample=self._per_sample_head,
+        )
+        if check:
+            self._check_determinism()
 
     # -- subclass hooks -----------------------------------------------------------------
+    # Whether the chunked LM-head product is the empirical Fisher's (per-sequence losses)
+    # rather than the GGN's (a mean token loss); see ``head_loss``.
+    _per_sample_head = False
+
     @abstractmethod
     def _output_product(self, out: torch.Tensor, piece: Piece, u: torch.Tensor) -> torch.Tensor:
         """``M_b u`` for the (detached) output ``out`` of ``piece`` and ``u = J_b v``.
@@ -128,6 +175,10 @@ class OutputCurvatureOperator(DataCurvatureOperator):
     def _piece_product(
         self, piece: Piece, vs: Sequence[torch.Tensor]
     ) -> Sequence[torch.Tensor | None]:
+        if self._head is not None:  # the LM head chunked over tokens
+            if self._per_sample_head:
+                return self._head.fisher(piece, vs)
+            return self._head.ggn(piece, vs)
         # Per vector: J v, then M_b u and J^T u; the forward (``out`` and its graph)
         # depends on the piece only, so a block of vectors can share it.
         jv = self._jvp(piece.data, vs)  # no graph kept: peak memory of an inference forward

@@ -7,11 +7,19 @@
 * :mod:`.dispatch`: ``fused_ce_hvp(..., backend="auto"|"eager"|"compile"|"triton")``.
 * :mod:`.linear`: ``linear_ce_ggn_product``, the GGN product of a linear LM head chunked
   over tokens so the ``(N, V)`` logits are never materialised.
+* :mod:`.linear_hvp`: the gradient, per-token slopes and Hessian-vector product of the
+  same head and loss, chunked alike (the Hessian and empirical Fisher products).
 """
 
 from hessian_eigenthings.loss_fns.fused_ce.compiled import ce_hvp_compiled
 from hessian_eigenthings.loss_fns.fused_ce.dispatch import BACKENDS, fused_ce_hvp, resolve_backend
 from hessian_eigenthings.loss_fns.fused_ce.linear import LinearCEGGNProduct, linear_ce_ggn_product
+from hessian_eigenthings.loss_fns.fused_ce.linear_hvp import (
+    HeadDerivative,
+    linear_ce_grad,
+    linear_ce_hvp,
+    linear_ce_token_slopes,
+)
 from hessian_eigenthings.loss_fns.fused_ce.reference import ce_hvp_eager
 from hessian_eigenthings.loss_fns.fused_ce.triton_kernel import ce_hvp_triton
 
@@ -24,7 +32,11 @@ __all__ = [
     "ce_hvp_compiled",
     "ce_hvp_eager",
     "ce_hvp_triton",
-    # chunked GGN product of a linear LM head
+    # chunked derivatives of a linear LM head with cross entropy
+    "HeadDerivative",
     "LinearCEGGNProduct",
     "linear_ce_ggn_product",
+    "linear_ce_grad",
+    "linear_ce_hvp",
+    "linear_ce_token_slopes",
 ]

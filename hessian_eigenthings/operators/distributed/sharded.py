@@ -63,6 +63,7 @@ path, the ranks gather which of their losses went non-finite to name the batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -73,6 +74,7 @@ from torch import nn
 
 from hessian_eigenthings.backends.distributed import ShardedBackend
 from hessian_eigenthings.operators._data import Piece, WeightFn
+from hessian_eigenthings.operators._finite_difference import perturbed_pair, squared_norm
 from hessian_eigenthings.operators._guard import preserve_model_state
 from hessian_eigenthings.operators.distributed._collectives import (
     agree_on_build,
@@ -143,35 +145,64 @@ class _LockStep:
 
     Before each pass, one all-reduce of ``[has a piece, ||v_r||^2 (first round only),
     W_r (ranks without a piece; NaN if the rank's shard of the product is not
-    finite)]``. Ranks that ran out of pieces repeat their last one with weight 0 (and
-    still add their shard of the pass's summed gradient) until every rank is done; the
-    round in which no rank has a piece carries the total weight.
+    finite), w_0, ..., w_{R-1}]``, where ``w_r`` is the weight of rank ``r``'s piece
+    (its own slot; zero elsewhere), and one host read of the result: the only host
+    synchronisation of a round. Ranks that ran out of pieces repeat their last one with
+    weight 0 (and still add their shard of the pass's summed gradient) until every
+    rank is done; the round in which no rank has a piece carries the total weight.
     """
 
-    def __init__(self, group: Any, v: torch.Tensor, vs: list[torch.Tensor]) -> None:
+    def __init__(
+        self, group: Any, rank: int, world: int, v: torch.Tensor, vs: list[torch.Tensor]
+    ) -> None:
         self.group = group
+        self.rank = rank
+        self.world = world
         self.vs = vs  # v in blocks: ranks without a piece perturb their shards too
-        self.sq: torch.Tensor | None = torch.dot(v.double(), v.double())
+        self.sq: torch.Tensor | None = squared_norm([v])
         self.vnorm = torch.zeros((), dtype=torch.float64, device=v.device)
         self.losses: list[torch.Tensor] = []  # two per pass (at theta +- h u)
         self.filler: Any = None  # the last piece's data, rerun with weight 0
+        self.total_weight = math.nan  # the summed weight of the last round, on the host
 
     def round(
-        self, *, has_piece: bool, weight: int | torch.Tensor = 0, finite: bool = True
-    ) -> tuple[int, torch.Tensor]:
-        """``(ranks with a piece, summed weight)`` of this round (one all-reduce)."""
-        ctrl = torch.zeros(3, dtype=torch.float64, device=self.vnorm.device)
+        self,
+        *,
+        has_piece: bool,
+        weight: int | torch.Tensor = 0,
+        total: torch.Tensor | None = None,
+    ) -> tuple[int, torch.Tensor, float]:
+        """``(ranks with a piece, summed weight, this rank's piece weight)`` of this round.
+
+        One all-reduce and one host read. With a piece, ``weight`` is the piece's (read
+        back from this rank's slot); without, it is the rank's total, sent as NaN when
+        ``total`` (the rank's shard of the product) is not finite.
+        """
+        ctrl = torch.zeros(3 + self.world, dtype=torch.float64, device=self.vnorm.device)
         if has_piece:
             ctrl[0] = 1.0
+            ctrl[3 + self.rank] = weight
+        elif total is not None:
+            w = (
+                weight.to(ctrl.device, torch.float64)
+                if isinstance(weight, torch.Tensor)
+                else torch.full((), float(weight), dtype=torch.float64, device=ctrl.device)
+            )
+            # elementwise test in chunks: no temporaries of the shard's size
+            finite = torch.stack([torch.isfinite(c).all() for c in total.split(1 << 20)]).all()
+            ctrl[2] = torch.where(finite, w, w.new_full((), float("nan")))
         else:
-            ctrl[2] = weight if finite else float("nan")
+            ctrl[2] = weight
         if self.sq is not None:
             ctrl[1] = self.sq
-        host = sum_across_ranks(ctrl, self.group).cpu()
+        host = sum_across_ranks(ctrl, self.group).tolist()  # the round's one host read
+        self.total_weight = host[2]
         if self.sq is not None:
-            self.vnorm = host[1].sqrt().to(self.vnorm.device)
+            self.vnorm = torch.full(
+                (), math.sqrt(host[1]), dtype=torch.float64, device=self.vnorm.device
+            )
             self.sq = None
-        return int(host[0]), host[2].to(self.vnorm.device)
+        return int(host[0]), torch.tensor(host[2], dtype=torch.float64), host[3 + self.rank]
 
 
 class ShardedHessianOperator(HessianOperator):
@@ -201,7 +232,11 @@ class ShardedHessianOperator(HessianOperator):
         full_dataset: All batches per matvec (``True``) or the next batch (``False``).
         num_batches: Use only the first ``num_batches`` batches.
         microbatch_size: Split batches into pieces of at most this many samples.
-        fd_eps: Step for the unit direction; default ``eps ** (1/3)`` of the dtype.
+        fd_eps: Step for the unit direction; default ``eps ** (1/3)`` of the dtype the
+            model computes in: with ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``
+            (float32 shards, bfloat16 forward and backward) the bfloat16 step, observed
+            in one (collective) forward at construction.
+        fd_compute_dtype: The dtype the model computes in, if known (skips that forward).
         weight_fn: ``batch -> weight``; default ``loss_fn.batch_weight`` or batch size.
         check_determinism: Raise at construction if the loss is random (dropout).
 
@@ -241,6 +276,7 @@ class ShardedHessianOperator(HessianOperator):
         fd_eps: float | None = None,
         weight_fn: WeightFn | None = None,
         check_determinism: bool = True,
+        fd_compute_dtype: torch.dtype | None = None,
     ) -> None:
         require_process_group(type(self).__name__)
         if not isinstance(model, nn.Module):
@@ -256,6 +292,7 @@ class ShardedHessianOperator(HessianOperator):
                 loss_fn,
                 method="finite_difference",
                 fd_eps=fd_eps,
+                fd_compute_dtype=fd_compute_dtype,
                 param_filter=param_filter,
                 full_dataset=full_dataset,
                 num_batches=num_batches,
@@ -270,6 +307,20 @@ class ShardedHessianOperator(HessianOperator):
         first = next(model.parameters(), None)
         device = _local_device(first) if first is not None else torch.device("cpu")
         agree_on_build(self, error, self.process_group, device)
+        error = None
+        try:
+            self._settle_fd_step()  # its forward is collective: after the agreement
+        except Exception as err:
+            error = err
+        finally:
+            _reshard(model)
+        raise_on_every_rank(
+            type(self).__name__,
+            error,
+            self.process_group,
+            self._device,
+            what="choose the finite-difference step",
+        )
         if check_determinism:
             error = None
             try:
@@ -285,6 +336,8 @@ class ShardedHessianOperator(HessianOperator):
                 self._device,
                 what="pass the determinism check (the loss is random there)",
             )
+
+    _collective_passes = True  # the step is settled after every rank built its operator
 
     # -- construction ----------------------------------------------------------------------
     def _vector_blocks(self) -> list[torch.Tensor]:
@@ -344,22 +397,28 @@ class ShardedHessianOperator(HessianOperator):
 
     # -- the data loop's seams ---------------------------------------------------------------
     def _guard(self) -> AbstractContextManager[None]:
-        # every parameter keeps requires_grad: FSDP reduce-scatters gradients per module
-        return preserve_model_state(self.model, snapshot_params=self.params)
+        # every parameter keeps requires_grad: FSDP reduce-scatters gradients per module.
+        # No snapshot of the shards: the finite-difference passes write them back
+        # themselves, bit for bit, also when a pass raises (perturbed_pair).
+        return preserve_model_state(self.model)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         _reshard(self.model)
-        self._rounds = _LockStep(self.process_group, v, self._split(v))
+        rank = dist.get_rank(self.process_group)
+        self._rounds = _LockStep(self.process_group, rank, self._world, v, self._split(v))
         return super()._matvec(v)
 
     def _pieces(self) -> Iterator[Piece]:
         rounds = self._rounds
         for piece in super()._pieces():
-            # The loss of an all-ignored piece may be NaN, and FSDP's reduce-scatter would
-            # spread it to every rank: such a piece is skipped (one host read of its count).
-            if isinstance(piece.weight, torch.Tensor) and not bool(piece.weight > 0):
+            _, _, mine = rounds.round(has_piece=True, weight=piece.weight)
+            if isinstance(piece.weight, torch.Tensor) and not mine > 0:
+                # The loss of an all-ignored piece may be NaN, and FSDP's reduce-scatter
+                # would spread it to every rank: the pass reruns the last piece (finite
+                # loss) with weight 0 instead. Its count was read with the round.
+                data = piece.data if rounds.filler is None else rounds.filler
+                yield Piece(data, piece.batch_index, piece.microbatch_index, 0)
                 continue
-            rounds.round(has_piece=True)
             rounds.filler = piece.data
             yield piece
 
@@ -374,17 +433,53 @@ class ShardedHessianOperator(HessianOperator):
         return self._rounds.vnorm  # of the global vector, agreed in the first round
 
     def _grad_at(self, piece: Piece) -> list[torch.Tensor | None]:
-        """This rank's shard of ``sum_r w_r grad L_r`` over the ranks' pieces of the pass."""
+        """This rank's shard of ``sum_r w_r grad L_r`` over the ranks' pieces of the pass.
+
+        The local tensors of the fresh ``.grad`` s, rescaled in place (no copies).
+        """
         for p in self.model.parameters():
             p.grad = None
         loss = self._loss(piece.data)
         self._rounds.losses.append(loss.detach())
         w = piece.weight
         (loss * (w.to(loss.dtype) if isinstance(w, torch.Tensor) else w)).backward()
-        return [
-            None if p.grad is None else p.grad.to_local() * scale  # type: ignore[attr-defined]
-            for p, scale in zip(self.params, self._grad_scale)
+        grads: list[torch.Tensor | None] = []
+        for p, scale in zip(self.params, self._grad_scale):
+            g = None if p.grad is None else p.grad.to_local()  # type: ignore[attr-defined]
+            grads.append(g if g is None or scale == 1 else g.mul_(scale))
+        return grads
+
+    def _flat_product(
+        self, piece: Piece, vs: Sequence[torch.Tensor], like: torch.Tensor
+    ) -> torch.Tensor:
+        """This rank's shard of the pass's difference quotient, built in one flat buffer.
+
+        Per parameter and in the storage dtype: the gradient at ``theta + h u`` is copied
+        into the parameter's slice of the buffer and freed, the one at ``theta - h u``
+        subtracted in place, and the slice scaled by ``||v|| / (2h)``. Besides the buffer,
+        the extra memory is the saved shards (to restore them exactly) and one set of
+        gradient shards; no float64 copies, no concatenation.
+        """
+        out = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+        views = [
+            o.view(b.shape)
+            for o, b in zip(out.split([b.numel() for b in self._blocks]), self._blocks)
         ]
+        signs = iter((1, -1))
+
+        def pass_into_buffer() -> None:
+            sign = next(signs)
+            for view, g in zip(views, self._grad_at(piece)):
+                if g is not None:
+                    view.add_(g.to(view.dtype), alpha=sign)
+            for p in self.model.parameters():
+                p.grad = None  # free this pass's gradients before the next pass
+
+        h = (self._fd_step or self._settle_fd_step()).at_product(self.device)
+        _, _, vnorm = perturbed_pair(
+            self._blocks, vs, h, pass_into_buffer, vnorm=self._rounds.vnorm
+        )
+        return out.mul_((vnorm / (2 * h)).to(out.dtype))
 
     def _reduce(
         self, total: torch.Tensor, weight: int | torch.Tensor
@@ -395,16 +490,18 @@ class ShardedHessianOperator(HessianOperator):
         # the weight and on finiteness.
         rounds = self._rounds
         while True:
-            finite = bool(torch.isfinite(total).all())
-            busy, total_weight = rounds.round(has_piece=False, weight=weight, finite=finite)
+            busy, total_weight, _ = rounds.round(has_piece=False, weight=weight, total=total)
             if busy == 0:
                 return total, total_weight
             if rounds.filler is None:  # this rank had no piece at all
                 rounds.filler = self.source.microbatches(self.source.first_batch())[0]
             total.add_(self._flat_product(Piece(rounds.filler, -1, 0, 0), rounds.vs, total))
 
-    def _all_finite(self, total: torch.Tensor, weight: int | torch.Tensor) -> bool:
-        return bool(torch.isfinite(torch.as_tensor(weight)))  # NaN: a rank's shard was not
+    def _all_finite(self, total: torch.Tensor, weight: int | torch.Tensor) -> tuple[bool, bool]:
+        # ``weight`` is the host copy of the last round (NaN if a rank's shard was not
+        # finite), already read: no device is touched here
+        w = self._rounds.total_weight
+        return math.isfinite(w), w > 0
 
     def _raise_non_finite(
         self, total: torch.Tensor, flags: list[tuple[int, int, torch.Tensor]]
