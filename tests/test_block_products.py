@@ -169,20 +169,21 @@ class Counted:
         return self.fn(*args)
 
 
-def _counted_ops() -> dict[str, tuple[DataCurvatureOperator, list[Counted]]]:
+def _counted_ops(**kw: Any) -> dict[str, tuple[DataCurvatureOperator, list[Counted]]]:
+    """The operators with counted user functions; ``kw`` goes to the output-curvature ones."""
     model, data = _net(), _data((5, 3, 4))
     ce_out = cross_entropy_loss_of_output()
     out: dict[str, tuple[DataCurvatureOperator, list[Counted]]] = {}
     loss = Counted(_ce)
     out["hessian"] = (HessianOperator(model, data, loss), [loss])
     rows = Counted(_ce_rows)
-    out["empirical_fisher"] = (EmpiricalFisherOperator(model, data, rows), [rows])
+    out["empirical_fisher"] = (EmpiricalFisherOperator(model, data, rows, **kw), [rows])
     fwd = Counted(supervised_forward)
     lo = Counted(ce_out)
     counted_loss = LossOfOutput(lo, hvp=ce_out.hvp, batch_weight=ce_out.batch_weight)
-    out["ggn"] = (GGNOperator(model, data, fwd, counted_loss), [fwd, lo])
+    out["ggn"] = (GGNOperator(model, data, fwd, counted_loss, **kw), [fwd, lo])
     fwd_mc = Counted(supervised_forward)
-    out["mc_fisher"] = (MCFisherOperator(model, data, fwd_mc, seed=0), [fwd_mc])
+    out["mc_fisher"] = (MCFisherOperator(model, data, fwd_mc, seed=0, **kw), [fwd_mc])
     for _, fns in out.values():
         for f in fns:
             f.calls = 0  # forget the construction-time determinism probe
@@ -202,12 +203,22 @@ def test_block_of_16_over_3_batches_evaluates_once_per_batch(kind: str, most: in
         assert sum(f.calls for f in fns) == 3
 
 
-def test_matvec_of_output_curvature_is_one_forward_per_batch() -> None:
-    """GGN / Fisher products in one forward pass, not two (forward-mode tangents ride
-    along the forward that records the reverse graph)."""
-    for kind, (op, fns) in _counted_ops().items():
-        op.matvec(torch.randn(op.size, dtype=DT))
-        assert sum(f.calls for f in fns) == 3, kind
+def test_output_curvature_products_count_their_forward_passes() -> None:
+    """Over 3 batches, whatever the block's width: ``one_pass=True`` (the empirical
+    Fisher's default) is one forward per batch (the tangents ride along the forward that
+    records the reverse graph); ``one_pass=False`` (the GGN's and MC Fisher's default, a
+    training step's memory) two."""
+    defaults = {"hessian": 3, "empirical_fisher": 3, "ggn": 6, "mc_fisher": 6}
+    for width in (1, 8):
+        for kind, (op, fns) in _counted_ops().items():
+            op.matmat(torch.randn(op.size, width, dtype=DT))
+            assert sum(f.calls for f in fns) == defaults[kind], (kind, width)
+        for one_pass in (True, False):
+            for kind, (op, fns) in _counted_ops(one_pass=one_pass).items():
+                if kind == "hessian":
+                    continue
+                op.matmat(torch.randn(op.size, width, dtype=DT))
+                assert sum(f.calls for f in fns) == (3 if one_pass else 6), (kind, one_pass)
 
 
 def test_max_block_splits_the_forward_passes() -> None:

@@ -95,9 +95,11 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
             (exact; see :mod:`~hessian_eigenthings.operators._lm_head`). ``"chunked"``:
             the same, raising where it does not apply; ``"off"``: never.
         lm_head_chunk: Tokens per chunk (default ``2^22 / V``).
-        one_pass: ``True``: the forward-mode tangents in the forward with graph (one
-            forward instead of two, about 1.5x the peak memory; see
-            :class:`~hessian_eigenthings.operators.output_curvature.OutputCurvatureOperator`).
+        one_pass: ``True`` (default): the forward-mode tangents of the per-sample losses
+            ride along the forward with graph (one call of ``loss_fn`` per batch and
+            block; while it runs, about one more set of activations); ``False``: in
+            their own pass without graph first (two calls, a training step's peak memory;
+            see :class:`~hessian_eigenthings.operators.output_curvature.OutputCurvatureOperator`).
         **options: The data-loop options of
             :class:`~hessian_eigenthings.operators.data_operator.DataCurvatureOperator`
             (``param_filter``, ``full_dataset``, ``num_batches``, ``microbatch_size``,
@@ -127,7 +129,7 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
         fd_eps: float | None = None,
         lm_head: str = "auto",
         lm_head_chunk: int | None = None,
-        one_pass: bool = False,
+        one_pass: bool = True,
         **options: Unpack[DataOptions],
     ) -> None:
         self.loss_fn = loss_fn

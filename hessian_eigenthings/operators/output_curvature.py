@@ -11,11 +11,12 @@ semi-definite matrix ``M_b`` in output space,
 The operators differ only in ``M_b``: the loss Hessian ``\nabla^2_f L_b`` (GGN),
 ``I / B`` on the per-sample losses (empirical Fisher), or the outer products of
 sampled-label gradients (Monte-Carlo Fisher). Per batch, a block ``V`` of ``b`` vectors
-costs two calls of the output function whatever ``b`` (the SPEC's memory of one training
-step): a forward-mode pass without graph for the ``b`` tangents ``J_b V`` (dual
-parameters for one vector, ``torch.func.vmap`` over the tangents for several), then a
-forward that records the output's reverse graph. With ``one_pass=True`` the two are one
-call (the tangents ride along the recorded forward: faster, about 1.5x the peak memory).
+costs two calls of the output function whatever ``b`` (``one_pass=False``, the GGN's and
+MC Fisher's default: the memory of one training step): a forward-mode pass without graph
+for the ``b`` tangents ``J_b V`` (dual parameters for one vector, ``torch.func.vmap`` over
+the tangents for several), then a forward that records the output's reverse graph. With
+``one_pass=True`` (the empirical Fisher's default) the two are one call: the tangents
+ride along the recorded forward (faster; about 1.5x the peak memory).
 Then ``M_b (J_b v_j)`` in output space and one reverse pass ``J_b^\top u_j`` per vector (a
 loop over the retained graph, or batched with ``is_grads_batched``). No double backward
 anywhere (except with ``keep_graphs=True``).
