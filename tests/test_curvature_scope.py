@@ -71,6 +71,10 @@ CASES = {
         m, d, _forward, cross_entropy_loss_of_output(), jvp="finite_difference"
     ),
     "fisher_forward_jvp": lambda m, d: EmpiricalFisherOperator(m, d, _per_sample),
+    "fisher_two_pass": lambda m, d: EmpiricalFisherOperator(m, d, _per_sample, one_pass=False),
+    "ggn_one_pass": lambda m, d: GGNOperator(
+        m, d, _forward, cross_entropy_loss_of_output(), one_pass=True
+    ),
 }
 # per forward of one product: was the fused kernel allowed? (dual forwards must not be)
 EXPECTED = {
@@ -78,7 +82,10 @@ EXPECTED = {
     "hessian_fd": {(True, False)},
     "ggn_forward_jvp": {(False, True), (True, False)},
     "ggn_fd_jvp": {(True, False)},
-    "fisher_forward_jvp": {(False, True), (True, False)},
+    # one pass (the empirical Fisher's default): the dual forward is the recorded one
+    "fisher_forward_jvp": {(False, True)},
+    "fisher_two_pass": {(False, True), (True, False)},
+    "ggn_one_pass": {(False, True)},
 }
 
 

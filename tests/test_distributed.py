@@ -241,18 +241,22 @@ def test_fsdp_sharded_matvec_equals_unsharded(
         assert res["rel_vs_dense"] <= 1e-6
         assert res["same_on_all_ranks"]
         assert res["params_unchanged"]
-        # Ours: one (3 + world)-number all-reduce per microbatch round plus the final one
-        # (the rank's piece weight travels in its own slot); the rest (all-gathers,
-        # reduce-scatters) is FSDP's.
+        # Ours: one (2 + world + width)-number all-reduce per microbatch round plus the
+        # final one (the rank's piece weight travels in its own slot, each vector's squared
+        # norm in its own); the rest (all-gathers, reduce-scatters) is FSDP's.
         assert res["python_all_reduce"] == rounds + 1
         numel = 3 + WORLD
         ours = [c for c in res["gloo"] if c["name"] == "gloo:all_reduce" and c["numel"] == numel]
         assert len(ours) == rounds + 1
-        # A block of 3: the same rounds (one (2 + 3)-number all-reduce each), not 3x as many.
+        # A block of 3: the same rounds (one (2 + world + 3)-number all-reduce each), not 3x
+        # as many.
         assert res["rel_block_vs_dense"] <= 1e-6
         assert res["rel_block_col0_vs_matvec"] <= 1e-12
         assert res["block_python_all_reduce"] == rounds + 1
-        ours = [c for c in res["block_gloo"] if c["name"] == "gloo:all_reduce" and c["numel"] == 5]
+        numel = 2 + WORLD + 3
+        ours = [
+            c for c in res["block_gloo"] if c["name"] == "gloo:all_reduce" and c["numel"] == numel
+        ]
         assert len(ours) == rounds + 1
 
 
