@@ -1,7 +1,8 @@
 """Block products: per-vector cost of a block, algorithms before/after, Lanczos vs ARPACK.
 
     python benchmarks/bench_block_products.py [--rounds 15] [--problems mlp_digits,...]
-        [--sections products,algorithms,lanczos] [--out FILE.json] [--md FILE.md]
+        [--sections products,algorithms,lanczos,ggn_passes] [--update] [--out FILE.json]
+        [--md FILE.md]
     python benchmarks/bench_block_products.py --from-json [--out FILE.json] [--md FILE.md]
 
 Problems (``problems.py``, float32, one intra-op thread): the digits MLP with LayerNorm, the
@@ -9,14 +10,18 @@ digits CNN and the tiny GPT-2. Every number is a ratio to a baseline timed in th
 interleaved with it call by call, and the median over ``--rounds`` rounds (each round
 times every variant once, in the same order, so machine noise hits all alike).
 
-``products``: for the Hessian, the GGN and the empirical Fisher, in both block modes
-(``loop``: one reverse pass per vector over the retained graph; ``vmap``: batched with
+``products``: for the Hessian, the GGN (``ggn``: the default ``one_pass=False``, a
+forward-mode pass without graph, then the forward with graph, per batch and block: the
+peak memory of a training step; ``ggn_one_pass``: ``one_pass=True``, the tangents carried
+along the forward with graph, one call of the forward per batch and block) and the
+empirical Fisher (its default ``one_pass=True``), in both block modes (``loop``: one
+reverse pass per vector over the retained graph; ``vmap``: batched with
 ``is_grads_batched``), the per-vector time of ``matmat`` on a block of 1, 4, 16 and 32
 vectors over the time of one ``matvec`` (the block of 1), and the time of one product over
-that of one gradient of the same loss. ``ggn_two_pass`` is the previous GGN product (a
-forward-mode pass without graph, then a second forward with graph and one reverse pass),
-rebuilt here on the same data loop from the library's pieces, to show the one-pass
-product against it.
+that of one gradient of the same loss.
+
+``ggn_passes``: one GGN product with ``one_pass=True`` against the default
+``one_pass=False``, each over one gradient, their paired ratio and their agreement.
 
 ``algorithms``: wall-clock of ``trace`` (each method) and ``diagonal`` (each method) at
 64 products and of ``spectral_density(num_runs=8, lanczos_steps=20)`` on the Hessian,
@@ -77,7 +82,7 @@ from hessian_eigenthings.loss_fns.standard import cross_entropy_loss_of_output  
 
 F = nn.functional
 BLOCKS = (1, 4, 16, 32)
-KINDS = ("hessian", "ggn", "empirical_fisher")
+KINDS = ("hessian", "ggn", "ggn_one_pass", "empirical_fisher")
 MODES = ("loop", "vmap")
 
 
@@ -132,25 +137,14 @@ def make_operator(problem: P.Problem, kind: str, **options: Any) -> Any:
     model, data = problem.model, problem.batches
     if kind == "hessian":
         return HessianOperator(model, data, problem.loss, **options)
-    if kind == "ggn":
+    if kind == "ggn":  # the default: one_pass=False (two calls of the forward)
         return GGNOperator(model, data, _forward, cross_entropy_loss_of_output(), **options)
+    if kind == "ggn_one_pass":
+        return GGNOperator(
+            model, data, _forward, cross_entropy_loss_of_output(), one_pass=True, **options
+        )
     # every label row is a sample (padding rows included: their loss is 0)
     return EmpiricalFisherOperator(model, data, _rows, weight_fn=_rows_weight, **options)
-
-
-class TwoPassGGN(GGNOperator):
-    """The previous GGN product, rebuilt on the same data loop: per batch and vector a
-    forward-mode pass without graph, then a second forward with graph, ``H (J v)`` and one
-    reverse pass (built from the operator's own pieces; for the benchmark only)."""
-
-    def _chunk_products(self, piece: Any, vs: Any) -> Any:
-        cols = []
-        for j in range(vs[0].shape[0]):
-            jv = self._jvp._dual_forward(piece.data, [v[j] for v in vs])
-            out = self._output(self.model, piece.data)
-            u = self._output_product(out.detach(), piece, jv)
-            cols.append(torch.autograd.grad(out, self.params, u, allow_unused=True))
-        return self._stack_columns(cols, vs)
 
 
 # -- products ----------------------------------------------------------------------------------
@@ -158,9 +152,6 @@ class TwoPassGGN(GGNOperator):
 
 def bench_products(problem: P.Problem, rounds: int) -> list[dict[str, Any]]:
     ops = {(k, m): make_operator(problem, k, block_mode=m) for k in KINDS for m in MODES}
-    ggn = ops[("ggn", "loop")]
-    two_pass = TwoPassGGN(problem.model, problem.batches, _forward, cross_entropy_loss_of_output())
-    previous_ggn = two_pass.matvec
     n = problem.num_params
     gen = torch.Generator().manual_seed(0)
     V = torch.randn(n, max(BLOCKS), generator=gen, dtype=torch.float32)
@@ -168,15 +159,12 @@ def bench_products(problem: P.Problem, rounds: int) -> list[dict[str, Any]]:
     for key, op in ops.items():  # warm up, and block == columns
         cols = torch.stack([op.matvec(V[:, j]) for j in range(4)], dim=1)
         checks[key] = rel(op.matmat(V[:, :4]), cols)
-    checks[("ggn_two_pass", "-")] = rel(previous_ggn(V[:, 0]), ggn.matvec(V[:, 0]))
     problem.flat_grad()
     times: dict[tuple[str, str, int], list[float]] = {}
     ratios: dict[tuple[str, str, int], list[float]] = {}
     over_grad: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
         t_grad = timed(problem.flat_grad)
-        t_prev = timed(lambda: previous_ggn(V[:, 0]))
-        over_grad.setdefault(("ggn_two_pass", "-"), []).append(t_prev / t_grad)
         for (kind, mode), op in ops.items():
             op.matvec(V[:, 1])  # untimed: the first call after another operator's runs slower
             t_one = timed(lambda op=op: op.matvec(V[:, 0]))
@@ -219,9 +207,11 @@ def bench_products(problem: P.Problem, rounds: int) -> list[dict[str, Any]]:
 
 
 def bench_ggn_passes(problem: P.Problem, rounds: int) -> list[dict[str, Any]]:
-    """One GGN product in one forward pass against the previous two-pass product, paired."""
-    one = make_operator(problem, "ggn")
-    two = TwoPassGGN(problem.model, problem.batches, _forward, cross_entropy_loss_of_output())
+    """One GGN product with ``one_pass=True`` against the default ``one_pass=False``, paired
+    (each also over one gradient, timed alternately with them)."""
+    one = make_operator(problem, "ggn_one_pass")
+    two = make_operator(problem, "ggn")
+    assert one.one_pass and not two.one_pass
     v = torch.randn(problem.num_params, generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         one.matvec(v), two.matvec(v), problem.flat_grad()
@@ -240,8 +230,8 @@ def bench_ggn_passes(problem: P.Problem, rounds: int) -> list[dict[str, Any]]:
             "params": problem.num_params,
             "one_pass_over_gradient": statistics.median(r_one),
             "two_pass_over_gradient": statistics.median(r_two),
-            "one_over_two": statistics.median(paired),
-            "one_over_two_quartiles": statistics.quantiles(paired, n=4),
+            "one_pass_over_two_pass": statistics.median(paired),
+            "one_pass_over_two_pass_quartiles": statistics.quantiles(paired, n=4),
             "agreement_rel": rel(one.matvec(v), two.matvec(v)),
             "rounds": rounds,
         }
@@ -404,7 +394,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Machine: {meta['platform']}, {meta['cpu_count']} cores shared with other jobs "
         f"(load average {meta.get('load_average') or 0:.1f} at the start), torch "
-        f"{meta['torch']}, {meta['threads']} thread, commit {meta['git_commit']}.",
+        f"{meta['torch']}, {meta['threads']} thread, commit {meta['git_commit']} (the last "
+        "run; `--update` keeps the sections it did not redo). By section: "
+        + provenance(rows)
+        + ".",
         "",
         "## Per-vector cost of a block",
         "",
@@ -432,12 +425,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "## One product against one gradient",
         "",
-        "Time of one `matvec` over one gradient of the same mean loss (all batches). The GGN "
-        "and the empirical Fisher now take one forward pass per batch (forward-mode tangents "
-        "carried along the forward that records the graph); `ggn_two_pass` is the previous "
-        "GGN product (a forward-mode pass, then a forward with graph), rebuilt in the script. "
-        "Goal: the GGN product at most 1.5x a gradient. The last column is the largest "
-        "relative difference between a block of 4 and its columns.",
+        "Time of one `matvec` over one gradient of the same mean loss (all batches). The "
+        "empirical Fisher defaults to `one_pass=True`: one call of the forward per batch "
+        "and block, the forward-mode tangents carried along the forward that records the "
+        "graph. The GGN (`ggn`) and the MC Fisher default to `one_pass=False`: a "
+        "forward-mode pass without graph, then the forward with graph (two calls per batch "
+        "and block), for the peak memory of a training step; `ggn_one_pass` is the GGN "
+        "with the opt-in `one_pass=True`. Goal: the GGN product at most 1.5x a gradient. "
+        "The last column is the largest relative difference between a block of 4 and its "
+        "columns.",
         "",
         "| problem | operator | mode | product / gradient | block vs columns |",
         "|---|---|---|---|---|",
@@ -512,27 +508,48 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if passes:
         out += [
             "",
-            "## GGN product: one forward pass against two",
+            "## GGN product: `one_pass=True` against the default `one_pass=False`",
             "",
-            "The GGN product of one vector through the operator (one forward that records the "
-            "graph and carries the tangent) against the previous product rebuilt on the same "
-            "data loop (a forward-mode pass without graph, then a forward with graph), "
-            "timed alternately with a gradient; `one / two` is the median of the paired "
-            "ratios (quartiles in brackets). `mlp_wide` (1.1M parameters, one batch) is "
-            "compute-bound; the others are dominated by per-call overheads.",
+            "One GGN product of one vector (CPU default block mode) through "
+            "`GGNOperator(..., one_pass=True)` (one call of the forward per batch: the "
+            "forward that records the graph carries the tangent) and through the default "
+            "`GGNOperator(...)` (`one_pass=False`: a forward-mode pass without graph, then "
+            "the forward with graph; a training step's peak memory), timed alternately with "
+            "a gradient; `one pass / two passes` is the median of the paired ratios "
+            "(quartiles in brackets), `agreement` the relative difference of the two "
+            "products. `mlp_wide` (1.1M parameters, one batch) is compute-bound; the others "
+            "are dominated by per-call overheads.",
             "",
-            "| problem | params | one pass / gradient | two passes / gradient | one / two |",
-            "|---|---|---|---|---|",
+            "| problem | params | one pass / gradient | two passes (default) / gradient "
+            "| one pass / two passes | agreement |",
+            "|---|---|---|---|---|---|",
         ]
         for r in passes:
-            q = r["one_over_two_quartiles"]
+            q = r["one_pass_over_two_pass_quartiles"]
             out.append(
                 f"| {r['problem']} | {r['params']:,} | {r['one_pass_over_gradient']:.2f} | "
-                f"{r['two_pass_over_gradient']:.2f} | {r['one_over_two']:.2f} "
-                f"({q[0]:.2f}-{q[2]:.2f}) |"
+                f"{r['two_pass_over_gradient']:.2f} | {r['one_pass_over_two_pass']:.2f} "
+                f"({q[0]:.2f}-{q[2]:.2f}) | {r['agreement_rel']:.1e} |"
             )
     out += ["", "## Against the goals", ""] + [f"- {line}" for line in goals(rows)]
     return "\n".join(out) + "\n"
+
+
+def provenance(rows: list[dict[str, Any]]) -> str:
+    """Commit, date and rounds of each section's rows (they may come from several runs)."""
+    parts = []
+    for section in dict.fromkeys(r["section"] for r in rows):
+        mine = [r for r in rows if r["section"] == section]
+        commits = sorted({r.get("git_commit", "?") for r in mine})
+        days = sorted({str(r.get("time", "?"))[:10] for r in mine})
+        rounds = sorted({r.get("rounds") for r in mine})
+        loads = [r["load_average"] for r in mine if r.get("load_average") is not None]
+        load = f", load average up to {max(loads):.1f} at the start" if loads else ""
+        parts.append(
+            f"`{section}` commit {', '.join(commits)} ({', '.join(days)}, "
+            f"{'/'.join(str(n) for n in rounds)} rounds{load})"
+        )
+    return "; ".join(parts)
 
 
 def goals(rows: list[dict[str, Any]]) -> list[str]:
@@ -563,12 +580,23 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     for (p, k, m), g in sorted(grad.items()):
         if k != "ggn":
             continue
+
+        def verdict(x: float) -> str:
+            return f"{x:.2f}x ({'met' if x <= 1.5 else 'not met'})"
+
         blocked = per.get((p, k, m, 16))
-        tail = "" if blocked is None else f", {g * blocked:.2f}x per vector in a block of 16"
-        two = grad.get((p, "ggn_two_pass", "-"))
-        prev = "" if two is None else f" (the two-pass product: {two:.2f}x)"
+        tail = "" if blocked is None else f", {verdict(g * blocked)} per vector in a block of 16"
+        one = grad.get((p, "ggn_one_pass", m))
+        one_blocked = per.get((p, "ggn_one_pass", m, 16))
+        opt = (
+            ""
+            if one is None
+            else f"; with `one_pass=True` {verdict(one)} for one product"
+            + ("" if one_blocked is None else f", {verdict(one * one_blocked)} per vector")
+        )
         lines.append(
-            f"GGN product at most 1.5x a gradient, {p} ({m}): {g:.2f}x for one product{prev}{tail}."
+            f"GGN product at most 1.5x a gradient, {p} ({m}), default `one_pass=False`: "
+            f"{verdict(g)} for one product{tail}{opt}."
         )
     for r in rows:
         if r["section"] == "algorithms" and r["speedup"] < 1.6:
