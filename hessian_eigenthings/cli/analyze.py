@@ -29,8 +29,10 @@ import fnmatch
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -76,6 +78,7 @@ _TOKENIZER_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
+_R = TypeVar("_R")
 _DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -486,13 +489,13 @@ def _analyze(
         "seed": args.seed,
     }
 
-    eig = _eigen_stage(args, stages, reporter, operator, label, results) if args.k else None
+    analysis = _Analysis(args, stages, reporter, operator, label, results)
+    eig = _eigen_stage(analysis) if args.k else None
     if args.trace:
-        _trace_stage(args, stages, reporter, operator, label, results)
+        _trace_stage(analysis)
     density = None
     if args.density:
-        steps = min(args.density_steps, n_params)
-        density = _density_stage(args, steps, stages, reporter, operator, label, results)
+        density = _density_stage(analysis, min(args.density_steps, n_params))
     if eig is not None or density is not None:
         lines, ends = both_ends(
             label, eigen=eig, density=density, density_remedy="raise --density-runs"
@@ -506,43 +509,89 @@ def _analyze(
     return _finish(results, stages, out_dir, reporter, rank)
 
 
-def _eigen_stage(
-    args: argparse.Namespace,
-    stages: Stages,
-    reporter: Reporter,
-    operator: Any,
-    label: str,
-    results: dict[str, Any],
-) -> Any:
+def _to_dict(result: Any) -> dict[str, Any]:
+    return result.to_dict()
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    """What the analysis stages share: the options, the stages, the output and the operator.
+
+    Attributes:
+        args: The parsed command line.
+        stages: Runs (or reuses) the stages.
+        reporter: Prints and draws the progress bars.
+        operator: The curvature operator.
+        label: The operator's name in the output (e.g. ``"Hessian"``).
+        results: What ``results.json`` will hold; each stage adds its entry.
+    """
+
+    args: argparse.Namespace
+    stages: Stages
+    reporter: Reporter
+    operator: Any
+    label: str
+    results: dict[str, Any]
+
+    def stage(
+        self,
+        name: str,
+        task: str,
+        algorithm: Callable[..., _R],
+        config: dict[str, Any],
+        from_dict: Callable[[dict[str, Any]], _R],
+        *,
+        to_dict: Callable[[_R], dict[str, Any]] = _to_dict,
+        total: int | None = None,
+    ) -> _R | None:
+        """Run (or reuse) ``algorithm(operator, **config)`` as the stage ``name``.
+
+        Args:
+            name: Stage name (see :meth:`Stages.run`).
+            task: What the progress bar counts, after the label.
+            algorithm: The library call; it also takes ``checkpoint=`` and ``time_limit=``.
+            config: Its keywords (all of them change its numbers: recorded with the result).
+            from_dict: Restores a finished result.
+            to_dict: Serialises one for reuse (default ``result.to_dict()``).
+            total: Products the bar expects, if known.
+
+        Returns:
+            The result, or ``None`` when the time limit passed before the stage could start.
+        """
+        with self.reporter.task(self.operator, f"{self.label} {task}", total=total) as op:
+            return self.stages.run(
+                name,
+                lambda **kw: algorithm(op, **config, **kw),
+                config=config,
+                to_dict=to_dict,
+                from_dict=from_dict,
+            )
+
+
+def _eigen_stage(analysis: _Analysis) -> Any:
     """``--k`` eigenpairs at the ``--which`` end: run (or reuse), print, record."""
     from hessian_eigenthings.algorithms.lanczos import lanczos
     from hessian_eigenthings.algorithms.results import EigenResult
 
-    with reporter.task(operator, f"{label} eigenvalues") as op:
-        eig = stages.run(
-            "eigen",
-            lambda **kw: lanczos(
-                op,
-                args.k,
-                which=args.which,
-                tol=args.tol,
-                max_iter=args.lanczos_matvecs,
-                seed=args.seed,
-                **kw,
-            ),
-            config={
-                "k": args.k,
-                "which": args.which,
-                "tol": args.tol,
-                "max_iter": args.lanczos_matvecs,
-                "seed": args.seed,
-            },
-            to_dict=lambda r: r.to_dict(include_eigenvectors=False),
-            from_dict=EigenResult.from_dict,
-        )
+    args, reporter = analysis.args, analysis.reporter
+    config = {
+        "k": args.k,
+        "which": args.which,
+        "tol": args.tol,
+        "max_iter": args.lanczos_matvecs,
+        "seed": args.seed,
+    }
+    eig = analysis.stage(
+        "eigen",
+        "eigenvalues",
+        lanczos,
+        config,
+        EigenResult.from_dict,
+        to_dict=lambda r: r.to_dict(include_eigenvectors=False),
+    )
     if eig is None:
         return None
-    for line in eigen_lines(label, eig, remedy="raise --lanczos-matvecs or --tol"):
+    for line in eigen_lines(analysis.label, eig, remedy="raise --lanczos-matvecs or --tol"):
         reporter.say(line)
     for i in range(eig.k):
         hint = error_bar_hint(
@@ -553,7 +602,7 @@ def _eigen_stage(
         )
         if hint:
             reporter.say(hint)
-    results["eigen"] = {
+    analysis.results["eigen"] = {
         "eigenvalues": eig.eigenvalues,
         "residuals": eig.residuals,
         "converged": eig.converged,
@@ -567,32 +616,20 @@ def _eigen_stage(
     return eig
 
 
-def _trace_stage(
-    args: argparse.Namespace,
-    stages: Stages,
-    reporter: Reporter,
-    operator: Any,
-    label: str,
-    results: dict[str, Any],
-) -> None:
+def _trace_stage(analysis: _Analysis) -> None:
     """The Hutch++ trace with ``--trace-matvecs`` products: run (or reuse), print, record."""
     from hessian_eigenthings.algorithms.estimator_results import TraceResult
     from hessian_eigenthings.algorithms.trace import trace
 
-    with reporter.task(operator, f"{label} trace", total=args.trace_matvecs) as op:
-        tr = stages.run(
-            "trace",
-            lambda **kw: trace(
-                op, num_matvecs=args.trace_matvecs, method="hutch++", seed=args.seed, **kw
-            ),
-            config={"num_matvecs": args.trace_matvecs, "method": "hutch++", "seed": args.seed},
-            to_dict=lambda r: r.to_dict(),
-            from_dict=TraceResult.from_dict,
-        )
+    args, label = analysis.args, analysis.label
+    config = {"num_matvecs": args.trace_matvecs, "method": "hutch++", "seed": args.seed}
+    tr = analysis.stage(
+        "trace", "trace", trace, config, TraceResult.from_dict, total=args.trace_matvecs
+    )
     if tr is None:
         return
     partial = " (partial: --time-limit)" if tr.stop_reason == "time_limit" else ""
-    reporter.say(
+    analysis.reporter.say(
         f"{capitalized(label)} trace (Hutch++, {plural(tr.num_matvecs, 'matvec')}){partial}: "
         f"{float(tr.estimate):.5g} +/- {float(tr.stderr):.2g} (one standard error)"
     )
@@ -603,8 +640,8 @@ def _trace_stage(
         f"raise --trace-matvecs (now {args.trace_matvecs})",
     )
     if hint:
-        reporter.say(hint)
-    results["trace"] = {
+        analysis.reporter.say(hint)
+    analysis.results["trace"] = {
         "estimate": tr.estimate,
         "stderr": tr.stderr,
         "num_matvecs": tr.num_matvecs,
@@ -613,30 +650,21 @@ def _trace_stage(
     }
 
 
-def _density_stage(
-    args: argparse.Namespace,
-    steps: int,
-    stages: Stages,
-    reporter: Reporter,
-    operator: Any,
-    label: str,
-    results: dict[str, Any],
-) -> Any:
-    """The SLQ spectral density: run (or reuse), print, record."""
+def _density_stage(analysis: _Analysis, steps: int) -> Any:
+    """The SLQ spectral density with ``steps`` Lanczos steps: run (or reuse), print, record."""
     from hessian_eigenthings.algorithms.estimator_results import SpectralDensityResult
     from hessian_eigenthings.algorithms.spectral_density import spectral_density
 
-    runs = args.density_runs
-    with reporter.task(operator, f"{label} spectral density", total=runs * steps) as op:
-        density = stages.run(
-            "density",
-            lambda **kw: spectral_density(
-                op, num_runs=runs, lanczos_steps=steps, seed=args.seed, **kw
-            ),
-            config={"num_runs": runs, "lanczos_steps": steps, "seed": args.seed},
-            to_dict=lambda r: r.to_dict(),
-            from_dict=SpectralDensityResult.from_dict,
-        )
+    runs = analysis.args.density_runs
+    config = {"num_runs": runs, "lanczos_steps": steps, "seed": analysis.args.seed}
+    density = analysis.stage(
+        "density",
+        "spectral density",
+        spectral_density,
+        config,
+        SpectralDensityResult.from_dict,
+        total=runs * steps,
+    )
     if density is None:
         return None
     partial = (
@@ -644,11 +672,11 @@ def _density_stage(
         if density.stop_reason == "time_limit"
         else ""
     )
-    reporter.say(
-        f"{capitalized(label)} spectral density (SLQ, {plural(runs, 'run')} x "
+    analysis.reporter.say(
+        f"{capitalized(analysis.label)} spectral density (SLQ, {plural(runs, 'run')} x "
         f"{plural(steps, 'step')}){partial}: written to results.json and spectrum.png"
     )
-    results["spectral_density"] = density.to_dict()
+    analysis.results["spectral_density"] = density.to_dict()
     return density
 
 

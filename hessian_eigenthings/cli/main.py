@@ -17,8 +17,8 @@ import importlib.util
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from hessian_eigenthings.cli.errors import EXIT_FAILURE, BadInput, CLIError
 from hessian_eigenthings.cli.progress import Reporter, progress_enabled, torchrun_rank
@@ -27,45 +27,68 @@ __all__ = ["build_parser", "main"]
 
 PROG = "hessian-eigenthings"
 
+_N = TypeVar("_N", int, float)
+
+
+def _number(
+    text: str,
+    kind: Callable[[str], _N],
+    expected: str,
+    ok: Callable[[_N], bool],
+    *,
+    out_of_range: Callable[[_N], str] | None = None,
+) -> _N:
+    """An option's number: ``kind(text)`` if ``ok`` accepts it.
+
+    Args:
+        text: The option's value as given.
+        kind: ``int`` or ``float``.
+        expected: What the option takes, for the messages (``"a positive integer"``).
+        ok: Whether a parsed value is in range.
+        out_of_range: The message for a value out of range; default ``"expected
+            <expected>, got <value>"``.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not a number of ``kind``, or out of range.
+    """
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        message = (
+            f"expected {expected}, got {value}" if out_of_range is None else out_of_range(value)
+        )
+        raise argparse.ArgumentTypeError(message)
+    return value
+
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return _number(text, int, "a positive integer", lambda v: v >= 1)
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+    return _number(text, int, "a non-negative integer", lambda v: v >= 0)
 
 
 def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value:g}")
-    return value
+    return _number(
+        text,
+        float,
+        "a number in (0, 1)",
+        lambda v: 0.0 < v < 1.0,
+        out_of_range=lambda v: f"expected a number in (0, 1), got {v:g}",
+    )
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds (> 0), got {text!r}") from None
-    if not value > 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text}")
-    return value
+    return _number(
+        text,
+        float,
+        "seconds (> 0)",
+        lambda v: v > 0.0 and v != float("inf"),
+        out_of_range=lambda _: f"expected a finite number of seconds > 0, got {text}",
+    )
 
 
 class _RenamedOption(argparse.Action):

@@ -47,7 +47,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -74,6 +74,9 @@ LM_HEAD_MODES = ("auto", "chunked", "off")
 _CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in float32, whatever the vocabulary
 _CHECK_TOKENS = 8  # positions of the one-time check forward
 _LOGGED: set[str] = set()
+_R = TypeVar("_R")
+# a tangent of the head's inputs: (d_hidden, d_weight as (V, D), d_bias), None for zero
+_Tangent = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
 def default_chunk(vocab: int) -> int:
@@ -325,9 +328,7 @@ class ChunkedHead:
             None if cap.bias is None else cap.bias.detach(),
         )
 
-    def _tangents(
-        self, batch: Any, vs: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def _tangents(self, batch: Any, vs: Sequence[torch.Tensor]) -> _Tangent:
         """``(J_h v, dW, db)`` by forward mode through the trunk, stopped at the head."""
         with (
             curvature_mode(self.device, self.dtype),
@@ -375,6 +376,38 @@ class ChunkedHead:
             )
         )
 
+    def _along(
+        self,
+        derivative: Callable[..., _R],
+        cap: _Captured,
+        targets: torch.Tensor,
+        tangents: _Tangent,
+        **kw: Any,
+    ) -> _R:
+        """A chunked head derivative at ``cap`` along the tangent ``(dh, dW, db)``.
+
+        Args:
+            derivative: One of the ``linear_ce_*`` products, called with the captured
+                head, the tangent, the loss's ``ignore_index`` and this head's chunk.
+            cap: The head's input, weight and bias (:meth:`_forward`).
+            targets: The batch's targets.
+            tangents: ``(d_hidden, d_weight, d_bias)`` (``None``: zero).
+            **kw: ``derivative``'s other keywords.
+        """
+        dh, dw, db = tangents
+        return derivative(
+            cap.hidden.detach(),
+            cap.weight,
+            targets,
+            bias=cap.bias,
+            d_hidden=dh,
+            d_weight=dw,
+            d_bias=db,
+            ignore_index=self.declared.ignore_index,
+            chunk_size=self.chunk,
+            **kw,
+        )
+
     # -- products ---------------------------------------------------------------------------
     def probe(self, batch: Any) -> torch.Tensor:
         """A scalar that depends on the model's randomness: the head's input, summed."""
@@ -385,19 +418,14 @@ class ChunkedHead:
     def ggn(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """``J^T H J v`` of the mean token cross entropy."""
         batch = piece.data
-        dh, dw, db = self._tangents(batch, vs)
+        tangents = self._tangents(batch, vs)
         cap = self._forward(batch)
-        res = linear_ce_ggn_product(
-            cap.hidden.detach(),
-            cap.weight,
+        res = self._along(
+            linear_ce_ggn_product,
+            cap,
             self._targets(batch),
-            bias=cap.bias,
-            d_hidden=dh,
-            d_weight=dw,
-            d_bias=db,
+            tangents,
             want_hidden=cap.hidden.requires_grad,
-            ignore_index=self.declared.ignore_index,
-            chunk_size=self.chunk,
             backend=self.declared.fused,
         )
         out = self._pull_back(cap.hidden, res.hidden)
@@ -407,7 +435,7 @@ class ChunkedHead:
         """``(1/B) sum_i g_i <g_i, v>`` for the per-sequence mean losses ``l_i``."""
         batch = piece.data
         w = piece.weight
-        dh, dw, db = self._tangents(batch, vs)
+        tangents = self._tangents(batch, vs)
         cap = self._forward(batch)
         targets = self._targets(batch)
         rows = targets.shape[0]
@@ -416,17 +444,7 @@ class ChunkedHead:
                 f"loss_fn returned {rows} per-sample losses for a batch of {w} samples "
                 "(weight_fn / leading dimension). They must agree."
             )
-        slopes = linear_ce_token_slopes(
-            cap.hidden.detach(),
-            cap.weight,
-            targets,
-            bias=cap.bias,
-            d_hidden=dh,
-            d_weight=dw,
-            d_bias=db,
-            ignore_index=self.declared.ignore_index,
-            chunk_size=self.chunk,
-        )
+        slopes = self._along(linear_ce_token_slopes, cap, targets, tangents)
         counted = (targets != self.declared.ignore_index).sum(-1).clamp_min(1).to(slopes.dtype)
         s = slopes.sum(-1) / counted  # J_l v: one number per sequence
         token_weight = (s / (rows * counted)).unsqueeze(-1).expand_as(slopes)
@@ -488,17 +506,7 @@ class ChunkedHead:
                             retain_graph=True,
                         )
                         trunk, dh = list(second[:-1]), second[-1]
-            res = linear_ce_hvp(
-                hidden.detach(),
-                cap.weight,
-                targets,
-                bias=cap.bias,
-                d_hidden=dh,
-                d_weight=dw,
-                d_bias=db,
-                ignore_index=self.declared.ignore_index,
-                chunk_size=self.chunk,
-            )
+            res = self._along(linear_ce_hvp, cap, targets, (dh, dw, db))
             back = self._pull_back(hidden, res.hidden)
         out = [
             None if a is None and b is None else (a if b is None else b if a is None else a + b)

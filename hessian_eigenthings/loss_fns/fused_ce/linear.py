@@ -30,6 +30,7 @@ import torch
 
 from hessian_eigenthings.loss_fns.fused_ce._common import normaliser
 from hessian_eigenthings.loss_fns.fused_ce.dispatch import fused_ce_hvp
+from hessian_eigenthings.loss_fns.fused_ce.linear_hvp import _flat
 
 __all__ = ["LinearCEGGNProduct", "linear_ce_ggn_product"]
 
@@ -90,26 +91,13 @@ def linear_ce_ggn_product(
     Raises:
         ValueError: Inconsistent shapes, or ``chunk_size < 1``.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"weight must be (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}, got "
-            f"{tuple(weight.shape)}."
-        )
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"target must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got "
-            f"{tuple(target.shape)}."
-        )
+    h = _flat(hidden, target, weight, chunk_size)
     _check("d_hidden", d_hidden, hidden)
     _check("d_weight", d_weight, weight)
     _check("d_bias", d_bias, bias)
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}.")
-    dim = hidden.shape[-1]
-    h = hidden.reshape(-1, dim)
-    dh = None if d_hidden is None else d_hidden.reshape(-1, dim)
+    dh = None if d_hidden is None else d_hidden.reshape(h.shape)
     t = target.reshape(-1)
     n = normaliser(n_valid, t, ignore_index, t.device)
     acc = torch.promote_types(weight.dtype, torch.float32)

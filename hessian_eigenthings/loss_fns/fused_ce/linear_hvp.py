@@ -56,7 +56,12 @@ class HeadDerivative(NamedTuple):
     """Shaped like ``bias`` (``None`` without a bias or if not asked for)."""
 
 
-def _flat(hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _flat(
+    hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """``hidden`` as ``(N, D)`` rows, once the head's shapes and ``chunk_size`` are checked."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"weight must be (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}, got "
@@ -154,9 +159,7 @@ def linear_ce_grad(
     Returns:
         :class:`HeadDerivative` in the inputs' dtypes (accumulated in float32 or float64).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    h = _flat(hidden, target, weight)
+    h = _flat(hidden, target, weight, chunk_size)
     t = target.reshape(-1)
     acc = _acc(hidden, weight)
     coef = _token_coef(t, ignore_index, n_valid, token_weight, acc)
@@ -206,9 +209,7 @@ def linear_ce_token_slopes(
     :math:`(\dot h, \dot W, \dot b)`; shaped like ``target``, in float32 (float64 for
     float64 inputs).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    h = _flat(hidden, target, weight)
+    h = _flat(hidden, target, weight, chunk_size)
     dh = None if d_hidden is None else d_hidden.reshape(h.shape)
     t = target.reshape(-1)
     acc = _acc(hidden, weight, d_hidden, d_weight)
@@ -250,9 +251,7 @@ def linear_ce_hvp(
         :class:`HeadDerivative` with all three parts (``bias`` ``None`` without a bias), in
         the inputs' dtypes.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    h = _flat(hidden, target, weight)
+    h = _flat(hidden, target, weight, chunk_size)
     dh = None if d_hidden is None else d_hidden.reshape(h.shape)
     t = target.reshape(-1)
     acc = _acc(hidden, weight, d_hidden, d_weight)

@@ -313,39 +313,35 @@ class ShardedHessianOperator(HessianOperator):
         first = next(model.parameters(), None)
         device = _local_device(first) if first is not None else torch.device("cpu")
         agree_on_build(self, error, self.process_group, device)
-        error = None
-        try:
-            self._settle_fd_step()  # its forward is collective: after the agreement
-        except Exception as err:
-            error = err
-        finally:
-            _reshard(model)
-        raise_on_every_rank(
-            type(self).__name__,
-            error,
-            self.process_group,
-            self._device,
-            what="choose the finite-difference step",
-        )
+        # their forwards are collective: after the agreement
+        self._on_every_rank(self._settle_fd_step, Exception, "choose the finite-difference step")
         if check_determinism:
-            error = None
-            try:
-                self._check_determinism()
-            except ValueError as err:
-                error = err
-            finally:
-                _reshard(model)
-            raise_on_every_rank(
-                type(self).__name__,
-                error,
-                self.process_group,
-                self._device,
-                what="pass the determinism check (the loss is random there)",
+            self._on_every_rank(
+                self._check_determinism,
+                ValueError,
+                "pass the determinism check (the loss is random there)",
             )
 
     _collective_passes = True  # the step is settled after every rank built its operator
 
     # -- construction ----------------------------------------------------------------------
+    def _on_every_rank(self, step: Callable[[], object], catch: type[Exception], what: str) -> None:
+        """Run a collective step of construction; an error of one rank is raised on every rank.
+
+        Args:
+            step: The step (its forwards are collective).
+            catch: The errors of ``step`` that are raised on every rank (others propagate).
+            what: The step in the other ranks' message (``"rank(s) ... failed to <what>"``).
+        """
+        error: BaseException | None = None
+        try:
+            step()
+        except catch as err:
+            error = err
+        finally:
+            _reshard(self.model)
+        raise_on_every_rank(type(self).__name__, error, self.process_group, self._device, what=what)
+
     def _vector_blocks(self) -> list[torch.Tensor]:
         """This rank's shards of the selected parameters (a vector is split like them)."""
         DTensor, Shard = _dtensor_types()
