@@ -15,10 +15,11 @@ method"). It is positive semi-definite whenever the loss is convex in the output
 (cross-entropy, squared error) and equals the Hessian without the term that involves
 the model's second derivatives.
 
-One product ``G v`` costs one forward pass that also carries the forward-mode tangent
-``J v`` (and records the graph for the reverse pass), the loss's closed-form
-``H_b (J v)``, and one reverse pass (``J^T u``), without a double backward anywhere; a
-block of vectors shares the forward.
+One product ``G v`` costs a forward-mode pass for the tangent ``J v`` (no graph), a
+forward that records the graph for the reverse pass, the loss's closed-form
+``H_b (J v)`` and one reverse pass (``J^T u``), without a double backward anywhere: the
+peak memory of a training step. A block of vectors shares both forwards;
+``one_pass=True`` merges them into one (faster, about 1.5x the memory).
 """
 
 from __future__ import annotations
