@@ -102,6 +102,32 @@ def test_chunked_product_equals_the_unchunked_one(kind: str, opts: dict[str, Any
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("kind", sorted(OPERATORS))
+def test_chunked_block_equals_unchunked_columns_and_shares_the_trunk(kind: str) -> None:
+    """A block of 3 through the chunked head: each column equals the unchunked product,
+    and the trunk's forward runs once per (micro)batch for the Hessian (its first
+    backward shared too) and once plus one forward-mode pass per vector for the GGN and
+    empirical Fisher."""
+    model, data = _gpt2(), _batches()
+    chunked = OPERATORS[kind](model, data, lm_head="chunked", lm_head_chunk=4)
+    plain = OPERATORS[kind](model, data, lm_head="off")
+    V = torch.stack([_v(chunked, s) for s in range(3)], dim=1)
+    calls = {"n": 0}
+
+    def count(_m: nn.Module, _args: Any) -> None:
+        calls["n"] += 1
+
+    handle = model.transformer.register_forward_pre_hook(count)
+    try:
+        got = chunked.matmat(V)
+    finally:
+        handle.remove()
+    want = torch.stack([plain.matvec(V[:, j]) for j in range(3)], dim=1)
+    assert rel_err(got, want) <= 1e-10
+    per_batch = 1 if kind == "hessian" else 1 + 3
+    assert calls["n"] == per_batch * len(data)
+
+
 def test_auto_is_the_default_and_chunks_library_lm_losses() -> None:
     model, data = _gpt2(), _batches()
     for kind, make in OPERATORS.items():

@@ -415,27 +415,41 @@ class ChunkedHead:
             cap = run_to_head(self.head, lambda: self.logits_fn(self.model, batch))
         return cap.hidden.detach().double().sum()
 
-    def ggn(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        """``J^T H J v`` of the mean token cross entropy."""
-        batch = piece.data
-        tangents = self._tangents(batch, vs)
-        cap = self._forward(batch)
-        res = self._along(
-            linear_ce_ggn_product,
-            cap,
-            self._targets(batch),
-            tangents,
-            want_hidden=cap.hidden.requires_grad,
-            backend=self.declared.fused,
-        )
-        out = self._pull_back(cap.hidden, res.hidden)
-        return self._head_slots(out, res.weight, res.bias)
+    # Each product takes a block: ``vs[i]`` of shape ``(b, *param_i.shape)``, and returns
+    # the ``b`` columns' blocks (``None``: zero). The forward to the head (and, for the
+    # Hessian, the head's gradient and the first backward) is shared by the block.
+    def _columns(self, vs: Sequence[torch.Tensor]) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        for j in range(vs[0].shape[0]):
+            yield j, [v[j] for v in vs]
 
-    def fisher(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        """``(1/B) sum_i g_i <g_i, v>`` for the per-sequence mean losses ``l_i``."""
+    def ggn(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[list[torch.Tensor | None]]:
+        """``J^T H J v_j`` of the mean token cross entropy for each vector of the block."""
+        batch = piece.data
+        count = vs[0].shape[0]
+        # the first tangents before the forward with graph: a matvec's peak is unchanged
+        first = self._tangents(batch, [v[0] for v in vs])
+        cap = self._forward(batch)
+        targets = self._targets(batch)
+        cols = []
+        for j, v in self._columns(vs):
+            res = self._along(
+                linear_ce_ggn_product,
+                cap,
+                targets,
+                first if j == 0 else self._tangents(batch, v),
+                want_hidden=cap.hidden.requires_grad,
+                backend=self.declared.fused,
+            )
+            out = self._pull_back(cap.hidden, res.hidden, retain_graph=j < count - 1)
+            cols.append(self._head_slots(out, res.weight, res.bias))
+        return cols
+
+    def fisher(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[list[torch.Tensor | None]]:
+        """``(1/B) sum_i g_i <g_i, v_j>`` for the per-sequence mean losses ``l_i``."""
         batch = piece.data
         w = piece.weight
-        tangents = self._tangents(batch, vs)
+        count = vs[0].shape[0]
+        first = self._tangents(batch, [v[0] for v in vs])
         cap = self._forward(batch)
         targets = self._targets(batch)
         rows = targets.shape[0]
@@ -444,35 +458,45 @@ class ChunkedHead:
                 f"loss_fn returned {rows} per-sample losses for a batch of {w} samples "
                 "(weight_fn / leading dimension). They must agree."
             )
-        slopes = self._along(linear_ce_token_slopes, cap, targets, tangents)
-        counted = (targets != self.declared.ignore_index).sum(-1).clamp_min(1).to(slopes.dtype)
-        s = slopes.sum(-1) / counted  # J_l v: one number per sequence
-        token_weight = (s / (rows * counted)).unsqueeze(-1).expand_as(slopes)
-        grad = linear_ce_grad(
-            cap.hidden.detach(),
-            cap.weight,
-            targets,
-            bias=cap.bias,
-            token_weight=token_weight,
-            ignore_index=self.declared.ignore_index,
-            want_hidden=cap.hidden.requires_grad,
-            want_params=self.weight_slot is not None or self.bias_slot is not None,
-            chunk_size=self.chunk,
-        )
-        out = self._pull_back(cap.hidden, grad.hidden)
-        return self._head_slots(out, grad.weight, grad.bias)
+        counted = (targets != self.declared.ignore_index).sum(-1).clamp_min(1)
+        cols = []
+        for j, v in self._columns(vs):
+            tangents = first if j == 0 else self._tangents(batch, v)
+            slopes = self._along(linear_ce_token_slopes, cap, targets, tangents)
+            n = counted.to(slopes.dtype)
+            s = slopes.sum(-1) / n  # J_l v: one number per sequence
+            token_weight = (s / (rows * n)).unsqueeze(-1).expand_as(slopes)
+            grad = linear_ce_grad(
+                cap.hidden.detach(),
+                cap.weight,
+                targets,
+                bias=cap.bias,
+                token_weight=token_weight,
+                ignore_index=self.declared.ignore_index,
+                want_hidden=cap.hidden.requires_grad,
+                want_params=self.weight_slot is not None or self.bias_slot is not None,
+                chunk_size=self.chunk,
+            )
+            out = self._pull_back(cap.hidden, grad.hidden, retain_graph=j < count - 1)
+            cols.append(self._head_slots(out, grad.weight, grad.bias))
+        return cols
 
-    def hessian(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        """``H v`` of the mean token cross entropy (trunk by double backward, head chunked)."""
+    def hessian(self, piece: Piece, vs: Sequence[torch.Tensor]) -> list[list[torch.Tensor | None]]:
+        """``H v_j`` of the mean token cross entropy (trunk by double backward, head chunked).
+
+        Shared by the block: the forward to the head, ``rho W`` and the first backward
+        ``J_h^T (rho W)`` with its graph; per vector: one reverse pass through that graph,
+        the head's chunked product and one pull-back.
+        """
         batch = piece.data
         targets = self._targets(batch)
-        dw = None if self.weight_slot is None else self._weight_to_slot(vs[self.weight_slot])
-        db = None if self.bias_slot is None else vs[self.bias_slot]
+        count = vs[0].shape[0]
+        cols = []
         with curvature_mode(self.device, self.dtype):
             cap = self._forward(batch)
             hidden = cap.hidden
-            trunk: list[torch.Tensor | None] = [None] * len(self.params)
-            dh = None
+            first: Sequence[torch.Tensor | None] = ()
+            rho_w = None
             if hidden.requires_grad:
                 grad = linear_ce_grad(
                     hidden.detach(),
@@ -493,26 +517,33 @@ class ChunkedHead:
                         create_graph=True,
                         allow_unused=True,
                     )
-                    terms = [
-                        (g * v).sum()
-                        for g, v in zip(first, vs)
-                        if g is not None and g.requires_grad
-                    ]
-                    if terms:
+            for j, v in self._columns(vs):
+                dw = None if self.weight_slot is None else self._weight_to_slot(v[self.weight_slot])
+                db = None if self.bias_slot is None else v[self.bias_slot]
+                trunk: list[torch.Tensor | None] = [None] * len(self.params)
+                dh = None
+                terms = [
+                    (g * x).sum() for g, x in zip(first, v) if g is not None and g.requires_grad
+                ]
+                if terms and rho_w is not None:
+                    with torch.enable_grad():
                         second = torch.autograd.grad(
                             torch.stack(terms).sum(),
                             [*self.params, rho_w],
                             allow_unused=True,
                             retain_graph=True,
                         )
-                        trunk, dh = list(second[:-1]), second[-1]
-            res = self._along(linear_ce_hvp, cap, targets, (dh, dw, db))
-            back = self._pull_back(hidden, res.hidden)
-        out = [
-            None if a is None and b is None else (a if b is None else b if a is None else a + b)
-            for a, b in zip(trunk, back)
-        ]
-        return self._head_slots(out, res.weight, res.bias)
+                    trunk, dh = list(second[:-1]), second[-1]
+                res = self._along(linear_ce_hvp, cap, targets, (dh, dw, db))
+                back = self._pull_back(hidden, res.hidden, retain_graph=j < count - 1)
+                out = [
+                    None
+                    if a is None and b is None
+                    else (a if b is None else b if a is None else a + b)
+                    for a, b in zip(trunk, back)
+                ]
+                cols.append(self._head_slots(out, res.weight, res.bias))
+        return cols
 
 
 def _decide(

@@ -210,9 +210,8 @@ class HessianOperator(DataCurvatureOperator):
     ) -> Sequence[torch.Tensor | None]:
         if self.method == "finite_difference":
             return self._fd_products(piece, vs)
-        if self._head is not None:  # the LM head chunked over tokens, vector by vector
-            per = [self._head.hessian(piece, [v[j] for v in vs]) for j in range(vs[0].shape[0])]
-            return self._stack_columns(per, vs)
+        if self._head is not None:  # the LM head chunked over tokens; the block shares the trunk
+            return self._stack_columns(self._head.hessian(piece, vs), vs)
         # double backward: the forward must run kernels that are twice differentiable
         with curvature_mode(self.device, self.dtype):
             graph = self._kept(piece, lambda: self._gradient_graph(piece))

@@ -224,10 +224,9 @@ class OutputCurvatureOperator(DataCurvatureOperator):
     def _piece_products(
         self, piece: Piece, vs: Sequence[torch.Tensor]
     ) -> Sequence[torch.Tensor | None]:
-        if self._head is not None:  # the LM head chunked over tokens, vector by vector
+        if self._head is not None:  # the LM head chunked over tokens; the block shares the forward
             head = self._head.fisher if self._per_sample_head else self._head.ggn
-            cols = [head(piece, [v[j] for v in vs]) for j in range(vs[0].shape[0])]
-            return self._stack_columns(cols, vs)
+            return self._stack_columns(head(piece, vs), vs)
         chunks = self._chunks(vs[0].shape[0])
         parts = [self._chunk_products(piece, [v[cols] for v in vs]) for cols in chunks]
         return [
