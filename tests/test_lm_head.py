@@ -102,12 +102,24 @@ def test_chunked_product_equals_the_unchunked_one(kind: str, opts: dict[str, Any
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("kind", sorted(OPERATORS))
-def test_chunked_block_equals_unchunked_columns_and_shares_the_trunk(kind: str) -> None:
+def test_chunked_block_equals_unchunked_columns_and_shares_the_trunk(
+    kind: str, batched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A block of 3 through the chunked head: each column equals the unchunked product,
     and the trunk's forward runs once per (micro)batch for the Hessian (its first
-    backward shared too) and once plus one forward-mode pass per vector for the GGN and
-    empirical Fisher."""
+    backward shared too); the GGN and empirical Fisher add one batched forward-mode pass
+    for the block's tangents, or, where vmap cannot carry the model (simulated here), one
+    per vector."""
+    from hessian_eigenthings.operators import _lm_head
+
+    if not batched:
+
+        def no_vmap(*_a: Any, **_k: Any) -> Any:
+            raise RuntimeError("vmap: unsupported op (simulated)")
+
+        monkeypatch.setattr(_lm_head, "vmap", no_vmap)
     model, data = _gpt2(), _batches()
     chunked = OPERATORS[kind](model, data, lm_head="chunked", lm_head_chunk=4)
     plain = OPERATORS[kind](model, data, lm_head="off")
@@ -124,8 +136,27 @@ def test_chunked_block_equals_unchunked_columns_and_shares_the_trunk(kind: str) 
         handle.remove()
     want = torch.stack([plain.matvec(V[:, j]) for j in range(3)], dim=1)
     assert rel_err(got, want) <= 1e-10
-    per_batch = 1 if kind == "hessian" else 1 + 3
+    per_batch = 1 if kind == "hessian" else 1 + (1 if batched else 3)
     assert calls["n"] == per_batch * len(data)
+
+
+def test_chunked_block_respects_max_block() -> None:
+    model, data = _gpt2(), _batches()
+    op = OPERATORS["ggn"](model, data, lm_head="chunked", max_block=2)
+    plain = OPERATORS["ggn"](model, data, lm_head="off")
+    V = torch.stack([_v(op, s) for s in range(5)], dim=1)
+    calls = {"n": 0}
+
+    def count(_m: nn.Module, _args: Any) -> None:
+        calls["n"] += 1
+
+    handle = model.transformer.register_forward_pre_hook(count)
+    try:
+        got = op.matmat(V)
+    finally:
+        handle.remove()
+    assert rel_err(got, plain.matmat(V)) <= 1e-10
+    assert calls["n"] == 3 * 2 * len(data)  # chunks of 2, 2, 1: a tangent pass and a forward each
 
 
 def test_auto_is_the_default_and_chunks_library_lm_losses() -> None:

@@ -52,7 +52,7 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, jvp, vmap
 
 from hessian_eigenthings.loss_fns.fused_ce.linear import linear_ce_ggn_product
 from hessian_eigenthings.loss_fns.fused_ce.linear_hvp import (
@@ -344,6 +344,55 @@ class ChunkedHead:
             db = None if cap.bias is None else fwAD.unpack_dual(cap.bias).tangent
         return dh, None if dw is None else self.head.weight_of(dw), db
 
+    def _block_tangents(self, batch: Any, vs: Sequence[torch.Tensor]) -> list[_Tangent]:
+        """The tangents ``(J_h v_j, dW_j, db_j)`` of a block's vectors in one batched pass.
+
+        ``J_h V`` by ``torch.func.vmap`` over the tangents of ``torch.func.jvp`` of the
+        trunk (one forward for the block, the primal computed once); the head's own
+        tangents are the vectors' blocks of its parameters (the head's weight is a
+        parameter or its transpose). A model that vmap cannot carry (e.g. ``.item()`` on
+        activations, in-place buffer updates) gets one forward-mode pass per vector.
+        """
+        count = vs[0].shape[0]
+        primals = tuple(p.detach() for p in self.params)
+
+        def trunk(*ps: torch.Tensor) -> torch.Tensor:
+            params = dict(zip(self.names, ps))
+            cap = run_to_head(self.head, lambda: functional_call(self._call, params, (batch,)))
+            return cap.hidden
+
+        def tangent(*ts: torch.Tensor) -> torch.Tensor:
+            return jvp(trunk, primals, ts)[1]
+
+        try:
+            with curvature_mode(self.device, self.dtype), torch.no_grad():
+                dh = vmap(tangent)(*vs)
+        except (RuntimeError, NotImplementedError) as err:
+            key = f"vmap:{type(err).__name__}"
+            if key not in _LOGGED:
+                _LOGGED.add(key)
+                logger.info(
+                    "hessian_eigenthings: the chunked LM head's batched tangents failed "
+                    "(%s: %s); one forward-mode pass per vector instead.",
+                    type(err).__name__,
+                    str(err).strip().splitlines()[0] if str(err).strip() else "",
+                )
+            return [self._tangents(batch, [v[j] for v in vs]) for j in range(count)]
+        return [
+            (
+                dh[j],
+                None if self.weight_slot is None else self._weight_to_slot(vs[self.weight_slot][j]),
+                None if self.bias_slot is None else vs[self.bias_slot][j],
+            )
+            for j in range(count)
+        ]
+
+    def _tangents_of(self, batch: Any, vs: Sequence[torch.Tensor]) -> list[_Tangent]:
+        """Every vector's tangents: one dual pass for one vector, batched for several."""
+        if vs[0].shape[0] == 1:
+            return [self._tangents(batch, [v[0] for v in vs])]
+        return self._block_tangents(batch, vs)
+
     def _head_slots(
         self,
         out: list[torch.Tensor | None],
@@ -426,17 +475,17 @@ class ChunkedHead:
         """``J^T H J v_j`` of the mean token cross entropy for each vector of the block."""
         batch = piece.data
         count = vs[0].shape[0]
-        # the first tangents before the forward with graph: a matvec's peak is unchanged
-        first = self._tangents(batch, [v[0] for v in vs])
+        # the tangents before the forward with graph: a matvec's peak is unchanged
+        tangents = self._tangents_of(batch, vs)
         cap = self._forward(batch)
         targets = self._targets(batch)
         cols = []
-        for j, v in self._columns(vs):
+        for j in range(count):
             res = self._along(
                 linear_ce_ggn_product,
                 cap,
                 targets,
-                first if j == 0 else self._tangents(batch, v),
+                tangents[j],
                 want_hidden=cap.hidden.requires_grad,
                 backend=self.declared.fused,
             )
@@ -449,7 +498,7 @@ class ChunkedHead:
         batch = piece.data
         w = piece.weight
         count = vs[0].shape[0]
-        first = self._tangents(batch, [v[0] for v in vs])
+        tangents = self._tangents_of(batch, vs)
         cap = self._forward(batch)
         targets = self._targets(batch)
         rows = targets.shape[0]
@@ -460,9 +509,8 @@ class ChunkedHead:
             )
         counted = (targets != self.declared.ignore_index).sum(-1).clamp_min(1)
         cols = []
-        for j, v in self._columns(vs):
-            tangents = first if j == 0 else self._tangents(batch, v)
-            slopes = self._along(linear_ce_token_slopes, cap, targets, tangents)
+        for j in range(count):
+            slopes = self._along(linear_ce_token_slopes, cap, targets, tangents[j])
             n = counted.to(slopes.dtype)
             s = slopes.sum(-1) / n  # J_l v: one number per sequence
             token_weight = (s / (rows * n)).unsqueeze(-1).expand_as(slopes)

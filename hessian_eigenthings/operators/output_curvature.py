@@ -226,7 +226,12 @@ class OutputCurvatureOperator(DataCurvatureOperator):
     ) -> Sequence[torch.Tensor | None]:
         if self._head is not None:  # the LM head chunked over tokens; the block shares the forward
             head = self._head.fisher if self._per_sample_head else self._head.ggn
-            return self._stack_columns(head(piece, vs), vs)
+            cols = [
+                col
+                for chunk in self._chunks(vs[0].shape[0])
+                for col in head(piece, [v[chunk] for v in vs])
+            ]
+            return self._stack_columns(cols, vs)
         chunks = self._chunks(vs[0].shape[0])
         parts = [self._chunk_products(piece, [v[cols] for v in vs]) for cols in chunks]
         return [
