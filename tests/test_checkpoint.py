@@ -33,6 +33,7 @@ from hessian_eigenthings import (
     stochastic_power_iteration,
     trace,
 )
+from tests._gloo_job import run_gloo_job
 from tests._long_run_problems import RUNS, low_rank, matrix, operator
 
 CHILD = Path(__file__).with_name("_long_run_problems.py")
@@ -322,38 +323,7 @@ def test_bad_checkpoint_options(tmp_path: Path) -> None:
     reason="needs gloo",
 )
 def test_torchrun_ranks_agree_on_seed_and_resume_from_rank0s_file(tmp_path: Path) -> None:
-    import json
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[1]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests._long_run_dist_worker", str(tmp_path)],
-            cwd=repo,
-            env={
-                **os.environ,
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
-            },
-        )
-        for rank in range(2)
-    ]
-    try:
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [0, 0]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    r0, r1 = run_gloo_job("tests._long_run_dist_worker", tmp_path, 2, timeout_s=120)
     # One checkpoint file (written by rank 0 only), no temporary files, removed when done.
     assert r0["files_after_kill"] == ["lanczos.ckpt"] == r1["files_after_kill"]
     assert not r0["checkpoint_left"] and not r1["checkpoint_left"]
@@ -375,46 +345,6 @@ def test_torchrun_ranks_agree_on_seed_and_resume_from_rank0s_file(tmp_path: Path
     assert r0["num_matvecs"] == reference.num_matvecs
 
 
-def _spawn_gloo_job(module: str, out: Path, world: int = 2, timeout: float = 150.0) -> None:
-    """Run ``python -m module out`` as a gloo job of ``world`` ranks; a hang fails."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[1]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", module, str(out)],
-            cwd=repo,
-            env={
-                **os.environ,
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{module} did not finish within {timeout} s (a collective on one rank hangs)")
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank][-4000:]}"
-
-
 @pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="needs gloo",
@@ -425,10 +355,7 @@ def test_long_runs_agree_within_their_backends_group(tmp_path: Path) -> None:
     Rank 0 runs time-limited, checkpointed calls on a local operator while rank 1 runs a
     DDP operator on the group {1}; then both run one on an explicit group {0, 1}.
     """
-    import json
-
-    _spawn_gloo_job("tests._long_run_group_worker", tmp_path)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    r0, r1 = run_gloo_job("tests._long_run_group_worker", tmp_path, 2, timeout_s=150)
     local, sub = r0["local"], r1["subgroup"]
     # A local operator inside a torchrun job: no collective, resumed bit for bit.
     assert local["lanczos_same"] and local["trace_same"] and local["seed_none_ok"]

@@ -11,16 +11,13 @@ Hessian of the sample-weighted mean loss (``tests/helpers.dense_hessian``).
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch.distributed as dist
+
+from tests._gloo_job import run_gloo_job
 
 pytestmark = [
     pytest.mark.distributed,
@@ -29,53 +26,13 @@ pytestmark = [
 
 WORLD = 2
 TIMEOUT_S = 150
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run_job(out: Path, world: int, scenarios: str = "") -> list[dict[str, Any]]:
     """Run ``tests/dist_worker.py`` on ``world`` gloo ranks; a hang fails the tests."""
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            "HE_DIST_SCENARIOS": scenarios,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.dist_worker", str(out)],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    try:
-        for p in procs:
-            stdout, _ = p.communicate(timeout=TIMEOUT_S)
-            logs.append(stdout)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed worker job did not finish within {TIMEOUT_S} s (a hang)")
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank][-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return run_gloo_job(
+        "tests.dist_worker", out, world, timeout_s=TIMEOUT_S, env={"HE_DIST_SCENARIOS": scenarios}
+    )
 
 
 @pytest.fixture(scope="module")

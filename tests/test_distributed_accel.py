@@ -15,17 +15,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+
+from tests._gloo_job import run_gloo_job
 
 pytestmark = [
     pytest.mark.distributed,
@@ -34,53 +31,18 @@ pytestmark = [
 
 WORLD = 2
 TIMEOUT_S = 240
-REPO = Path(__file__).resolve().parents[1]
 BF16_FD_BOUND = 2 * float(torch.finfo(torch.bfloat16).eps) ** (2 / 3)  # see test_mixed_precision_fd
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run_job(out: Path, scenarios: str) -> list[dict[str, Any]]:
     """Run ``tests/dist_accel_worker.py`` on 2 gloo ranks; a hang fails the tests."""
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            "HE_ACCEL_SCENARIOS": scenarios,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.dist_accel_worker", str(out)],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed worker job did not finish within {TIMEOUT_S} s (a hang)")
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank][-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return run_gloo_job(
+        "tests.dist_accel_worker",
+        out,
+        WORLD,
+        timeout_s=TIMEOUT_S,
+        env={"HE_ACCEL_SCENARIOS": scenarios},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,13 @@ which draws the same labels for every (global batch, microbatch).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 import torch.distributed as dist
 
-from tests.test_distributed import REPO, TIMEOUT_S, WORLD, _free_port, _scenario
+from tests._gloo_job import run_gloo_job
+from tests.test_distributed import TIMEOUT_S, WORLD, _scenario
 
 pytestmark = [
     pytest.mark.distributed,
@@ -30,40 +27,7 @@ NAMES = ["categorical", "categorical_fresh_seed_microbatches", "gaussian"]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("dist_mc_fisher")
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.dist_worker_mc_fisher", str(out)],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed worker job did not finish within {TIMEOUT_S} s (a hang)")
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{logs[rank][-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return run_gloo_job("tests.dist_worker_mc_fisher", out, WORLD, timeout_s=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", NAMES)
