@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from hessian_eigenthings import LambdaOperator, ReplicatedBackend, lanczos, spectral_density, trace
+from tests._gloo_worker import exit_after
 from tests._long_run_problems import matrix
 
 
@@ -66,10 +65,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # The results are written and the process group destroyed: skip the interpreter's
-    # teardown, where gloo's threads now and then abort a finished process ("terminate
-    # called without an active exception"). A failure in main still exits non-zero.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after(main)

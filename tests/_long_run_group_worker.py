@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import hessian_eigenthings.algorithms.checkpoint as checkpoint_module
 from hessian_eigenthings import lanczos, trace
 from hessian_eigenthings.algorithms.lanczos import LanczosState
 from hessian_eigenthings.operators.distributed.ddp import DDPHessianOperator
+from tests._gloo_worker import exit_after
 from tests._long_run_problems import operator
 
 TINY = 1e-9
@@ -167,10 +166,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # The results are written and the process group destroyed: skip the interpreter's
-    # teardown, where gloo's threads now and then abort a finished process ("terminate
-    # called without an active exception"). A failure in main still exits non-zero.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after(main)

@@ -10,10 +10,6 @@ host reads, and pieces whose every target is ignored. Run as
 from __future__ import annotations
 
 import copy
-import json
-import os
-import sys
-import traceback
 from typing import Any
 
 import torch
@@ -25,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from hessian_eigenthings import HessianOperator
 from hessian_eigenthings.operators import _finite_difference
+from tests._gloo_worker import exit_after, run_scenarios
 from tests._host_syncs import HostSyncCounter
 from tests.dist_worker import FSDP_SPLITS, _agree, batches, ce, make_model, rand_vec
 from tests.helpers import rel_err
@@ -231,30 +228,8 @@ SCENARIOS = {
 
 
 def main(out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    results: dict[str, Any] = {}
-    wanted = os.environ.get("HE_ACCEL_SCENARIOS")  # comma-separated subset (default: all)
-    chosen = {n: f for n, f in SCENARIOS.items() if not wanted or n in wanted.split(",")}
-    try:
-        for name, fn in chosen.items():
-            try:
-                results[name] = fn(rank)
-            except Exception:
-                results[name] = {"error": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(results, fh)
-        dist.destroy_process_group()
+    run_scenarios(out_dir, SCENARIOS, select_env="HE_ACCEL_SCENARIOS")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # The results are written and the process group destroyed: skip the interpreter's
-    # teardown, where gloo's threads now and then abort a finished process ("terminate
-    # called without an active exception"). A failure in main still exits non-zero.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after(main)

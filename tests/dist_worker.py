@@ -11,11 +11,6 @@ and asserts. A scenario that raises records its error instead of aborting the jo
 from __future__ import annotations
 
 import copy
-import json
-import os
-import sys
-import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +27,7 @@ from hessian_eigenthings.algorithms.trace import trace
 from hessian_eigenthings.backends import SingleDeviceBackend, fresh_seed
 from hessian_eigenthings.backends.distributed import ReplicatedBackend, ShardedBackend
 from hessian_eigenthings.operators.distributed.ddp import DDPHessianOperator
+from tests._gloo_worker import exit_after, run_scenarios
 from tests.helpers import assert_unchanged, dense_hessian, rel_err, snapshot
 
 # Union of 12 samples. DDP shards are uneven in size and batch count (7 and 5 samples);
@@ -554,32 +550,8 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
 
 
 def main(out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    results: dict[str, Any] = {}
-    wanted = os.environ.get("HE_DIST_SCENARIOS")  # comma-separated subset (default: all)
-    chosen = {n: f for n, f in SCENARIOS.items() if not wanted or n in wanted.split(",")}
-    try:
-        for name, fn in chosen.items():
-            start = time.perf_counter()
-            try:
-                results[name] = fn(rank)
-                results[name]["seconds"] = time.perf_counter() - start
-            except Exception:
-                results[name] = {"error": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(results, fh)
-        dist.destroy_process_group()
+    run_scenarios(out_dir, SCENARIOS, select_env="HE_DIST_SCENARIOS")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # The results are written and the process group destroyed: skip the interpreter's
-    # teardown, where gloo's threads now and then abort a finished process ("terminate
-    # called without an active exception"). A failure in main still exits non-zero.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after(main)

@@ -9,20 +9,15 @@ same sampled labels), its collectives are counted, and the numbers are written t
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from hessian_eigenthings import MCFisherOperator, supervised_forward
 from hessian_eigenthings.operators.distributed.ddp import DDPMCFisherOperator
+from tests._gloo_worker import exit_after, run_scenarios
 from tests.dist_worker import (
     DDP_SPLITS,
     CommCounter,
@@ -83,30 +78,8 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
 
 
 def main(out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    results: dict[str, Any] = {}
-    try:
-        for name, fn in SCENARIOS.items():
-            start = time.perf_counter()
-            try:
-                results[name] = fn(rank)
-                results[name]["seconds"] = time.perf_counter() - start
-            except Exception:
-                results[name] = {"error": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(results, fh)
-        dist.destroy_process_group()
+    run_scenarios(out_dir, SCENARIOS)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # The results are written and the process group destroyed: skip the interpreter's
-    # teardown, where gloo's threads now and then abort a finished process ("terminate
-    # called without an active exception"). A failure in main still exits non-zero.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after(main)

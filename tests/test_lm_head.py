@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -102,6 +104,21 @@ def test_chunked_product_equals_the_unchunked_one(kind: str, opts: dict[str, Any
     assert_unchanged(model, snap)
 
 
+@contextmanager
+def _trunk_forwards(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Counts the calls of the GPT-2 trunk (``calls["n"]``) while the block runs."""
+    calls = {"n": 0}
+
+    def count(_m: nn.Module, _args: Any) -> None:
+        calls["n"] += 1
+
+    handle = model.transformer.register_forward_pre_hook(count)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("kind", sorted(OPERATORS))
 def test_chunked_block_equals_unchunked_columns_and_shares_the_trunk(
@@ -124,16 +141,8 @@ def test_chunked_block_equals_unchunked_columns_and_shares_the_trunk(
     chunked = OPERATORS[kind](model, data, lm_head="chunked", lm_head_chunk=4)
     plain = OPERATORS[kind](model, data, lm_head="off")
     V = torch.stack([_v(chunked, s) for s in range(3)], dim=1)
-    calls = {"n": 0}
-
-    def count(_m: nn.Module, _args: Any) -> None:
-        calls["n"] += 1
-
-    handle = model.transformer.register_forward_pre_hook(count)
-    try:
+    with _trunk_forwards(model) as calls:
         got = chunked.matmat(V)
-    finally:
-        handle.remove()
     want = torch.stack([plain.matvec(V[:, j]) for j in range(3)], dim=1)
     assert rel_err(got, want) <= 1e-10
     per_batch = 1 if kind == "hessian" else 1 + (1 if batched else 3)
@@ -145,16 +154,8 @@ def test_chunked_block_respects_max_block() -> None:
     op = OPERATORS["ggn"](model, data, lm_head="chunked", max_block=2)
     plain = OPERATORS["ggn"](model, data, lm_head="off")
     V = torch.stack([_v(op, s) for s in range(5)], dim=1)
-    calls = {"n": 0}
-
-    def count(_m: nn.Module, _args: Any) -> None:
-        calls["n"] += 1
-
-    handle = model.transformer.register_forward_pre_hook(count)
-    try:
+    with _trunk_forwards(model) as calls:
         got = op.matmat(V)
-    finally:
-        handle.remove()
     assert rel_err(got, plain.matmat(V)) <= 1e-10
     assert calls["n"] == 3 * 2 * len(data)  # chunks of 2, 2, 1: a tangent pass and a forward each
 
